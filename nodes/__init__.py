@@ -1,0 +1,15 @@
+"""The thin ComfyUI layer: V3 node classes, one feature per module."""
+from comfy_api.latest import ComfyExtension, io
+
+from .conditioning import EmptyConditioningNode
+
+
+class ARCacheExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [
+            EmptyConditioningNode,
+        ]
+
+
+def comfy_entrypoint() -> ARCacheExtension:
+    return ARCacheExtension()

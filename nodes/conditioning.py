@@ -1,0 +1,32 @@
+"""Conditioning helpers that let graphs run without the 5.7B umt5 text encoder."""
+import torch
+from comfy_api.latest import io
+
+# Wan's text context: umt5-xxl hidden states, padded to 512 tokens of width 4096.
+WAN_TEXT_TOKENS = 512
+WAN_TEXT_DIM = 4096
+
+
+class EmptyConditioningNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ARCacheEmptyConditioning",
+            display_name="Empty Wan Conditioning (tests/demos)",
+            category="ARCache/conditioning",
+            description=(
+                "A zero Wan-style text conditioning ([1, 512, 4096]). For tests and demos: it lets "
+                "a graph run without loading the 5.7B umt5-xxl text encoder. Real prompts need "
+                "CLIPLoader (type wan) + CLIPTextEncode."
+            ),
+            inputs=[],
+            outputs=[
+                io.Conditioning.Output(
+                    tooltip="Zero text conditioning in Wan's layout; for tests and demos, not for real prompts."
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput([[torch.zeros(1, WAN_TEXT_TOKENS, WAN_TEXT_DIM), {}]])

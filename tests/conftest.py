@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny checkpoints and one headless ComfyUI server per test session."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))          # tools.*, scripts.*
+sys.path.insert(0, str(REPO / "scripts"))
+
+from tools.comfy_server import ComfyServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random checkpoints in the real SkyReels-V2-DF / Wan 2.1 layouts."""
+    from make_tiny_checkpoints import write_all
+    out = tmp_path_factory.mktemp("tiny_models")
+    return {k: Path(v) for k, v in write_all(str(out), seed=0).items()}
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory, tiny_models) -> ComfyServer:
+    """A real ComfyUI server with this pack in custom_nodes and the tiny models installed."""
+    server = ComfyServer(tmp_path_factory.mktemp("comfy_base")).prepare()
+    server.add_model(tiny_models["1.3b"], "diffusion_models")
+    server.add_model(tiny_models["14b"], "diffusion_models")
+    server.add_model(tiny_models["vae"], "vae")
+    server.start()
+    yield server
+    server.stop()

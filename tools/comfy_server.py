@@ -1,0 +1,186 @@
+"""Boot a headless ComfyUI server and talk to it over HTTP (tests, demo, bench).
+
+Each server gets its own --base-directory (private models/, custom_nodes/, input/, output/)
+and an in-memory database, so several can run side by side and nothing leaks between runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACK_NAME = "ComfyUI-ARCache"
+
+
+class ComfyError(RuntimeError):
+    """A server or prompt failure; the message carries the cause and the server log tail."""
+
+
+def host_paths() -> tuple[Path, str]:
+    """The ComfyUI checkout and interpreter to use: $COMFYUI_PATH/$COMFYUI_PYTHON or .host/."""
+    comfy = Path(os.environ.get("COMFYUI_PATH") or REPO / ".host" / "ComfyUI")
+    python = os.environ.get("COMFYUI_PYTHON") or str(REPO / ".host" / "venv" / "bin" / "python")
+    if not (comfy / "main.py").is_file():
+        raise ComfyError(f"no ComfyUI at {comfy}: run `make host` (or set COMFYUI_PATH)")
+    return comfy, python
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, base_dir: Path, comfy_dir: Path | None = None, python: str | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        default_comfy, default_python = host_paths()
+        self.comfy_dir = Path(comfy_dir or default_comfy)
+        self.python = python or default_python
+        self.base_dir = Path(base_dir)
+        self.extra_args = tuple(extra_args)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client_id = uuid.uuid4().hex
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.base_dir / "server.log"
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def prepare(self) -> "ComfyServer":
+        """Make the private folders and link this pack into custom_nodes."""
+        for sub in ("models/diffusion_models", "models/vae", "custom_nodes", "input", "output", "temp", "user"):
+            (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
+        link = self.base_dir / "custom_nodes" / PACK_NAME
+        if not link.exists():
+            link.symlink_to(REPO, target_is_directory=True)
+        return self
+
+    def start(self, timeout: float = 180.0) -> "ComfyServer":
+        self.prepare()
+        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--disable-auto-launch", "--base-directory", str(self.base_dir),
+               "--database-url", "sqlite:///:memory:", "--log-stdout", *self.extra_args]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        t0 = time.time()
+        while True:
+            if self.proc.poll() is not None:
+                raise ComfyError(f"ComfyUI exited during start-up (code {self.proc.returncode})\n{self.log_tail()}")
+            try:
+                self.get("/system_stats", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.time() - t0 > timeout:
+                    self.stop()
+                    raise ComfyError(f"ComfyUI not ready after {timeout:.0f} s\n{self.log_tail()}")
+                time.sleep(0.25)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no server log)"
+        return "--- ComfyUI log tail ---\n" + "\n".join(text[-lines:])
+
+    def add_model(self, src: str | Path, folder: str) -> str:
+        """Copy (hard-link where possible) a model file into models/<folder>; return its name."""
+        src = Path(src)
+        dst = self.base_dir / "models" / folder / src.name
+        if not dst.exists():
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        return src.name
+
+    # --- HTTP -------------------------------------------------------------------------------
+    def get(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, payload: dict | None = None, timeout: float = 30):
+        data = json.dumps(payload or {}).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                body = r.read()
+        except urllib.error.HTTPError as e:
+            raise ComfyError(f"POST {path} -> HTTP {e.code}: {e.read().decode(errors='replace')[:4000]}") from None
+        return json.loads(body) if body.strip() else None
+
+    def object_info(self) -> dict:
+        return self.get("/object_info", timeout=60)
+
+    def queue(self, prompt: dict) -> str:
+        """POST an API-format prompt; return its prompt id (validation errors raise)."""
+        return self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        """Wait for a prompt to finish; return its /history entry. Raise on error."""
+        t0 = time.time()
+        while True:
+            hist = self.get(f"/history/{prompt_id}")
+            entry = hist.get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None and (
+                    entry["status"].get("status_str") in ("success", "error")):
+                if entry["status"]["status_str"] != "success":
+                    raise ComfyError(f"prompt {prompt_id} failed: {execution_error(entry)}")
+                return entry
+            if self.proc and self.proc.poll() is not None:
+                raise ComfyError(f"ComfyUI died while running {prompt_id}\n{self.log_tail()}")
+            if time.time() - t0 > timeout:
+                raise ComfyError(f"prompt {prompt_id} not done after {timeout:.0f} s\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        return self.wait(self.queue(prompt), timeout)
+
+    def interrupt(self) -> None:
+        self.post("/interrupt")
+
+    def output_path(self, file_info: dict) -> Path:
+        """Path of an output file from a history entry's {filename, subfolder, type}."""
+        root = {"output": "output", "temp": "temp", "input": "input"}[file_info.get("type", "output")]
+        return self.base_dir / root / file_info.get("subfolder", "") / file_info["filename"]
+
+
+def execution_error(entry: dict) -> str:
+    """The human part of a failed prompt's history: node, type and exception message."""
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return (f"node {data.get('node_id')} ({data.get('node_type')}): "
+                    f"{data.get('exception_type')}: {data.get('exception_message', '').strip()}")
+        if kind == "execution_interrupted":
+            return f"interrupted at node {data.get('node_id')} ({data.get('node_type')})"
+    return json.dumps(entry.get("status"))[:2000]
+
+
+def node_outputs(entry: dict, node_id: str) -> dict:
+    return entry.get("outputs", {}).get(str(node_id), {})
