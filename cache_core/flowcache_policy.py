@@ -1,0 +1,182 @@
+"""FlowCache skip/compute rule for chunk-wise AR video diffusion (specs/flowcache.md A2).
+
+Every (CFG branch, chunk) pair runs its own TeaCache in the chunk's own time frame: the
+relative L1 change of the chunk's timestep modulation, rescaled by a polynomial fitted for the
+model size, is accumulated; the chunk is recomputed when the sum reaches the threshold and
+otherwise reuses its last block-stack residual. The first `warmup_steps` and the last
+`final_steps` local steps of every chunk are always computed.
+
+The indicator is the [6, dim] modulation of ONE frame of the chunk (the timestep is uniform
+within a chunk, so the mean ratio equals the per-token one) instead of the reference's
+per-token [6, T, dim] copy (~376 MB per chunk per branch at 540P).
+
+Differences from the reference, on purpose (spec section 6):
+- P(d) is clamped at 0: the 1.3B polynomial is negative for tiny d, which would make the
+  accumulator shrink on near-identical steps.
+- An unknown model size falls back to the identity (no NameError); a zero previous indicator
+  cannot divide by zero.
+- State is keyed by the CFG branch id the caller passes, never by call parity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+# TeaCache-Wan2.1 T2V coefficients with use_ret_steps (the set every FlowCache script uses),
+# highest power first: P(d) = c0 d^4 + c1 d^3 + c2 d^2 + c3 d + c4.
+COEFFICIENTS: dict[str, tuple[float, ...]] = {
+    "1.3B": (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02),
+    "14B": (-3.03318725e+05, 4.90537029e+04, -2.65530556e+03, 5.87365115e+01, -3.15583525e-01),
+    "none": (1.0, 0.0),  # identity: P(d) = d
+}
+# Hidden sizes of the Wan 2.1 family, for `coefficients="auto"`.
+_DIM_TO_SIZE = {1536: "1.3B", 5120: "14B"}
+
+
+def resolve_coefficients(name: Union[str, Sequence[float]], model_dim: Optional[int] = None) -> tuple[float, ...]:
+    """Coefficients (highest power first) for `auto | 1.3B | 14B | none` or an explicit list.
+
+    `auto` picks by the model's hidden size (1536 -> 1.3B, 5120 -> 14B) and falls back to the
+    identity for any other size, where no fitted polynomial exists.
+    """
+    if not isinstance(name, str):
+        coeffs = tuple(float(c) for c in name)
+        if not coeffs:
+            raise ValueError("coefficient list is empty")
+        return coeffs
+    key = name.strip()
+    if key.lower() == "auto":
+        key = _DIM_TO_SIZE.get(int(model_dim), "none") if model_dim is not None else "none"
+    for known in COEFFICIENTS:
+        if known.lower() == key.lower():
+            return COEFFICIENTS[known]
+    raise ValueError(f"unknown coefficients {name!r}; expected auto, 1.3B, 14B or none")
+
+
+def polyval(coeffs: Sequence[float], d: float) -> float:
+    """Horner evaluation, highest power first (numpy.poly1d order)."""
+    out = 0.0
+    for c in coeffs:
+        out = out * d + c
+    return out
+
+
+@dataclass
+class FlowCacheConfig:
+    """Settings of FlowCache for a Wan-family (SkyReels-V2-DF) model.
+
+    rel_l1_thresh: recompute a chunk once its accumulated rescaled change reaches this
+        (0.1 = the reference "slow", 0.15 = "fast"; 0 computes every step).
+    warmup_steps: a chunk's first local steps that are always computed (reference: 5).
+    final_steps: a chunk's last local steps that are always computed (reference: 1).
+    coefficients: rescaling polynomial, `auto | 1.3B | 14B | none` or explicit values.
+    chunk_frames: latent frames per chunk when the sampler publishes no record.
+    kv_compress: squeeze finished chunks' K/V to `kv_budget_chunks` chunks of tokens.
+    kv_budget_chunks: history budget, in chunks' worth of tokens per head.
+    kv_lambda: importance weight in score = lambda * importance - (1 - lambda) * redundancy.
+    kv_pool_kernel: max-pool width smoothing the importance along the token axis.
+    max_score_queries: at most this many (evenly spaced) queries score the history.
+    """
+    rel_l1_thresh: float = 0.1
+    warmup_steps: int = 5
+    final_steps: int = 1
+    coefficients: Union[str, Sequence[float]] = "auto"
+    chunk_frames: int = 5
+    kv_compress: bool = False
+    kv_budget_chunks: int = 1
+    kv_lambda: float = 0.07
+    kv_pool_kernel: int = 7
+    max_score_queries: int = 256
+
+    def __post_init__(self):
+        if self.rel_l1_thresh < 0:
+            raise ValueError("rel_l1_thresh must be >= 0")
+        if self.warmup_steps < 0 or self.final_steps < 0:
+            raise ValueError("warmup_steps and final_steps must be >= 0")
+        if self.chunk_frames < 1:
+            raise ValueError("chunk_frames must be >= 1")
+        if self.kv_budget_chunks < 1:
+            raise ValueError("kv_budget_chunks must be >= 1")
+        if not 0.0 <= self.kv_lambda <= 1.0:
+            raise ValueError("kv_lambda must be in [0, 1]")
+        if self.max_score_queries < 1:
+            raise ValueError("max_score_queries must be >= 1")
+
+
+@dataclass
+class ChunkState:
+    """What FlowCache remembers about one chunk in one CFG branch, within one AR segment."""
+    local_step: int = 0                       # calls in which this chunk was active
+    acc: float = 0.0                          # accumulated rescaled distance since last compute
+    prev: Optional[torch.Tensor] = None       # previous indicator ([6, dim] per row, fp32)
+    residual: Optional[torch.Tensor] = None   # last block-stack output minus input
+    computed: int = 0                         # statistics
+    skipped: int = 0
+
+
+@dataclass
+class FlowCachePolicy:
+    """Per-(branch, chunk) decision state. `reset()` at every new AR segment."""
+    config: FlowCacheConfig
+    model_dim: Optional[int] = None
+    states: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.coeffs = resolve_coefficients(self.config.coefficients, self.model_dim)
+
+    def reset(self) -> None:
+        self.states.clear()
+
+    def state(self, branch: int, chunk: int) -> ChunkState:
+        key = (int(branch), int(chunk))
+        st = self.states.get(key)
+        if st is None:
+            st = self.states[key] = ChunkState()
+        return st
+
+    def rescale(self, d: float) -> float:
+        """P(d), clamped at 0 so the accumulator never decreases."""
+        return max(polyval(self.coeffs, d), 0.0)
+
+    @torch.compiler.disable
+    def decide(self, branch: int, chunk: int, indicator: torch.Tensor, local_step: int, steps: int) -> bool:
+        """True to compute the chunk, False to reuse its residual. Always records `indicator`.
+
+        local_step counts from 0 in the chunk's own denoising steps; `steps` is their total.
+        """
+        cfg = self.config
+        st = self.state(branch, chunk)
+        ind = indicator.detach().float()
+        prev, st.prev = st.prev, ind.clone()
+        forced = (local_step < cfg.warmup_steps or local_step >= steps - cfg.final_steps
+                  or prev is None or prev.shape != ind.shape or st.residual is None)
+        if forced:
+            st.acc = 0.0
+            return True
+        # one host sync per decision: the spec's single `.item()`
+        d = ((ind - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)).item()
+        st.acc += self.rescale(d)
+        if st.acc >= cfg.rel_l1_thresh:
+            st.acc = 0.0
+            return True
+        return False
+
+    def record_step(self, branch: int, chunk: int, computed: bool, residual: Optional[torch.Tensor] = None) -> None:
+        """Advance the chunk's local step; keep the new residual when it was computed."""
+        st = self.state(branch, chunk)
+        st.local_step += 1
+        if computed:
+            st.computed += 1
+            if residual is not None:
+                st.residual = residual
+        else:
+            st.skipped += 1
+
+    def counts(self) -> dict:
+        """Totals over all (branch, chunk): {'computed': n, 'skipped': n}."""
+        return {
+            "computed": sum(s.computed for s in self.states.values()),
+            "skipped": sum(s.skipped for s in self.states.values()),
+        }

@@ -1,0 +1,133 @@
+"""FlowCache decision rule against hand-computed traces (specs/flowcache.md A2)."""
+import pytest
+import torch
+
+from cache_core.flowcache_policy import (
+    COEFFICIENTS, FlowCacheConfig, FlowCachePolicy, polyval, resolve_coefficients,
+)
+
+RES = torch.zeros(1)  # any residual: the policy only needs to know one exists
+
+
+def ind(value: float) -> torch.Tensor:
+    """A [6, dim] indicator with every entry = value (mean ratios are then exact)."""
+    return torch.full((6, 4), float(value))
+
+
+def run_trace(policy, values, steps, branch=0, chunk=0):
+    out = []
+    for k, v in enumerate(values):
+        c = policy.decide(branch, chunk, ind(v), k, steps)
+        policy.record_step(branch, chunk, c, RES if c else None)
+        out.append(c)
+    return out
+
+
+def test_polynomial_1_3b_by_hand():
+    c = resolve_coefficients("1.3B")
+    # -5.21862437 + 9.23041404 - 5.28275948 + 1.36987616 - 0.0499875664
+    assert polyval(c, 0.1) == pytest.approx(0.0489187836, abs=1e-9)
+    assert polyval(c, 0.0) == pytest.approx(-0.0499875664)
+    # negative P(d) must not shrink the accumulator
+    p = FlowCachePolicy(FlowCacheConfig(coefficients="1.3B"))
+    assert p.rescale(0.0) == 0.0
+
+
+def test_coefficient_resolution():
+    assert resolve_coefficients("auto", 1536) == COEFFICIENTS["1.3B"]
+    assert resolve_coefficients("auto", 5120) == COEFFICIENTS["14B"]
+    assert resolve_coefficients("auto", 256) == COEFFICIENTS["none"]
+    assert resolve_coefficients("14b") == COEFFICIENTS["14B"]
+    assert polyval(resolve_coefficients("none"), 0.37) == pytest.approx(0.37)
+    assert resolve_coefficients([2.0, 1.0]) == (2.0, 1.0)
+    with pytest.raises(ValueError):
+        resolve_coefficients("7B")
+
+
+def test_accumulator_warmup_and_final_identity():
+    # warm-up 2, final 1, 8 steps, threshold 0.25, P = identity, values grow 10% a step:
+    # k0,k1 warm-up | k2 acc .1 skip | k3 .2 skip | k4 .3 compute | k5 .1 skip | k6 .2 skip | k7 final
+    cfg = FlowCacheConfig(rel_l1_thresh=0.25, warmup_steps=2, final_steps=1, coefficients="none")
+    values = [1.0, 2.0] + [2.0 * 1.1 ** i for i in range(1, 7)]
+    got = run_trace(FlowCachePolicy(cfg), values, steps=8)
+    assert got == [True, True, False, False, True, False, False, True]
+
+
+def test_accumulator_with_1_3b_polynomial():
+    # d = 0.1 every step -> P = 0.04892 per step; threshold 0.1 reached on the 3rd step after
+    # each compute: acc .0489 skip, .0978 skip, .1468 compute.
+    cfg = FlowCacheConfig(rel_l1_thresh=0.1, warmup_steps=1, final_steps=0, coefficients="1.3B")
+    values = [1.1 ** i for i in range(8)]
+    got = run_trace(FlowCachePolicy(cfg), values, steps=100)
+    assert got == [True, False, False, True, False, False, True, False]
+
+
+def test_threshold_zero_always_computes():
+    cfg = FlowCacheConfig(rel_l1_thresh=0.0, warmup_steps=1, final_steps=0, coefficients="1.3B")
+    assert all(run_trace(FlowCachePolicy(cfg), [1.0] * 6, steps=6))
+
+
+def test_final_steps_reset_accumulator():
+    cfg = FlowCacheConfig(rel_l1_thresh=0.25, warmup_steps=1, final_steps=2, coefficients="none")
+    p = FlowCachePolicy(cfg)
+    values = [1.0, 1.1, 1.21, 1.331, 1.4641]
+    got = run_trace(p, values, steps=5)
+    # k1 .1 skip, k2 .2 skip, k3,k4 are the final 2 steps
+    assert got == [True, False, False, True, True]
+    assert p.state(0, 0).acc == 0.0
+
+
+def test_per_branch_and_per_chunk_state_is_independent():
+    cfg = FlowCacheConfig(rel_l1_thresh=0.25, warmup_steps=1, final_steps=0, coefficients="none")
+    p = FlowCachePolicy(cfg)
+    slow = [1.1 ** i for i in range(5)]          # d = .1: skip, skip, compute, skip
+    fast = [2.0 ** i for i in range(5)]          # d = 1: always compute
+    trace = {(0, 0): [], (1, 0): [], (0, 1): []}
+    for k in range(5):
+        for (b, g), vals in (((0, 0), slow), ((1, 0), fast), ((0, 1), fast)):
+            c = p.decide(b, g, ind(vals[k]), k, 100)
+            p.record_step(b, g, c, RES if c else None)
+            trace[(b, g)].append(c)
+    assert trace[(0, 0)] == [True, False, False, True, False]
+    assert trace[(1, 0)] == [True] * 5
+    assert trace[(0, 1)] == [True] * 5
+    assert p.state(0, 0).local_step == 5
+    assert p.counts() == {"computed": 12, "skipped": 3}
+    p.reset()
+    assert p.states == {}
+
+
+def test_prev_is_updated_on_skips_too():
+    # After a skip, the next distance is measured from the skipped step's indicator.
+    cfg = FlowCacheConfig(rel_l1_thresh=0.5, warmup_steps=1, final_steps=0, coefficients="none")
+    p = FlowCachePolicy(cfg)
+    run_trace(p, [1.0, 1.2], steps=100)          # k1: d=.2, skip
+    assert torch.equal(p.state(0, 0).prev, ind(1.2))
+    assert p.decide(0, 0, ind(1.44), 2, 100) is False   # d=.2 from 1.2 -> acc .4
+    assert p.state(0, 0).acc == pytest.approx(0.4)
+
+
+def test_no_residual_forces_compute():
+    cfg = FlowCacheConfig(rel_l1_thresh=10.0, warmup_steps=0, final_steps=0, coefficients="none")
+    p = FlowCachePolicy(cfg)
+    assert p.decide(0, 0, ind(1.0), 0, 10) is True       # no prev
+    p.record_step(0, 0, True, None)                      # computed but nothing stored
+    assert p.decide(0, 0, ind(1.0), 1, 10) is True       # still no residual
+    p.record_step(0, 0, True, RES)
+    assert p.decide(0, 0, ind(1.0), 2, 10) is False
+
+
+def test_zero_previous_indicator_does_not_divide_by_zero():
+    cfg = FlowCacheConfig(rel_l1_thresh=0.5, warmup_steps=1, final_steps=0, coefficients="none")
+    p = FlowCachePolicy(cfg)
+    run_trace(p, [0.0], steps=10)
+    assert p.decide(0, 0, ind(0.0), 1, 10) is False      # d = 0/eps = 0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        FlowCacheConfig(rel_l1_thresh=-1)
+    with pytest.raises(ValueError):
+        FlowCacheConfig(chunk_frames=0)
+    with pytest.raises(ValueError):
+        FlowCacheConfig(kv_lambda=2.0)
