@@ -2,12 +2,17 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .conditioning import EmptyConditioningNode
+from .sampler import StreamingSamplerNode
+from .schedules import DFScheduleNode, PromptScheduleNode
 
 
 class ARCacheExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [
             EmptyConditioningNode,
+            StreamingSamplerNode,
+            DFScheduleNode,
+            PromptScheduleNode,
         ]
 
 

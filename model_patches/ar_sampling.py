@@ -1,0 +1,132 @@
+"""The streaming diffusion-forcing engine, run through ComfyUI's own sampling machinery.
+
+Each window is one `CFGGuider.sample` call with a custom KSAMPLER function, so ComfyUI loads
+and offloads the model, encodes conds, batches CFG and runs every wrapper and hook as usual.
+ComfyUI sees one scalar sigma per call (the largest of the frames being stepped); the real
+per-frame timesteps reach the transformer through the `StepRecord` in transformer_options,
+and the per-frame velocity is recovered exactly as v = (x - denoised) / sigma.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+
+from ..cache_core.df_schedule import WindowPlan, flow_template, latent_frames, plan_windows, step_matrix
+from ..cache_core.frame_solver import make_solver
+from ..cache_core.record import RECORD_KEY, StepRecord
+
+REPORT_KEY = "arcache_report"   # per-run dict in transformer_options that caches add their stats to
+
+
+@dataclass(frozen=True)
+class DFSchedule:
+    """The diffusion-forcing knobs (ARCacheDFSchedule); defaults are SkyReels-V2's."""
+    window_frames: int = 97          # pixel frames per window, history included
+    overlap_frames: int = 17         # pixel frames of history carried into the next window
+    ar_step: int = 0                 # 0: synchronous; >0: block b starts ar_step rows after b-1
+    causal_block_size: int = 1       # latent frames per block (and per cache chunk)
+    addnoise_condition: int = 20     # history frames are re-noised to sigma = value/1000
+    solver: str = "unipc"            # unipc | euler
+    shift: float = 0.0               # 0: the model's own shift
+    fps: int = 24                    # fps conditioning (SkyReels-V2-DF-1.3B only)
+    prefix_mode: str = "auto"        # auto | reencode_pixels | latent
+    sigmas: torch.Tensor | None = None   # optional custom template (overrides steps/shift)
+
+
+@dataclass
+class WindowJob:
+    """Everything the KSAMPLER function needs for one window."""
+    plan: WindowPlan
+    prefix_frames: int
+    gen_frames: int                  # frames generated here (new + padding)
+    tail_frames: int                 # fixed frames after the generated ones (end image)
+    schedule: DFSchedule
+    steps: int
+    seed: int
+    rows_done: int                   # rows finished in earlier windows (for one global progress bar)
+    total_rows: int
+    on_row: callable = None          # progress(row_global, x0, x)
+    calls: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+def frame_sigmas_of(counters: torch.Tensor, template: torch.Tensor, steps: int) -> torch.Tensor:
+    """Counter 0: waiting at the first template level; k in 1..N: template[k-1]; N+1: clean (0)."""
+    idx = (counters - 1).clamp(min=0, max=steps)
+    sig = template[idx]
+    return torch.where(counters > steps, torch.zeros_like(sig), sig)
+
+
+def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None, job: WindowJob = None):
+    """KSAMPLER function: all rows of one window's diffusion-forcing step matrix."""
+    extra_args = extra_args or {}
+    sch, steps = job.schedule, job.steps
+    P, G, T = job.prefix_frames, job.gen_frames, job.tail_frames
+    template = sigmas.double().cpu()
+    matrix = step_matrix(G, steps, sch.ar_step, sch.causal_block_size, prefix_frames=P)
+    counters = matrix.counters
+    if T:  # the end image: always clean, never stepped
+        counters = torch.cat([counters, torch.full((counters.shape[0], T), steps + 1, dtype=counters.dtype)], 1)
+    update = counters.new_zeros(counters.shape, dtype=torch.bool)
+    update[:, :P + G] = matrix.update[:, :P + G]
+
+    # Start state in model space: history and end frame from the (processed) latent image,
+    # generated frames as noise at the template's first level, like any ComfyUI sampler.
+    state = model_k.latent_image.clone()
+    state[:, :, P:P + G] = model_k.noise[:, :, P:P + G] * sigmas[0]
+    gen = torch.Generator(device="cpu").manual_seed(job.seed ^ 0x5EED)
+    solver = make_solver(sch.solver, template, state.shape[2])
+    a = sch.addnoise_condition / 1000.0
+    transformer_options = extra_args.setdefault("model_options", {}).setdefault("transformer_options", {})
+    B = state.shape[0]
+
+    for row in range(counters.shape[0]):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        f_sig = frame_sigmas_of(counters[row], template, steps).to(torch.float32)
+        x_in = state
+        if P and a > 0:  # history re-noised afresh every row (seeded, unlike upstream)
+            eps = torch.randn(state[:, :, :P].shape, generator=gen).to(state)
+            x_in = state.clone()
+            x_in[:, :, :P] = (1 - a) * state[:, :, :P] + a * eps
+            f_sig[:P] = a
+        upd = update[row]
+        sigma_call = f_sig[upd].max()
+        transformer_options[RECORD_KEY] = StepRecord(
+            frame_sigmas=f_sig, active=upd.clone(), prefix_frames=P,
+            chunk_frames=sch.causal_block_size, steps=steps, window_index=job.plan.index,
+            row=row, rows=counters.shape[0])
+        denoised = model_k(x_in, sigma_call.to(state) * state.new_ones(B), **extra_args)
+        job.calls += 1
+        v = (x_in - denoised) / sigma_call.to(state)
+        x0 = x_in - f_sig.to(state).view(1, 1, -1, 1, 1) * v
+        state = solver.step(state, x0, (counters[row] - 1).clamp(min=0), upd)
+        if job.on_row is not None:
+            preview = torch.where(upd.to(state.device).view(1, 1, -1, 1, 1), x0, state)
+            job.on_row(job.rows_done + row, preview, state)
+    transformer_options.pop(RECORD_KEY, None)
+    return state
+
+
+def count_rows(plans: list[WindowPlan], steps: int, schedule: DFSchedule) -> list[int]:
+    return [step_matrix(p.new_frames + p.pad_frames, steps, schedule.ar_step, schedule.causal_block_size,
+                        prefix_frames=p.prefix_frames).rows for p in plans]
+
+
+def template_sigmas(model_patcher, steps: int, schedule: DFSchedule) -> torch.Tensor:
+    if schedule.sigmas is not None:
+        s = schedule.sigmas.detach().float().cpu()
+        if s.ndim != 1 or len(s) < 2 or float(s[-1]) != 0.0 or not bool((s[1:] <= s[:-1]).all()):
+            raise ValueError("schedule.sigmas: need a decreasing sigma list that ends at 0 (e.g. BasicScheduler)")
+        return s
+    shift = schedule.shift or float(model_patcher.get_model_object("model_sampling").shift)
+    return flow_template(steps, shift).float()
+
+
+__all__ = ["DFSchedule", "WindowJob", "df_window_sampler", "count_rows", "template_sigmas", "REPORT_KEY",
+           "latent_frames", "plan_windows"]

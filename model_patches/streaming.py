@@ -1,0 +1,162 @@
+"""Window-by-window long-video generation: history prefixes, decoding and streaming to disk."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+
+from ..cache_core import flops as flop_count
+from ..cache_core.df_schedule import latent_frames, pixel_frames, plan_windows
+from . import wan
+from .ar_sampling import REPORT_KEY, DFSchedule, WindowJob, count_rows, df_window_sampler, template_sigmas
+
+
+@dataclass
+class VideoRequest:
+    width: int
+    height: int
+    length: int                        # pixel frames to generate (4k+1)
+    seed: int
+    steps: int
+    cfg: float
+    schedule: DFSchedule
+    positives: list                    # per-window positive conditionings (last one repeats)
+    negative: list
+    vae: object = None
+    start_image: torch.Tensor | None = None
+    prefix_latent: torch.Tensor | None = None   # raw latent of a video to extend
+    end_image: torch.Tensor | None = None
+
+
+def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
+    return vae.encode(frames[..., :3]).to(comfy.model_management.intermediate_device(), torch.float32)
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Raw latent [1,C,F,h,w] -> pixel frames [N,H,W,3] in 0..1."""
+    img = vae.decode(latents)
+    return img.reshape(-1, *img.shape[-3:]).float().cpu()
+
+
+def resize_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    import comfy.utils
+    return comfy.utils.common_upscale(image[:1].movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
+
+
+class StreamingRun:
+    """One sampler run. `sink(frames, window_index)` receives decoded frames as windows finish."""
+
+    def __init__(self, model, req: VideoRequest, on_row=None, on_window=None, sink=None):
+        self.req, self.on_row, self.on_window, self.sink = req, on_row, on_window, sink
+        self.dm = wan.wan_transformer(model)
+        self.model = model.clone()
+        wan.install_per_frame_timesteps(self.model)
+        sch = req.schedule
+        self.fps_source = wan.apply_fps_conditioning(self.model, sch.fps) if sch.fps else None
+        self.template = template_sigmas(self.model, req.steps, sch)
+        self.steps = len(self.template) - 1
+        self.lat_h, self.lat_w = req.height // 8, req.width // 8
+        self.window_lat = latent_frames(sch.window_frames)
+        self.overlap_lat = latent_frames(sch.overlap_frames) if sch.overlap_frames > 0 else 0
+        self.mode = sch.prefix_mode if sch.prefix_mode != "auto" else ("reencode_pixels" if req.vae else "latent")
+
+        # The video starts with the start image (frame 0 of the output) or the extended video's tail.
+        self.head_latent = None          # raw latents that precede the generated ones in the output
+        init_prefix = None
+        if req.start_image is not None:
+            img = resize_image(req.start_image, req.width, req.height)
+            init_prefix = encode_frames(req.vae, img)[:, :, :1]
+            self.head_latent = init_prefix
+        elif req.prefix_latent is not None:
+            self.head_latent = req.prefix_latent.float()
+            init_prefix = self.head_latent[:, :, -self.overlap_lat:] if self.overlap_lat else None
+            if init_prefix is not None and self.mode == "reencode_pixels":
+                px = decode_latents(req.vae, self.head_latent)[-sch.overlap_frames:]
+                init_prefix = encode_frames(req.vae, px)
+        total_lat = latent_frames(req.length)
+        new_total = total_lat - (1 if req.start_image is not None else 0)
+        self.init_prefix = init_prefix
+        self.plans = plan_windows(new_total, self.window_lat, self.overlap_lat, sch.causal_block_size,
+                                  initial_prefix=0 if init_prefix is None else init_prefix.shape[2])
+        self.rows = count_rows(self.plans, self.steps, sch)
+        self.end_latent = None
+        if req.end_image is not None:
+            self.end_latent = encode_frames(req.vae, resize_image(req.end_image, req.width, req.height))[:, :, :1]
+        self.branches = 1 if req.cfg == 1.0 else 2
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows)
+
+    def run(self) -> tuple[torch.Tensor, dict]:
+        req, sch = self.req, self.req.schedule
+        t0 = time.perf_counter()
+        report = {"windows": len(self.plans), "model_calls": 0, "rows": self.rows,
+                  "steps": self.steps, "latent_frames": 0, "first_window_seconds": None,
+                  "transformer_flops": 0.0, "transformer_flops_vanilla": 0.0, "cache": None,
+                  "fps_conditioning": self.fps_source, "prefix_mode": self.mode}
+        self.model.model_options["transformer_options"][REPORT_KEY] = report
+        shape = flop_count.DiTShape.from_model(self.dm)
+        tokens_per_frame = (self.lat_h // 2) * (self.lat_w // 2)
+        generated = []                    # raw latents of new frames, window by window
+        prefix = self.init_prefix
+        rows_done = 0
+        for plan, rows in zip(self.plans, self.rows):
+            positive = req.positives[min(plan.index, len(req.positives) - 1)]
+            P = 0 if prefix is None else prefix.shape[2]
+            G = plan.new_frames + plan.pad_frames
+            tail = self.end_latent if (self.end_latent is not None and plan is self.plans[-1]) else None
+            T = 0 if tail is None else 1
+            F = P + G + T
+            latent = torch.zeros(1, 16, F, self.lat_h, self.lat_w)
+            if P:
+                latent[:, :, :P] = prefix
+            if T:
+                latent[:, :, P + G:] = tail
+            noise = comfy.sample.prepare_noise(torch.zeros_like(latent), req.seed + plan.index)
+            job = WindowJob(plan=plan, prefix_frames=P, gen_frames=G, tail_frames=T, schedule=sch,
+                            steps=self.steps, seed=req.seed + plan.index, rows_done=rows_done,
+                            total_rows=self.total_rows, on_row=self.on_row)
+            guider = comfy.samplers.CFGGuider(self.model)
+            guider.set_conds(positive, req.negative)
+            guider.set_cfg(req.cfg)
+            sampler = comfy.samplers.KSAMPLER(df_window_sampler, extra_options={"job": job})
+            out = guider.sample(noise, latent, sampler, self.template.clone(), disable_pbar=True,
+                                seed=req.seed + plan.index)
+            out = out.to(comfy.model_management.intermediate_device(), torch.float32)
+            rows_done += rows
+            report["model_calls"] += job.calls
+            report["transformer_flops_vanilla"] += job.calls * flop_count.window_flops(
+                shape, F * tokens_per_frame, F, batch=self.branches)
+            new = out[:, :, P:P + plan.new_frames]
+            generated.append(new)
+            window_px = None
+            if req.vae is not None and (self.sink is not None or self.mode == "reencode_pixels"):
+                window_px = decode_latents(req.vae, out[:, :, :P + plan.new_frames])
+                keep_from = pixel_frames(P) if P and not (plan.index == 0 and req.start_image is not None) else 0
+                if self.sink is not None:
+                    self.sink(window_px[keep_from:], plan.index)
+            if plan.index == 0:
+                report["first_window_seconds"] = time.perf_counter() - t0
+            if self.on_window is not None:
+                self.on_window(plan, len(self.plans))
+            # History for the next window: the tail of the video so far, as latents or re-encoded.
+            if self.overlap_lat:
+                if self.mode == "reencode_pixels" and window_px is not None:
+                    prefix = encode_frames(req.vae, window_px[-sch.overlap_frames:])[:, :, :self.overlap_lat]
+                else:
+                    prefix = torch.cat(([self.head_latent] if self.head_latent is not None else []) + generated,
+                                       dim=2)[:, :, -self.overlap_lat:]
+        video = torch.cat(([self.head_latent] if self.head_latent is not None else []) + generated, dim=2)
+        report["latent_frames"] = int(video.shape[2])
+        report["seconds"] = time.perf_counter() - t0
+        if report["cache"] is None:
+            report["transformer_flops"] = report["transformer_flops_vanilla"]
+        self.model.model_options["transformer_options"].pop(REPORT_KEY, None)
+        return video, report

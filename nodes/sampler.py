@@ -1,0 +1,131 @@
+"""The Streaming AR Sampler node: long videos window by window, streamed as they finish."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management
+import folder_paths
+import latent_preview
+
+from ..model_patches.ar_sampling import DFSchedule
+from ..model_patches.streaming import StreamingRun, VideoRequest
+from .schedules import ARPrompts, ARSchedule
+from .video_stream import StreamingVideoWriter
+
+
+def progress_text(text: str, node_id) -> None:
+    try:
+        from server import PromptServer
+        if PromptServer.instance is not None and node_id is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # progress text is a courtesy; never fail a run over it
+        pass
+
+
+def validate(width, height, length, schedule: DFSchedule, vae, start_image, prefix_latent, end_image, cfg):
+    if width % 16 or height % 16:
+        raise ValueError(f"width={width}, height={height}: both must be multiples of 16 (e.g. 960x544)")
+    if (length - 1) % 4:
+        raise ValueError(f"length={length}: must be of the form 4k+1 pixel frames (e.g. 97, 257, 737)")
+    for name, image in (("start_image", start_image), ("end_image", end_image)):
+        if image is not None and vae is None:
+            raise ValueError(f"{name} needs a vae: connect the Wan 2.1 VAE to the sampler's vae input")
+    if schedule.prefix_mode == "reencode_pixels" and vae is None:
+        raise ValueError("schedule.prefix_mode=reencode_pixels needs a vae: connect one, or use prefix_mode latent")
+    if start_image is not None and prefix_latent is not None:
+        raise ValueError("start_image and prefix_latent: give one (image-to-video) or the other (extension), not both")
+    if prefix_latent is not None and prefix_latent.shape[-2:] != (height // 8, width // 8):
+        raise ValueError(f"prefix_latent is {prefix_latent.shape[-1] * 8}x{prefix_latent.shape[-2] * 8}; "
+                         f"set width/height to match it")
+    if schedule.overlap_frames == 0 and prefix_latent is not None:
+        raise ValueError("prefix_latent needs schedule.overlap_frames > 0 to continue from it")
+
+
+class StreamingSamplerNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ARCacheStreamingSampler",
+            display_name="Streaming AR Sampler",
+            category="ARCache/sampling",
+            description=(
+                "Generates a long video window by window with diffusion forcing (SkyReels-V2-DF). "
+                "Every frame has its own noise level; each window continues from the last frames of "
+                "the previous one. One progress bar over all windows with previews; with a VAE, each "
+                "finished window is decoded at once and can be written to disk before the next starts. "
+                "Connect a FlowCache node before it to skip redundant work."),
+            inputs=[
+                io.Model.Input("model", tooltip="A SkyReels-V2-DF model (Wan 2.1 t2v layout) from UNETLoader, optionally through a cache node."),
+                io.Conditioning.Input("positive", tooltip="Text conditioning (CLIPTextEncode with the umt5 'wan' text encoder)."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning; unused when cfg is 1."),
+                io.Int.Input("width", default=960, min=16, max=4096, step=16, tooltip="Video width in pixels (multiple of 16)."),
+                io.Int.Input("height", default=544, min=16, max=4096, step=16, tooltip="Video height in pixels (multiple of 16)."),
+                io.Int.Input("length", default=257, min=1, max=100001, step=4,
+                             tooltip="Pixel frames to generate (4k+1). 97 + 80k fill whole windows: 257 = 3, 737 = 9."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; window i uses seed + i."),
+                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Denoising steps every frame walks (30 upstream)."),
+                io.Float.Input("cfg", default=6.0, min=1.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale (6 upstream). 1 skips the negative pass."),
+                ARSchedule.Input("schedule", optional=True, tooltip="Diffusion-forcing schedule; SkyReels-V2 defaults when empty."),
+                ARPrompts.Input("prompt_schedule", optional=True, tooltip="Per-window prompts (storyboard); overrides positive."),
+                io.Vae.Input("vae", optional=True, tooltip="Wan 2.1 VAE: needed for start/end images, pixel re-encoded history and streaming to file."),
+                io.Image.Input("start_image", optional=True, tooltip="First frame (image-to-video). Needs the vae."),
+                io.Latent.Input("prefix_latent", optional=True, tooltip="A video's latents to continue (video extension); the output includes them."),
+                io.Image.Input("end_image", optional=True, tooltip="Last frame to steer towards (appended clean to the last window). Needs the vae."),
+                io.Boolean.Input("save_video", default=False, optional=True,
+                                 tooltip="With a vae: write each finished window to an mp4 in the output folder before the next starts."),
+                io.String.Input("filename_prefix", default="ARCache/video", optional=True,
+                                tooltip="Where save_video writes, relative to ComfyUI's output folder."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="LATENT", tooltip="The whole video's latents (raw Wan 2.1 layout); decode with VAEDecode."),
+                io.String.Output(display_name="report", tooltip="JSON: windows, model calls, seconds, time to first window, transformer FLOPs (spent and vanilla), cache stats."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, width, height, length, seed, steps, cfg, schedule=None,
+                prompt_schedule=None, vae=None, start_image=None, prefix_latent=None, end_image=None,
+                save_video=False, filename_prefix="ARCache/video") -> io.NodeOutput:
+        schedule = schedule or DFSchedule()
+        prefix = prefix_latent["samples"] if prefix_latent is not None else None
+        validate(width, height, length, schedule, vae, start_image, prefix, end_image, cfg)
+        if save_video and vae is None:
+            raise ValueError("save_video needs a vae: connect the Wan 2.1 VAE")
+        node_id = cls.hidden.unique_id
+        req = VideoRequest(width=width, height=height, length=length, seed=seed, steps=steps, cfg=cfg,
+                           schedule=schedule, positives=list(prompt_schedule or [positive]), negative=negative,
+                           vae=vae, start_image=start_image, prefix_latent=prefix, end_image=end_image)
+        writer = None
+        if save_video:
+            folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+                filename_prefix, folder_paths.get_output_directory(), width, height)
+            writer = StreamingVideoWriter(os.path.join(folder, f"{name}_{counter:05}_.mp4"), schedule.fps or 24)
+        run = None
+
+        def on_window(plan, n):
+            progress_text(f"window {plan.index + 1}/{n} done", node_id)
+
+        sink = (lambda frames, i: writer.write(frames)) if writer else None
+        try:
+            run = StreamingRun(model, req, on_window=on_window, sink=sink)
+            preview = latent_preview.prepare_callback(run.model, run.total_rows)
+            run.on_row = lambda row, x0, x: preview(row, x0, x, run.total_rows)
+            progress_text(f"{len(run.plans)} windows, {run.total_rows} model calls", node_id)
+            video, report = run.run()
+            if writer:
+                report["video_file"] = os.path.relpath(writer.close(), folder_paths.get_output_directory())
+                report["video_frames"] = writer.frames
+        except BaseException:
+            if writer:
+                writer.abort()
+            raise
+        text = json.dumps(report, indent=1)
+        return io.NodeOutput({"samples": video}, text, ui={"text": [text]})

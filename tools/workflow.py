@@ -1,0 +1,201 @@
+"""UI-format workflows (what users drag into ComfyUI) -> API prompts, checked against /object_info.
+
+    python -m tools.workflow run workflows/foo.json [--server URL]   # convert and run headless
+    python -m tools.workflow check workflows/*.json --server URL     # validate only
+
+The frontend stores widget values positionally (`widgets_values`), including the hidden
+`control_after_generate` companion ("fixed", "randomize", ...) after each seed-like input, so
+conversion walks the node's inputs in /object_info order.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SKIP_TYPES = {"Note", "MarkdownNote"}
+MUTED, BYPASSED = 2, 4
+
+
+class WorkflowError(ValueError):
+    pass
+
+
+def _specs(info: dict) -> list[tuple[str, str, dict, bool]]:
+    """(name, type, options, required) for every input of a node type, in the frontend's order."""
+    out = []
+    order = info.get("input_order") or {g: list(info["input"].get(g, {})) for g in ("required", "optional")}
+    for group in ("required", "optional"):
+        for name in order.get(group, []):
+            spec = info["input"][group][name]
+            kind = spec[0]
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            out.append((name, "COMBO" if isinstance(kind, list) else kind, opts, group == "required"))
+    return out
+
+
+def combo_options(info: dict, name: str) -> list | None:
+    for group in ("required", "optional"):
+        spec = info["input"].get(group, {}).get(name)
+        if spec:
+            if isinstance(spec[0], list):
+                return spec[0]
+            if spec[0] == "COMBO":
+                return (spec[1] if len(spec) > 1 else {}).get("options", [])
+    return None
+
+
+def _has_control(name: str, kind: str, opts: dict) -> bool:
+    return kind in ("INT", "FLOAT") and bool(opts.get("control_after_generate")) or name in ("seed", "noise_seed")
+
+
+def widget_values(node: dict, info: dict) -> dict:
+    """Map a UI node's positional widgets_values to input names."""
+    values = node.get("widgets_values") or []
+    if isinstance(values, dict):          # some nodes (e.g. VHS) store them by name
+        return dict(values)
+    out, i = {}, 0
+    for name, kind, opts, _ in _specs(info):
+        if kind not in WIDGET_TYPES or opts.get("forceInput"):
+            continue
+        if i >= len(values):
+            break
+        out[name] = values[i]
+        i += 1
+        if _has_control(name, kind, opts) and i < len(values) and values[i] in (
+                "fixed", "increment", "decrement", "randomize"):
+            i += 1
+    return out
+
+
+def to_api(workflow: dict, object_info: dict) -> dict:
+    """Convert a UI-format workflow into an API prompt."""
+    if "nodes" not in workflow or "links" not in workflow:
+        raise WorkflowError("not a UI-format workflow: it has no 'nodes'/'links' (an API prompt can be posted as is)")
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {l[0]: l for l in workflow["links"]}
+
+    def source(link_id):
+        """Follow reroutes and bypassed nodes to the real (node id, slot) or a primitive value."""
+        _, src, slot, *_ = links[link_id]
+        node = nodes[src]
+        if node["type"] == "Reroute":
+            return source(node["inputs"][0]["link"])
+        if node["type"] == "PrimitiveNode":
+            return ("value", node["widgets_values"][0])
+        if node.get("mode") == BYPASSED:
+            out_type = node["outputs"][slot]["type"]
+            for inp in node.get("inputs", []):
+                if inp.get("link") is not None and inp["type"] == out_type:
+                    return source(inp["link"])
+            raise WorkflowError(f"bypassed node {src} ({node['type']}) has no {out_type} input to pass through")
+        return (str(src), slot)
+
+    prompt = {}
+    for nid, node in nodes.items():
+        kind = node["type"]
+        if kind in SKIP_TYPES or kind in ("Reroute", "PrimitiveNode") or node.get("mode") in (MUTED, BYPASSED):
+            continue
+        if kind not in object_info:
+            raise WorkflowError(f"node {nid}: type '{kind}' is not installed (missing custom node pack?)")
+        inputs = widget_values(node, object_info[kind])
+        for inp in node.get("inputs", []):
+            if inp.get("link") is None:
+                continue
+            src = source(inp["link"])
+            inputs[inp["name"]] = src[1] if src[0] == "value" else [src[0], src[1]]
+        prompt[str(nid)] = {"class_type": kind, "inputs": inputs}
+    return prompt
+
+
+def validate(workflow: dict, object_info: dict) -> list[str]:
+    """Everything the frontend would silently get wrong: unknown nodes, bad widget values,
+    mismatched link types, missing required inputs."""
+    problems = []
+    nodes = {n["id"]: n for n in workflow.get("nodes", [])}
+    for l in workflow.get("links", []):
+        link_id, src, slot, dst, dslot, ltype = l
+        if src not in nodes or dst not in nodes:
+            problems.append(f"link {link_id}: endpoint node missing")
+            continue
+        out_t = nodes[src]["outputs"][slot]["type"]
+        in_t = nodes[dst]["inputs"][dslot]["type"]
+        if "*" not in (out_t, in_t, ltype) and not (set(str(out_t).split(",")) & set(str(in_t).split(","))):
+            problems.append(f"link {link_id}: {nodes[src]['type']} output {out_t} -> {nodes[dst]['type']} input {in_t}")
+        info = nodes[src]["type"] in ("Reroute", "PrimitiveNode") or object_info.get(nodes[src]["type"])
+        if isinstance(info, dict) and slot < len(info["output"]) and info["output"][slot] != out_t and out_t != "*":
+            problems.append(f"link {link_id}: {nodes[src]['type']} output {slot} is {info['output'][slot]}, workflow says {out_t}")
+    for nid, node in nodes.items():
+        kind = node["type"]
+        if kind in SKIP_TYPES or kind in ("Reroute", "PrimitiveNode"):
+            continue
+        if kind not in object_info:
+            problems.append(f"node {nid}: unknown type '{kind}'")
+            continue
+        info = object_info[kind]
+        values = widget_values(node, info)
+        linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+        for name, t, opts, required in _specs(info):
+            if name in linked:
+                continue
+            if t not in WIDGET_TYPES or opts.get("forceInput"):
+                if required:
+                    problems.append(f"node {nid} ({kind}): required input '{name}' ({t}) is not connected")
+                continue
+            if name not in values:
+                if required:
+                    problems.append(f"node {nid} ({kind}): widget '{name}' has no value")
+                continue
+            v = values[name]
+            if t == "COMBO":
+                opts_list = combo_options(info, name) or []
+                if v not in opts_list:
+                    problems.append(f"node {nid} ({kind}): {name}={v!r} not in {opts_list[:8]}")
+            elif t in ("INT", "FLOAT"):
+                if not isinstance(v, (int, float)) or isinstance(v, bool):
+                    problems.append(f"node {nid} ({kind}): {name}={v!r} is not a number")
+                elif ("min" in opts and v < opts["min"]) or ("max" in opts and v > opts["max"]):
+                    problems.append(f"node {nid} ({kind}): {name}={v} outside [{opts.get('min')}, {opts.get('max')}]")
+                elif t == "INT" and v != int(v):
+                    problems.append(f"node {nid} ({kind}): {name}={v} is not an integer")
+            elif t == "BOOLEAN" and not isinstance(v, bool):
+                problems.append(f"node {nid} ({kind}): {name}={v!r} is not a boolean")
+            elif t == "STRING" and not isinstance(v, str):
+                problems.append(f"node {nid} ({kind}): {name}={v!r} is not a string")
+    return problems
+
+
+def main(argv=None) -> int:
+    import argparse
+    import urllib.request
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["check", "run", "convert"])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--server", default="http://127.0.0.1:8188", help="a running ComfyUI")
+    a = ap.parse_args(argv)
+    with urllib.request.urlopen(a.server + "/object_info", timeout=60) as r:
+        info = json.loads(r.read())
+    status = 0
+    for path in a.files:
+        with open(path) as f:
+            wf = json.load(f)
+        problems = validate(wf, info)
+        if problems:
+            status = 1
+            print(f"{path}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+            continue
+        prompt = to_api(wf, info)
+        if a.command == "convert":
+            print(json.dumps(prompt, indent=1))
+        elif a.command == "run":
+            req = urllib.request.Request(a.server + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                print(path, "queued:", json.loads(r.read())["prompt_id"])
+        else:
+            print(f"{path}: ok ({len(prompt)} nodes)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
