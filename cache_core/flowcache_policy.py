@@ -129,6 +129,10 @@ class FlowCachePolicy:
     def reset(self) -> None:
         self.states.clear()
 
+    def reset_branch(self, branch: int) -> None:
+        for key in [k for k in self.states if k[0] == int(branch)]:
+            del self.states[key]
+
     def state(self, branch: int, chunk: int) -> ChunkState:
         key = (int(branch), int(chunk))
         st = self.states.get(key)

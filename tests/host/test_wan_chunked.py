@@ -1,0 +1,246 @@
+"""Chunk-causal Wan execution against ComfyUI's own WanModel, in-process (no server).
+
+Equivalences: all chunks computed == one masked (block-causal) full-window forward; a single
+chunk == the model's normal forward; a skip adds the stored residual; frozen history is
+really frozen; cond/uncond batched == called separately; compression shrinks the K/V memory.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+COMFY = Path(os.environ.get("COMFYUI_PATH", REPO / ".host" / "ComfyUI"))
+if not (COMFY / "comfy").is_dir():
+    pytest.skip(f"no ComfyUI tree at {COMFY}", allow_module_level=True)
+sys.path.insert(0, str(COMFY))
+
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True
+import comfy.model_management  # noqa: E402,F401
+import comfy.ops  # noqa: E402
+import comfy.ldm.wan.model as wan_model  # noqa: E402
+
+# Import the pack as a package (its modules use relative imports) without running its
+# ComfyUI entry point.
+if "arcache_pack" not in sys.modules:
+    _pkg = types.ModuleType("arcache_pack")
+    _pkg.__path__ = [str(REPO)]
+    sys.modules["arcache_pack"] = _pkg
+wc = importlib.import_module("arcache_pack.model_patches.wan_chunked")
+from arcache_pack.cache_core.flowcache_policy import FlowCacheConfig  # noqa: E402
+from arcache_pack.cache_core.record import RECORD_KEY, StepRecord  # noqa: E402
+
+CF = 2                        # latent frames per chunk in these tests
+F, H, W = 5, 6, 4             # chunks of 2, 2, 1 frames; 3x2 = 6 tokens per frame
+TPF = (H // 2) * (W // 2)
+TEXT_DIM, TEXT_LEN = 32, 8
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors on a small shared machine: threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dm():
+    torch.manual_seed(0)
+    m = wan_model.WanModel(model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=16,
+                           out_dim=16, text_dim=TEXT_DIM, text_len=TEXT_LEN,
+                           operations=comfy.ops.disable_weight_init, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            std = 0.3 if "modulation" in name else 0.05
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+            if name.endswith("norm_q.weight") or name.endswith("norm_k.weight"):
+                p.add_(1.0)
+    return m.eval()
+
+
+def inputs(batch=2, seed=1, h=H, w=W, frames=F):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, frames, h, w, generator=g)
+    ctx = torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g)
+    return x, ctx
+
+
+def record(sigmas, active, row=0, window=0, prefix=0, steps=10):
+    return StepRecord(frame_sigmas=torch.tensor(sigmas, dtype=torch.float32),
+                      active=torch.tensor(active, dtype=torch.bool), prefix_frames=prefix,
+                      chunk_frames=CF, steps=steps, window_index=window, row=row, rows=steps)
+
+
+def opts(rec=None, cou=(0, 1)):
+    o = {"cond_or_uncond": list(cou)}
+    if rec is not None:
+        o[RECORD_KEY] = rec
+    return o
+
+
+def run(dm, state, x, ctx, rec=None, cou=(0, 1), t=None):
+    if t is None:
+        t = torch.full((x.shape[0],), 1000.0 * float(rec.frame_sigmas.max()))
+    with torch.no_grad():
+        return wc.forward_chunked(dm, x, t, ctx, opts(rec, cou), state)
+
+
+def block_causal_override(frames, chunk_frames, tpf):
+    chunk_of = torch.arange(frames).repeat_interleave(tpf) // chunk_frames
+    allowed = chunk_of[None, :] <= chunk_of[:, None]
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    L = frames * tpf
+
+    def override(func, q, k, v, *args, **kwargs):
+        if q.shape[1] == L and k.shape[1] == L:       # self-attention of the full window
+            kwargs["mask"] = mask.to(q)
+        return func(q, k, v, *args, **kwargs)
+    return override
+
+
+SIGMAS = [0.9, 0.9, 0.6, 0.6, 0.3]     # uniform within each chunk, different across chunks
+
+
+def test_all_chunks_equal_block_causal_full_forward(dm):
+    x, ctx = inputs()
+    rec = record(SIGMAS, [True] * F)
+    out = run(dm, wc.WanChunkedState(FlowCacheConfig()), x, ctx, rec)
+    t = (torch.tensor(SIGMAS) * 1000).expand(2, -1)
+    with torch.no_grad():
+        ref = dm(x, t, ctx, transformer_options={"optimized_attention_override": block_causal_override(F, CF, TPF)})
+        bidir = dm(x, t, ctx, transformer_options={})
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-5)
+    assert (out - bidir).abs().max() > 1e-3      # the mask matters: the test has teeth
+
+
+def test_single_chunk_equals_normal_forward(dm):
+    x, ctx = inputs(h=5, w=7)                     # odd sizes: padding path too
+    state = wc.WanChunkedState(FlowCacheConfig(chunk_frames=F))
+    t = torch.tensor([700.0, 700.0])
+    out = run(dm, state, x, ctx, t=t)
+    with torch.no_grad():
+        ref = dm(x, t, ctx, transformer_options={"cond_or_uncond": [0, 1]})
+    assert out.shape == ref.shape == x.shape
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-5)
+    # per-frame timesteps given directly take the same path as the model's own [B, F] support
+    tf = (torch.tensor(SIGMAS) * 1000).expand(2, -1)
+    out_f = run(dm, wc.WanChunkedState(FlowCacheConfig(chunk_frames=F)), x, ctx, t=tf)
+    with torch.no_grad():
+        ref_f = dm(x, tf, ctx, transformer_options={})
+    torch.testing.assert_close(out_f, ref_f, atol=ATOL, rtol=1e-5)
+
+
+def test_skip_reuses_residual_and_stale_kv(dm):
+    cfg = FlowCacheConfig(rel_l1_thresh=1e9, warmup_steps=1, final_steps=0)
+    state = wc.WanChunkedState(cfg)
+    x1, ctx = inputs(seed=1)
+    x2, _ = inputs(seed=2)
+    # call 1: only chunk 0 has started; call 2: chunk 0 goes on (skipped), chunk 1 starts
+    rec1 = record([0.9, 0.9, 1.0, 1.0, 1.0], [True, True, False, False, False], row=0)
+    rec2 = record([0.8, 0.8, 0.9, 0.9, 1.0], [True, True, True, True, False], row=1)
+    run(dm, state, x1, ctx, rec1)
+    res = {b: state.policy.state(b, 0).residual.clone() for b in (0, 1)}
+    out2 = run(dm, state, x2, ctx, rec2)
+    assert state.stats["chunks_skipped"] == 2 and state.stats["chunks_computed"] == 4
+    for b in (0, 1):
+        assert torch.equal(state.policy.state(b, 0).residual, res[b])
+
+    # chunk 0 of call 2 = head(embed(x2) + residual), by hand with the model's modules
+    with torch.no_grad():
+        xe = dm.patch_embedding(x2.float()).flatten(2).transpose(1, 2)[:, :CF * TPF]
+        t2 = torch.tensor([800.0, 800.0]).expand(2, -1)
+        e = dm.time_embedding(wan_model.sinusoidal_embedding_1d(dm.freq_dim, t2.flatten())).reshape(2, CF, -1)
+        expect0 = dm.unpatchify(dm.head(xe + torch.cat([res[0], res[1]]), e), (CF, H // 2, W // 2))
+    torch.testing.assert_close(out2[:, :, :CF], expect0, atol=1e-6, rtol=0)
+
+    # chunk 1 attended to chunk 0's STALE K/V (from x1 at sigma .9): same as a fresh run whose
+    # chunk 0 input is x1's
+    x_mix = x2.clone()
+    x_mix[:, :, :CF] = x1[:, :, :CF]
+    rec_mix = record([0.9, 0.9, 0.9, 0.9, 1.0], [True, True, True, True, False])
+    out_mix = run(dm, wc.WanChunkedState(cfg), x_mix, ctx, rec_mix)
+    torch.testing.assert_close(out2[:, :, CF:2 * CF], out_mix[:, :, CF:2 * CF], atol=1e-6, rtol=0)
+    assert torch.count_nonzero(out2[:, :, 2 * CF:]) == 0          # chunk 2 not started: zeros
+
+
+def test_history_chunk_is_computed_once_then_frozen(dm):
+    x, ctx = inputs(seed=3)
+    act = [False, False, True, True, True]
+    sig = [0.02, 0.02, 0.9, 0.9, 0.9]
+    outs = []
+    for variant in (0, 1):
+        state = wc.WanChunkedState(FlowCacheConfig(rel_l1_thresh=0.0))
+        run(dm, state, x, ctx, record(sig, act, prefix=2, row=0))
+        x2 = x.clone()
+        if variant:
+            x2[:, :, :CF] += 1.0                  # history input changes: must not matter now
+        outs.append(run(dm, state, x2, ctx, record(sig, act, prefix=2, row=1)))
+        assert state.stats["chunks_history"] == 2 and state.stats["chunks_frozen"] == 2
+    assert torch.count_nonzero(outs[0][:, :, :CF]) == 0
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+def test_branches_batched_equal_separate_calls(dm):
+    x, ctx = inputs(seed=4)
+    cfg = FlowCacheConfig(rel_l1_thresh=0.15, warmup_steps=1, final_steps=0, coefficients="none")
+    together, apart, swapped = (wc.WanChunkedState(cfg) for _ in range(3))
+    for row in range(6):
+        s = 0.9 - 0.0003 * row            # small steps: the random time embedding is very sensitive
+        rec = record([s] * F, [True] * F, row=row)
+        xr = x * (1 - 0.1 * row)
+        a = run(dm, together, xr, ctx, rec, cou=(0, 1))
+        b0 = run(dm, apart, xr[:1], ctx[:1], rec, cou=(0,))
+        b1 = run(dm, apart, xr[1:], ctx[1:], rec, cou=(1,))
+        c = run(dm, swapped, xr.flip(0), ctx.flip(0), rec, cou=(1, 0))
+        torch.testing.assert_close(a, torch.cat([b0, b1]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, c.flip(0), atol=1e-5, rtol=1e-5)
+    assert 0 < together.stats["chunks_skipped"] < 5 * 2 * 3
+    assert together.stats["chunks_skipped"] == apart.stats["chunks_skipped"] == swapped.stats["chunks_skipped"]
+
+
+def test_compression_shrinks_kv_memory(dm):
+    cfg = FlowCacheConfig(rel_l1_thresh=0.0, kv_compress=True, kv_budget_chunks=1)
+    state = wc.WanChunkedState(cfg)
+    x, ctx = inputs(seed=5)
+    run(dm, state, x, ctx, record(SIGMAS, [True] * F, row=0))
+    full = state.store.bytes_allocated()
+    flops_before = state.stats["transformer_flops"]
+    # chunks 0 and 1 finished: the next forward of chunk 2 squeezes them to one chunk's tokens
+    out = run(dm, state, x, ctx, record([0, 0, 0, 0, 0.2], [False] * 4 + [True], row=1))
+    assert torch.isfinite(out).all()
+    assert all(state.store.history_chunks(b, layer) == 2 for b in (0, 1) for layer in range(2))
+    assert state.store.bytes_allocated() < full
+    k, _ = state.store.visible(0, 1, 2)
+    assert k.shape[1] == CF * TPF + TPF            # budget (one chunk) + chunk 2 itself
+    assert state.summary()["kv_bytes_peak"] >= full
+    shape = state._shape
+    from arcache_pack.cache_core.flops import chunk_causal_flops
+    expect = chunk_causal_flops(shape, (12, 12, 6), [2], {2: 18}, frames=F, batch=1) * 2
+    assert state.stats["transformer_flops"] - flops_before == expect
+
+
+def test_model_and_options_are_left_untouched(dm):
+    before = set(vars(dm))
+    o = opts(record(SIGMAS, [True] * F))
+    keys = set(o)
+    x, ctx = inputs(seed=6)
+    report = {"transformer_flops": 0.0, "cache": None}
+    o["arcache_report"] = report
+    with torch.no_grad():
+        wc.forward_chunked(dm, x, torch.tensor([900.0, 900.0]), ctx, o, wc.WanChunkedState())
+    assert set(vars(dm)) == before
+    assert set(o) == keys | {"arcache_report"} and "optimized_attention_override" not in o
+    assert report["transformer_flops"] > 0 and report["cache"]["calls"] == 1
+    assert wc.supports(dm)
