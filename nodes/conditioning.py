@@ -19,7 +19,10 @@ class EmptyConditioningNode(io.ComfyNode):
                 "a graph run without loading the 5.7B umt5-xxl text encoder. Real prompts need "
                 "CLIPLoader (type wan) + CLIPTextEncode."
             ),
-            inputs=[],
+            inputs=[
+                io.Float.Input("value", default=0.0, min=-10.0, max=10.0, step=0.01, optional=True,
+                               tooltip="0 gives the empty (zero) conditioning. Other values fill it with a constant: distinct dummy prompts for tests and demos."),
+            ],
             outputs=[
                 io.Conditioning.Output(
                     tooltip="Zero text conditioning in Wan's layout; for tests and demos, not for real prompts."
@@ -28,5 +31,5 @@ class EmptyConditioningNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput([[torch.zeros(1, WAN_TEXT_TOKENS, WAN_TEXT_DIM), {}]])
+    def execute(cls, value: float = 0.0) -> io.NodeOutput:
+        return io.NodeOutput([[torch.full((1, WAN_TEXT_TOKENS, WAN_TEXT_DIM), float(value)), {}]])

@@ -33,18 +33,18 @@ VAE_FILE = "tiny_wan21_vae.safetensors"
 TEXT_DIM, FREQ_DIM, LATENT_CHANNELS, PATCH = 4096, 256, 16, (1, 2, 2)
 
 
-def wan21_dit_shapes(dim=256, ffn_dim=512, num_layers=2, fps_keys=True) -> dict[str, tuple]:
+def wan21_dit_shapes(dim=256, ffn_dim=512, num_layers=2, fps_keys=True, channels=LATENT_CHANNELS) -> dict[str, tuple]:
     """Key -> shape of a Wan 2.1 T2V DiT as the official checkpoints name them."""
     s = {
-        "patch_embedding.weight": (dim, LATENT_CHANNELS, *PATCH),
+        "patch_embedding.weight": (dim, channels, *PATCH),
         "patch_embedding.bias": (dim,),
         "text_embedding.0.weight": (dim, TEXT_DIM), "text_embedding.0.bias": (dim,),
         "text_embedding.2.weight": (dim, dim), "text_embedding.2.bias": (dim,),
         "time_embedding.0.weight": (dim, FREQ_DIM), "time_embedding.0.bias": (dim,),
         "time_embedding.2.weight": (dim, dim), "time_embedding.2.bias": (dim,),
         "time_projection.1.weight": (6 * dim, dim), "time_projection.1.bias": (6 * dim,),
-        "head.head.weight": (math.prod(PATCH) * LATENT_CHANNELS, dim),
-        "head.head.bias": (math.prod(PATCH) * LATENT_CHANNELS,),
+        "head.head.weight": (math.prod(PATCH) * channels, dim),
+        "head.head.bias": (math.prod(PATCH) * channels,),
         "head.modulation": (1, 2, dim),
     }
     for i in range(num_layers):
@@ -79,7 +79,7 @@ def random_tensors(shapes: dict[str, tuple], seed: int) -> dict[str, torch.Tenso
         shape = shapes[name]
         if name.endswith(".bias"):
             t = torch.randn(shape, generator=g) * 0.02
-        elif "norm" in name:
+        elif "norm" in name or name.endswith("gamma"):
             t = 1.0 + 0.05 * torch.randn(shape, generator=g)
         elif name.endswith("modulation") or name == "fps_embedding.weight":
             t = torch.randn(shape, generator=g) * 0.1
@@ -104,19 +104,18 @@ def import_comfy(comfyui: str | None):
 
 def tiny_vae_tensors(comfyui: str | None, seed: int, base_dim: int = 8) -> dict[str, torch.Tensor]:
     wan_vae = import_comfy(comfyui)
-    torch.manual_seed(seed)
-    vae = wan_vae.WanVAE(dim=base_dim, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
-                         attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
-    return {k: v.detach().clone().contiguous() for k, v in vae.state_dict().items()}
+    with torch.device("meta"):  # only the key layout is taken from ComfyUI; ComfyUI's ops skip init
+        vae = wan_vae.WanVAE(dim=base_dim, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                             attn_scales=[], temperal_downsample=[False, True, True], dropout=0.0)
+    return random_tensors({k: tuple(v.shape) for k, v in vae.state_dict().items()}, seed)
 
 
 def write_all(out_dir: str, seed: int = 0, comfyui: str | None = None) -> dict[str, str]:
     paths = {}
     os.makedirs(os.path.join(out_dir, "diffusion_models"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "vae"), exist_ok=True)
-    base = random_tensors(wan21_dit_shapes(fps_keys=True), seed)
-    for layout, name in DIT_FILES.items():
-        sd = base if layout == "1.3b" else {k: v for k, v in base.items() if not k.startswith("fps_")}
+    for i, (layout, name) in enumerate(DIT_FILES.items()):  # distinct weights, like distinct models
+        sd = random_tensors(wan21_dit_shapes(fps_keys=(layout == "1.3b")), seed + 2 * i)
         paths[layout] = os.path.join(out_dir, "diffusion_models", name)
         save_file(sd, paths[layout])
     paths["vae"] = os.path.join(out_dir, "vae", VAE_FILE)
