@@ -65,7 +65,7 @@ class StreamingSamplerNode(io.ComfyNode):
                 io.Int.Input("width", default=960, min=16, max=4096, step=16, tooltip="Video width in pixels (multiple of 16)."),
                 io.Int.Input("height", default=544, min=16, max=4096, step=16, tooltip="Video height in pixels (multiple of 16)."),
                 io.Int.Input("length", default=257, min=1, max=100001, step=4,
-                             tooltip="Pixel frames to generate (4k+1). 97 + 80k fill whole windows: 257 = 3, 737 = 9."),
+                             tooltip="Pixel frames to generate (4k+1). 97 + 80k fill whole windows: 257 = 3, 737 = 9. When extending a video, (length-1)/4+1 latent frames are appended, 4 pixel frames each."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed; window i uses seed + i."),
                 io.Int.Input("steps", default=30, min=1, max=200, tooltip="Denoising steps every frame walks (30 upstream)."),

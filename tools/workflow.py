@@ -108,9 +108,30 @@ def to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
-def validate(workflow: dict, object_info: dict) -> list[str]:
+FILE_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".pt", ".pth", ".ckpt", ".bin", ".png", ".jpg", ".jpeg",
+                   ".webp", ".mp4", ".webm", ".mov", ".latent")
+
+
+def is_file_value(value) -> bool:
+    return isinstance(value, str) and value.lower().endswith(FILE_EXTENSIONS)
+
+
+def referenced_files(workflow: dict, object_info: dict) -> dict[str, str]:
+    """{"node type.input": file name} for every file a workflow's combos name (models, images)."""
+    out = {}
+    for node in workflow.get("nodes", []):
+        info = object_info.get(node["type"])
+        if info:
+            for name, value in widget_values(node, info).items():
+                if is_file_value(value) and combo_options(info, name) is not None:
+                    out[f"{node['type']}.{name}"] = value
+    return out
+
+
+def validate(workflow: dict, object_info: dict, allow_missing_files: bool = False) -> list[str]:
     """Everything the frontend would silently get wrong: unknown nodes, bad widget values,
-    mismatched link types, missing required inputs."""
+    mismatched link types, missing required inputs. With allow_missing_files, a model or image
+    file that this server does not have is not a problem (a user downloads it)."""
     problems = []
     nodes = {n["id"]: n for n in workflow.get("nodes", [])}
     for l in workflow.get("links", []):
@@ -149,7 +170,7 @@ def validate(workflow: dict, object_info: dict) -> list[str]:
             v = values[name]
             if t == "COMBO":
                 opts_list = combo_options(info, name) or []
-                if v not in opts_list:
+                if v not in opts_list and not (allow_missing_files and is_file_value(v)):
                     problems.append(f"node {nid} ({kind}): {name}={v!r} not in {opts_list[:8]}")
             elif t in ("INT", "FLOAT"):
                 if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -179,7 +200,7 @@ def main(argv=None) -> int:
     for path in a.files:
         with open(path) as f:
             wf = json.load(f)
-        problems = validate(wf, info)
+        problems = validate(wf, info, allow_missing_files=a.command == "check")
         if problems:
             status = 1
             print(f"{path}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))

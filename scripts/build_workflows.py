@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Write the shipped UI-format workflows in workflows/ from compact graph descriptions.
+
+Widget order, output types and the `control_after_generate` companion come from a live
+server's /object_info, so the files are exactly what the frontend would save.
+usage: python scripts/build_workflows.py [--server URL]   (default: boot a private host)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tools.workflow import WIDGET_TYPES, _has_control, _specs  # noqa: E402
+
+# Model files as users download them (see README "Where the model files go").
+DF_13B = "Wan2_1-SkyReels-V2-DF-1_3B-540P_fp32.safetensors"
+DF_14B = "Wan2_1-SkyReels-V2-DF-14B-540P_fp16.safetensors"
+UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
+NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+            "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
+
+def sampler_nodes(model_from: str, *, length: int, async_mode: bool, extra_inputs: dict | None = None) -> dict:
+    """The shared middle of every SkyReels-V2-DF workflow."""
+    sch = dict(window_frames=97, overlap_frames=17, ar_step=5 if async_mode else 0,
+               causal_block_size=5 if async_mode else 1, addnoise_condition=20, solver="unipc", shift=0.0,
+               fps=24, prefix_mode="auto")
+    return {
+        "clip": ("CLIPLoader", dict(clip_name=UMT5, type="wan", device="default"), {}),
+        "pos": ("CLIPTextEncode", dict(text="A red kite dances over a green hill under a clear blue sky, "
+                                       "camera slowly tracking, cinematic, detailed."), {"clip": ("clip", 0)}),
+        "neg": ("CLIPTextEncode", dict(text=NEGATIVE), {"clip": ("clip", 0)}),
+        "vae": ("VAELoader", dict(vae_name=WAN_VAE), {}),
+        "schedule": ("ARCacheDFSchedule", sch, {}),
+        "sampler": ("ARCacheStreamingSampler",
+                    dict(width=960, height=544, length=length, seed=42, steps=30, cfg=6.0, save_video=False,
+                         filename_prefix="ARCache/skyreels_df"),
+                    {"model": (model_from, 0), "positive": ("pos", 0), "negative": ("neg", 0),
+                     "schedule": ("schedule", 0), "vae": ("vae", 0), **(extra_inputs or {})}),
+        "decode": ("VAEDecode", {}, {"samples": ("sampler", 0), "vae": ("vae", 0)}),
+        "video": ("CreateVideo", dict(fps=24.0), {"images": ("decode", 0)}),
+        "save": ("SaveVideo", dict(filename_prefix="video/ARCache_skyreels_df", format="auto", codec="auto"),
+                 {"video": ("video", 0)}),
+    }
+
+
+def flowcache(model_from: str) -> dict:
+    return {"flowcache": ("ARCacheFlowCache", dict(rel_l1_thresh=0.1, warmup_steps=5), {"model": (model_from, 0)})}
+
+
+def workflows(info: dict) -> dict[str, dict]:
+    unet13 = {"unet": ("UNETLoader", dict(unet_name=DF_13B, weight_dtype="default"), {})}
+    image = {"image": ("LoadImage", dict(image="example.png"), {})}
+    extend_src = {"load_video": ("LoadVideo", dict(file="input_video.mp4"), {}),
+                  "components": ("GetVideoComponents", {}, {"video": ("load_video", 0)}),
+                  "encode": ("VAEEncode", {}, {"pixels": ("components", 0), "vae": ("vae", 0)})}
+    out = {
+        "skyreels_df_t2v_long_async": {**unet13, **sampler_nodes("unet", length=737, async_mode=True)},
+        "skyreels_df_i2v": {**unet13, **image, **sampler_nodes("unet", length=257, async_mode=False,
+                                                               extra_inputs={"start_image": ("image", 0)})},
+        "skyreels_df_extend_video": {**unet13, **extend_src, **sampler_nodes(
+            "unet", length=257, async_mode=False, extra_inputs={"prefix_latent": ("encode", 0)})},
+    }
+    if "ARCacheFlowCache" in info:
+        out["skyreels_df_t2v_flowcache"] = {**unet13, **flowcache("unet"),
+                                            **sampler_nodes("flowcache", length=737, async_mode=True)}
+        out["skyreels_df_i2v_flowcache"] = {**unet13, **image, **flowcache("unet"), **sampler_nodes(
+            "flowcache", length=257, async_mode=True, extra_inputs={"start_image": ("image", 0)})}
+    return out
+
+
+def to_ui(graph: dict, info: dict) -> dict:
+    """Lay out a {key: (type, widgets, links)} graph as a frontend (UI-format) workflow."""
+    ids = {key: i + 1 for i, key in enumerate(graph)}
+    nodes, links = [], []
+    for key, (kind, widgets, inputs) in graph.items():
+        spec = info[kind]
+        node_inputs, values = [], []
+        for name, t, opts, _ in _specs(spec):
+            if t in WIDGET_TYPES and not opts.get("forceInput"):
+                if name in widgets:
+                    values.append(widgets[name])
+                elif "default" in opts:
+                    values.append(opts["default"])
+                else:
+                    values.append((opts.get("options") or [""])[0])
+                if _has_control(name, t, opts):
+                    values.append("fixed")
+            if name in inputs:
+                src, slot = inputs[name]
+                link_id = len(links) + 1
+                ltype = info[graph[src][0]]["output"][slot]
+                links.append([link_id, ids[src], slot, ids[key], len(node_inputs), ltype])
+                entry = {"name": name, "type": t if t not in WIDGET_TYPES else t, "link": link_id}
+                if t in WIDGET_TYPES:
+                    entry["widget"] = {"name": name}
+                node_inputs.append(entry)
+        outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
+                   for i, (n, t) in enumerate(zip(spec["output_name"], spec["output"]))]
+        col = len(nodes)
+        nodes.append({"id": ids[key], "type": kind, "pos": [60 + 360 * (col % 5), 80 + 300 * (col // 5)],
+                      "size": [320, 130], "flags": {}, "order": col, "mode": 0, "inputs": node_inputs,
+                      "outputs": outputs, "properties": {"Node name for S&R": kind}, "widgets_values": values})
+    by_id = {n["id"]: n for n in nodes}
+    for link_id, src, slot, *_ in links:
+        by_id[src]["outputs"][slot]["links"].append(link_id)
+    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--server", default=None)
+    a = ap.parse_args()
+    if a.server:
+        import urllib.request
+        info = json.loads(urllib.request.urlopen(a.server + "/object_info", timeout=60).read())
+    else:
+        from tools.comfy_server import ComfyServer
+        with ComfyServer(Path(tempfile.mkdtemp(prefix="arcache_wf_"))) as server:
+            info = server.object_info()
+    for name, graph in workflows(info).items():
+        path = REPO / "workflows" / f"{name}.json"
+        path.write_text(json.dumps(to_ui(graph, info), indent=1, ensure_ascii=False) + "\n")
+        print("wrote", path.relative_to(REPO))
+
+
+if __name__ == "__main__":
+    main()
