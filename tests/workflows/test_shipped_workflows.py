@@ -86,9 +86,9 @@ def shrink_for_tiny_models(prompt: dict, tiny: dict) -> dict:
         elif kind == "CLIPLoader":
             del prompt[nid]
         elif kind == "ARCacheStreamingSampler":
-            inp.update(width=64, height=64, length=29, steps=2)
-        elif kind == "ARCacheDFSchedule":
-            inp.update(window_frames=17, overlap_frames=5,
+            inp.update(width=64, height=64, length=33, steps=2)
+        elif kind == "ARCacheDFSchedule":   # 6-latent windows, 3 of history: blocks of 3 fit
+            inp.update(window_frames=21, overlap_frames=9,
                        causal_block_size=min(inp["causal_block_size"], 3), ar_step=min(inp["ar_step"], 1))
     return prompt
 
@@ -99,14 +99,11 @@ def test_workflow_runs_on_tiny_models(path, comfy, object_info, inputs, tiny_mod
     wf = json.loads(path.read_text())
     prompt = shrink_for_tiny_models(to_api(wf, object_info), {"unet": tiny_models["1.3b"].name,
                                                               "vae": tiny_models["vae"].name})
-    for node in prompt.values():   # the schedule's cbs 3 needs whole blocks: 5-latent windows, 2 history
-        if node["class_type"] == "ARCacheDFSchedule" and node["inputs"]["causal_block_size"] > 1:
-            node["inputs"]["causal_block_size"] = 3
     entry = comfy.run(prompt)
     save = next(k for k, v in prompt.items() if v["class_type"] == "SaveVideo")
     info = entry["outputs"][save]["images"][0]
     with av.open(str(comfy.output_path(info))) as c:
         frames = sum(1 for _ in c.decode(video=0))
-    # An extension appends 8 latent frames to the 6 of the 21-frame input; a latent frame that
-    # continues a video stands for 4 pixel frames, so 21 + 4 * 8.
-    assert frames == (21 + 4 * 8 if "extend" in path.stem else 29)
+    # An extension appends 9 latent frames to the 6 of the 21-frame input; a latent frame that
+    # continues a video stands for 4 pixel frames, so 21 + 4 * 9.
+    assert frames == (21 + 4 * 9 if "extend" in path.stem else 33)
