@@ -262,11 +262,12 @@ def forward_chunked(dm, x: torch.Tensor, timestep: torch.Tensor, context: torch.
 
     layout = ChunkLayout.from_frames(f, chunk_frames, tpf)
     n_chunks = layout.num_chunks
-    if record is not None:
-        act = record.active.detach().bool().cpu().tolist()
-        active = [any(act[g * chunk_frames:(g + 1) * chunk_frames]) for g in range(n_chunks)]
-    else:
-        active = [True] * n_chunks
+    act = record.active.detach().bool().cpu().tolist() if record is not None else [True] * f
+    active = [any(act[g * chunk_frames:(g + 1) * chunk_frames]) for g in range(n_chunks)]
+    # the indicator frame of a chunk is its first active one: a chunk that starts with
+    # history frames (prefix not a multiple of the chunk) must not measure their constant t
+    probe = [next((i for i in range(g * chunk_frames, min((g + 1) * chunk_frames, f)) if act[i]),
+                  g * chunk_frames) for g in range(n_chunks)]
     state._begin_call(dm, x.shape, layout, record, None if record is not None else float(t.max()))
     store, policy = state.store, state.policy
     steps = _steps_per_chunk(record, transformer_options)
@@ -297,7 +298,7 @@ def forward_chunked(dm, x: torch.Tensor, timestep: torch.Tensor, context: torch.
                 st = policy.state(branch, g)
                 compute = True
                 if state.skip:
-                    compute = policy.decide(branch, g, e0[rows, f0], st.local_step, steps)
+                    compute = policy.decide(branch, g, e0[rows, probe[g]], st.local_step, steps)
             elif not store.is_written(branch, g):
                 compute, st = True, None           # history chunk: K/V once per segment
             else:

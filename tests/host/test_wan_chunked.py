@@ -192,6 +192,19 @@ def test_history_chunk_is_computed_once_then_frozen(dm):
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
 
+def test_indicator_is_the_first_active_frame_of_a_chunk(dm):
+    # prefix of 1 frame inside a 2-frame chunk: the chunk's indicator must follow frame 1's t
+    x, ctx = inputs(seed=7)
+    sig = [0.02, 0.9, 0.9, 0.9, 0.9]
+    state = wc.WanChunkedState(FlowCacheConfig())
+    run(dm, state, x, ctx, record(sig, [False, True, True, True, True], prefix=1))
+    with torch.no_grad():
+        e = dm.time_embedding(wan_model.sinusoidal_embedding_1d(dm.freq_dim, torch.tensor([900.0])))
+        e0 = dm.time_projection(e).unflatten(1, (6, dm.dim))
+    torch.testing.assert_close(state.policy.state(0, 0).prev, e0, atol=1e-6, rtol=1e-6)
+    assert state.policy.state(0, 0).prev.shape == (1, 6, 256)      # [rows, 6, dim]: no per-token copy
+
+
 def test_branches_batched_equal_separate_calls(dm):
     x, ctx = inputs(seed=4)
     cfg = FlowCacheConfig(rel_l1_thresh=0.15, warmup_steps=1, final_steps=0, coefficients="none")
