@@ -116,6 +116,7 @@ class WanChunkedState:
                     lam=self.config.kv_lambda, kernel=self.config.kv_pool_kernel,
                     max_queries=self.config.max_score_queries)
             if self.store is not None:
+                self.stats["kv_bytes_peak"] = max(self.stats["kv_bytes_peak"], self.store.peak_bytes)
                 self.store.reset()
             self.store = KVStore(layout, num_layers=len(dm.blocks), compress=compress)
             self.stats["segments"] += 1
@@ -273,7 +274,7 @@ def forward_chunked(dm, x: torch.Tensor, timestep: torch.Tensor, context: torch.
     steps = _steps_per_chunk(record, transformer_options)
 
     out_h = torch.zeros_like(xe)
-    forwarded = {}                       # branch -> set of chunks forwarded this call
+    forwarded = {}                       # branch -> (rows, chunks forwarded this call)
     freqs_cache = {}
     call_flops = 0.0
     previous_override = transformer_options.get(OVERRIDE_KEY)
