@@ -186,6 +186,34 @@ def validate(workflow: dict, object_info: dict, allow_missing_files: bool = Fals
     return problems
 
 
+def retarget(prompt: dict, unet: str, vae: str, width=64, height=64, length=33, steps=2,
+             window_frames=21, overlap_frames=9, seed: int | None = None) -> dict:
+    """Point an API prompt at small local models and shrink the video, for tests and the demo.
+
+    Each CLIPTextEncode becomes ARCacheEmptyConditioning (no tiny umt5 can exist: ComfyUI builds
+    the 5.7B model from a fixed config). The defaults give 6-latent windows with 3 of history,
+    so causal blocks of 3 fit; larger blocks are cut to 3 and ar_step to 1.
+    """
+    for nid, node in list(prompt.items()):
+        kind, inp = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            inp["unet_name"] = unet
+        elif kind == "VAELoader":
+            inp["vae_name"] = vae
+        elif kind == "CLIPTextEncode":
+            prompt[nid] = {"class_type": "ARCacheEmptyConditioning", "inputs": {"value": 0.0}}
+        elif kind == "CLIPLoader":
+            del prompt[nid]
+        elif kind == "ARCacheStreamingSampler":
+            inp.update(width=width, height=height, length=length, steps=steps)
+            if seed is not None:
+                inp["seed"] = seed
+        elif kind == "ARCacheDFSchedule":
+            inp.update(window_frames=window_frames, overlap_frames=overlap_frames,
+                       causal_block_size=min(inp["causal_block_size"], 3), ar_step=min(inp["ar_step"], 1))
+    return prompt
+
+
 def main(argv=None) -> int:
     import argparse
     import urllib.request

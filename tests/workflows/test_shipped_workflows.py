@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.workflow import referenced_files, to_api, validate
+from tools.workflow import referenced_files, retarget, to_api, validate
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
 REAL_FILES = {"UNETLoader.unet_name", "CLIPLoader.clip_name", "VAELoader.vae_name", "LoadImage.image",
@@ -74,31 +74,11 @@ def test_validator_catches_broken_workflows(object_info):
     assert "LATENT -> VAEDecode input IMAGE" in problems
 
 
-def shrink_for_tiny_models(prompt: dict, tiny: dict) -> dict:
-    for nid, node in list(prompt.items()):
-        kind, inp = node["class_type"], node["inputs"]
-        if kind == "UNETLoader":
-            inp["unet_name"] = tiny["unet"]
-        elif kind == "VAELoader":
-            inp["vae_name"] = tiny["vae"]
-        elif kind == "CLIPTextEncode":
-            prompt[nid] = {"class_type": "ARCacheEmptyConditioning", "inputs": {"value": 0.0}}
-        elif kind == "CLIPLoader":
-            del prompt[nid]
-        elif kind == "ARCacheStreamingSampler":
-            inp.update(width=64, height=64, length=33, steps=2)
-        elif kind == "ARCacheDFSchedule":   # 6-latent windows, 3 of history: blocks of 3 fit
-            inp.update(window_frames=21, overlap_frames=9,
-                       causal_block_size=min(inp["causal_block_size"], 3), ar_step=min(inp["ar_step"], 1))
-    return prompt
-
-
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs_on_tiny_models(path, comfy, object_info, inputs, tiny_models):
     import av
     wf = json.loads(path.read_text())
-    prompt = shrink_for_tiny_models(to_api(wf, object_info), {"unet": tiny_models["1.3b"].name,
-                                                              "vae": tiny_models["vae"].name})
+    prompt = retarget(to_api(wf, object_info), unet=tiny_models["1.3b"].name, vae=tiny_models["vae"].name)
     entry = comfy.run(prompt)
     save = next(k for k, v in prompt.items() if v["class_type"] == "SaveVideo")
     info = entry["outputs"][save]["images"][0]
