@@ -31,3 +31,17 @@ class StepRecord:
     def frame_timesteps(self) -> torch.Tensor:
         """Per-frame timesteps on ComfyUI's scale for flow models (t = 1000 * sigma)."""
         return self.frame_sigmas * 1000.0
+
+
+REPORT_KEY = "arcache_report"
+
+
+class RunReport:
+    """The sampler's report for one run, which caches add their numbers to.
+
+    An object and not a dict on purpose: ComfyUI copies nested dicts of transformer_options
+    for every model call, so a dict would collect nothing.
+    """
+
+    def __init__(self, **fields):
+        self.data: dict = dict(fields)

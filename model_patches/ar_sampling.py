@@ -19,9 +19,7 @@ import comfy.samplers
 
 from ..cache_core.df_schedule import WindowPlan, flow_template, latent_frames, plan_windows, step_matrix
 from ..cache_core.frame_solver import make_solver
-from ..cache_core.record import RECORD_KEY, StepRecord
-
-REPORT_KEY = "arcache_report"   # per-run dict in transformer_options that caches add their stats to
+from ..cache_core.record import RECORD_KEY, REPORT_KEY, StepRecord
 
 
 @dataclass(frozen=True)
@@ -128,5 +126,5 @@ def template_sigmas(model_patcher, steps: int, schedule: DFSchedule) -> torch.Te
     return flow_template(steps, shift).float()
 
 
-__all__ = ["DFSchedule", "WindowJob", "df_window_sampler", "count_rows", "template_sigmas", "REPORT_KEY",
+__all__ = ["DFSchedule", "WindowJob", "df_window_sampler", "count_rows", "template_sigmas",
            "latent_frames", "plan_windows"]

@@ -14,7 +14,8 @@ import comfy.samplers
 from ..cache_core import flops as flop_count
 from ..cache_core.df_schedule import latent_frames, pixel_frames, plan_windows
 from . import wan
-from .ar_sampling import REPORT_KEY, DFSchedule, WindowJob, count_rows, df_window_sampler, template_sigmas
+from ..cache_core.record import REPORT_KEY, RunReport
+from .ar_sampling import DFSchedule, WindowJob, count_rows, df_window_sampler, template_sigmas
 
 
 @dataclass
@@ -97,11 +98,12 @@ class StreamingRun:
     def run(self) -> tuple[torch.Tensor, dict]:
         req, sch = self.req, self.req.schedule
         t0 = time.perf_counter()
-        report = {"windows": len(self.plans), "model_calls": 0, "rows": self.rows,
-                  "steps": self.steps, "latent_frames": 0, "first_window_seconds": None,
-                  "transformer_flops": 0.0, "transformer_flops_vanilla": 0.0, "cache": None,
-                  "fps_conditioning": self.fps_source, "prefix_mode": self.mode}
-        self.model.model_options["transformer_options"][REPORT_KEY] = report
+        run_report = RunReport(windows=len(self.plans), model_calls=0, rows=self.rows, steps=self.steps,
+                               latent_frames=0, first_window_seconds=None, transformer_flops=0.0,
+                               transformer_flops_vanilla=0.0, cache=None, fps_conditioning=self.fps_source,
+                               prefix_mode=self.mode)
+        report = run_report.data
+        self.model.model_options["transformer_options"][REPORT_KEY] = run_report
         shape = flop_count.DiTShape.from_model(self.dm)
         tokens_per_frame = (self.lat_h // 2) * (self.lat_w // 2)
         generated = []                    # raw latents of new frames, window by window

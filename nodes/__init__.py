@@ -2,6 +2,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .conditioning import EmptyConditioningNode
+from .flowcache import FlowCacheNode
 from .sampler import StreamingSamplerNode
 from .schedules import DFScheduleNode, PromptScheduleNode
 
@@ -13,6 +14,7 @@ class ARCacheExtension(ComfyExtension):
             StreamingSamplerNode,
             DFScheduleNode,
             PromptScheduleNode,
+            FlowCacheNode,
         ]
 
 

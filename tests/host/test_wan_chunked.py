@@ -36,7 +36,7 @@ if "arcache_pack" not in sys.modules:
     sys.modules["arcache_pack"] = _pkg
 wc = importlib.import_module("arcache_pack.model_patches.wan_chunked")
 from arcache_pack.cache_core.flowcache_policy import FlowCacheConfig  # noqa: E402
-from arcache_pack.cache_core.record import RECORD_KEY, StepRecord  # noqa: E402
+from arcache_pack.cache_core.record import RECORD_KEY, RunReport, StepRecord  # noqa: E402
 
 CF = 2                        # latent frames per chunk in these tests
 F, H, W = 5, 6, 4             # chunks of 2, 2, 1 frames; 3x2 = 6 tokens per frame
@@ -249,8 +249,9 @@ def test_model_and_options_are_left_untouched(dm):
     o = opts(record(SIGMAS, [True] * F))
     keys = set(o)
     x, ctx = inputs(seed=6)
-    report = {"transformer_flops": 0.0, "cache": None}
-    o["arcache_report"] = report
+    run_report = RunReport(transformer_flops=0.0, cache=None)
+    report = run_report.data
+    o["arcache_report"] = run_report
     with torch.no_grad():
         wc.forward_chunked(dm, x, torch.tensor([900.0, 900.0]), ctx, o, wc.WanChunkedState())
     assert set(vars(dm)) == before

@@ -1,0 +1,120 @@
+"""FlowCache inside a real ComfyUI with the Streaming AR Sampler and with a plain KSampler."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import safetensors.torch
+import torch
+
+from tools.comfy_server import ComfyError
+from tools.graphs import Graph, streaming_graph
+
+UNET = "tiny_skyreels_df_1.3b_layout.safetensors"
+# 6-latent windows with 3 of history, blocks (= chunks) of 3 frames, asynchronous.
+ASYNC = dict(window_frames=21, overlap_frames=9, ar_step=1, causal_block_size=3)
+FC = dict(class_type="ARCacheFlowCache", warmup_steps=2, coefficients="none")
+
+
+def run(comfy, cache=None, seed=1, steps=8, cfg=2.0, length=33, schedule=ASYNC, **extra):
+    g, sid = streaming_graph(UNET, length=length, steps=steps, cfg=cfg, seed=seed, schedule=schedule,
+                             cache=cache, save_prefix=f"latents/{uuid.uuid4().hex[:8]}", sampler_extra=extra or None)
+    entry = comfy.run(g.prompt)
+    save = next(k for k, v in g.prompt.items() if v["class_type"] == "SaveLatent")
+    latent = safetensors.torch.load_file(str(comfy.output_path(entry["outputs"][save]["latents"][0])))["latent_tensor"]
+    return latent, json.loads(entry["outputs"][sid]["text"][0])
+
+
+def test_threshold_zero_skips_nothing_and_equals_the_no_skip_chunk_causal_run(comfy):
+    a, ra = run(comfy, dict(FC, rel_l1_thresh=0.0))
+    b, rb = run(comfy, dict(FC, rel_l1_thresh=0.3, skip_redundant_steps=False))
+    assert ra["cache"]["method"] == "flowcache" and rb["cache"]["method"] == "chunk_causal"
+    assert ra["cache"]["chunk_steps_skipped"] == 0 and ra["cache"]["chunk_steps_computed"] > 0
+    assert torch.equal(a, b)
+    assert ra["transformer_flops"] == rb["transformer_flops"]
+
+
+def test_loose_threshold_spends_fewer_flops(comfy):
+    tight, rt = run(comfy, dict(FC, rel_l1_thresh=0.0))
+    loose, rl = run(comfy, dict(FC, rel_l1_thresh=5.0))
+    assert rl["cache"]["chunk_steps_skipped"] > 0
+    assert rl["transformer_flops"] < rt["transformer_flops"]
+    assert rl["cache"]["flops_saved_skipping"] > 0
+    c = rl["cache"]
+    assert c["transformer_flops_vanilla"] - c["flops_saved_restructure"] - c["flops_saved_skipping"] == pytest.approx(
+        rl["transformer_flops"])
+    assert not torch.equal(tight, loose) and torch.isfinite(loose).all()
+    # every chunk's first warm-up steps and its last step are computed: 3 of 8 at most skipped... per chunk
+    assert c["chunk_steps_skipped"] <= (8 - 2 - 1) / 8 * (c["chunk_steps_computed"] + c["chunk_steps_skipped"])
+
+
+def test_uncached_run_after_cached_run_is_unchanged(comfy):
+    before, r0 = run(comfy, None, seed=5)
+    run(comfy, dict(FC, rel_l1_thresh=5.0), seed=5)
+    after, r1 = run(comfy, None, seed=5, filename_prefix="again")
+    assert r0["cache"] is None and r1["cache"] is None
+    assert torch.equal(before, after)
+
+
+def test_cfg_one_and_sync_schedule_work(comfy):
+    lat, r = run(comfy, dict(FC, rel_l1_thresh=5.0), cfg=1.0, schedule=dict(ASYNC, ar_step=0))
+    assert r["cache"]["chunk_steps_skipped"] > 0 and torch.isfinite(lat).all()
+
+
+def test_kv_compression_bounds_kv_memory(comfy):
+    sch = dict(window_frames=33, overlap_frames=9, ar_step=1, causal_block_size=3)   # 9-latent windows
+    _, full = run(comfy, dict(FC, rel_l1_thresh=0.0), length=57, schedule=sch)
+    lat, comp = run(comfy, dict(FC, rel_l1_thresh=0.0, kv_compress=True, kv_budget_chunks=1), length=57, schedule=sch)
+    assert torch.isfinite(lat).all()
+    assert comp["cache"]["kv_bytes_peak"] <= full["cache"]["kv_bytes_peak"]
+    assert comp["transformer_flops"] < full["transformer_flops"]     # shorter attention over the history
+
+
+def test_flowcache_under_a_plain_ksampler(comfy):
+    def ksampler(thr):
+        g = Graph()
+        model = g.out(g.add("UNETLoader", unet_name=UNET, weight_dtype="default"))
+        if thr is not None:
+            model = g.out(g.add("ARCacheFlowCache", model=model, rel_l1_thresh=thr, warmup_steps=1, chunk_frames=1,
+                                coefficients="none"))
+        cond = g.out(g.add("ARCacheEmptyConditioning", value=0.0))
+        lat = g.out(g.add("EmptyHunyuanLatentVideo", width=64, height=64, length=13, batch_size=1))
+        k = g.add("KSampler", model=model, positive=cond, negative=cond, latent_image=lat, seed=3, steps=6, cfg=2.0,
+                  sampler_name="euler", scheduler="simple", denoise=1.0)
+        g.add("SaveLatent", samples=g.out(k), filename_prefix=f"latents/{uuid.uuid4().hex[:8]}")
+        e = comfy.run(g.prompt)
+        save = next(k for k, v in g.prompt.items() if v["class_type"] == "SaveLatent")
+        return safetensors.torch.load_file(str(comfy.output_path(e["outputs"][save]["latents"][0])))["latent_tensor"]
+    plain, zero, loose = ksampler(None), ksampler(0.0), ksampler(5.0)
+    assert plain.shape == zero.shape == loose.shape == (1, 16, 4, 8, 8)
+    assert torch.isfinite(zero).all() and torch.isfinite(loose).all()
+    assert not torch.equal(plain, zero)      # chunk-causal attention differs from bidirectional
+    assert not torch.equal(zero, loose)      # and the loose threshold skipped something
+
+
+def test_interrupted_cached_run_leaves_the_next_run_clean(comfy):
+    cache = dict(FC, rel_l1_thresh=0.5)
+    before, _ = run(comfy, cache, seed=9)
+    g, _ = streaming_graph(UNET, length=401, steps=20, cfg=2.0, seed=9, schedule=ASYNC, cache=cache,
+                           save_prefix=f"latents/{uuid.uuid4().hex[:8]}")
+    pid = comfy.queue(g.prompt)
+    time.sleep(1.5)
+    comfy.interrupt()
+    with pytest.raises(ComfyError, match="interrupt"):
+        comfy.wait(pid, timeout=120)
+    after, _ = run(comfy, cache, seed=9, filename_prefix="after")
+    assert torch.equal(before, after)
+
+
+def test_bad_inputs_are_refused_clearly(comfy, tiny_models):
+    with pytest.raises(ComfyError, match="rel_l1_thresh"):
+        run(comfy, dict(FC, rel_l1_thresh=-0.1))
+    g, _ = streaming_graph(UNET, length=17, steps=2, schedule=ASYNC, cache=dict(FC, rel_l1_thresh=0.1))
+    first = next(k for k, v in g.prompt.items() if v["class_type"] == "ARCacheFlowCache")
+    second = g.add("ARCacheFlowCache", model=g.out(first), rel_l1_thresh=0.1, warmup_steps=2)
+    sampler = next(k for k, v in g.prompt.items() if v["class_type"] == "ARCacheStreamingSampler")
+    g.prompt[sampler]["inputs"]["model"] = g.out(second)
+    with pytest.raises(ComfyError, match="already applied"):
+        comfy.run(g.prompt)
