@@ -45,7 +45,7 @@ from ..cache_core import flops as flop_count
 from ..cache_core.flowcache_policy import FlowCacheConfig, FlowCachePolicy
 from ..cache_core.kv_store import ChunkLayout, CompressSettings, KVStore
 from ..cache_core.record import RECORD_KEY, StepRecord
-from .ar_sampling import REPORT_KEY
+from ..cache_core.record import REPORT_KEY
 
 OVERRIDE_KEY = "optimized_attention_override"
 
@@ -78,12 +78,17 @@ class WanChunkedState:
         self._last_t: Optional[float] = None
         self._shape: Optional[flop_count.DiTShape] = None
         self.stats = self._new_stats()
+        self._reported: dict = {}        # what has already been added to the sampler's report
+
+    @property
+    def method(self) -> str:
+        return "flowcache" if self.skip else "chunk_causal"
 
     @staticmethod
     def _new_stats() -> dict:
         return {"calls": 0, "segments": 0, "chunks_computed": 0, "chunks_skipped": 0,
                 "chunks_history": 0, "chunks_frozen": 0, "transformer_flops": 0.0,
-                "transformer_flops_vanilla": 0.0, "kv_bytes_peak": 0}
+                "transformer_flops_chunk_causal": 0.0, "transformer_flops_vanilla": 0.0, "kv_bytes_peak": 0}
 
     def reset(self) -> None:
         """Forget everything (buffers freed); statistics restart too."""
@@ -93,6 +98,7 @@ class WanChunkedState:
         self._last_row = -1
         self._last_t = None
         self.stats = self._new_stats()
+        self._reported = {}
 
     def _begin_call(self, dm, x_shape, layout: ChunkLayout, record: Optional[StepRecord], t_max: Optional[float]) -> None:
         if self.policy is None:
@@ -276,7 +282,7 @@ def forward_chunked(dm, x: torch.Tensor, timestep: torch.Tensor, context: torch.
     out_h = torch.zeros_like(xe)
     forwarded = {}                       # branch -> (rows, chunks forwarded this call)
     freqs_cache = {}
-    call_flops = 0.0
+    call_flops = noskip_flops = 0.0
     previous_override = transformer_options.get(OVERRIDE_KEY)
 
     # 2. per branch, chunk by chunk
@@ -290,7 +296,7 @@ def forward_chunked(dm, x: torch.Tensor, timestep: torch.Tensor, context: torch.
             if not active[g] and store.is_written(branch, g) and not store.is_frozen(branch, g):
                 store.freeze(branch, g)
         last = max((g for g in range(n_chunks) if active[g]), default=-1)
-        done, computed, key_lengths = set(), [], {}
+        done, computed, skipped, key_lengths = set(), [], [], {}
         for g in range(last + 1):
             s, e_tok = layout.start(g), layout.end(g)
             f0, f1 = g * chunk_frames, min((g + 1) * chunk_frames, f)
@@ -323,6 +329,7 @@ def forward_chunked(dm, x: torch.Tensor, timestep: torch.Tensor, context: torch.
                     state.stats["chunks_history"] += 1
             else:
                 h_out = h_in + st.residual
+                skipped.append(g)
                 policy.record_step(branch, g, False)
                 state.stats["chunks_skipped"] += 1
             out_h[rows, s:e_tok] = h_out
@@ -330,6 +337,8 @@ def forward_chunked(dm, x: torch.Tensor, timestep: torch.Tensor, context: torch.
         forwarded[branch] = (rows, done)
         call_flops += flop_count.chunk_causal_flops(state._shape, layout.chunk_tokens, computed,
                                                     key_lengths, frames=f, batch=n_rows)
+        noskip_flops += flop_count.chunk_causal_flops(state._shape, layout.chunk_tokens, computed + skipped,
+                                                      key_lengths, frames=f, batch=n_rows)
 
     # 3. head on all tokens, zeros for chunks that were not forwarded, unpatchify
     out = dm.head(out_h, e)
@@ -339,23 +348,39 @@ def forward_chunked(dm, x: torch.Tensor, timestep: torch.Tensor, context: torch.
                 out[rows, layout.start(g):layout.end(g)] = 0
     out = dm.unpatchify(out, grid)[:, :, :f, :h, :w]
 
-    _account(state, transformer_options, call_flops, layout.total, f, bs)
+    _account(state, transformer_options, call_flops, noskip_flops, layout.total, f, bs)
     return out
 
 
-def _account(state: WanChunkedState, transformer_options: dict, call_flops: float,
+def _account(state: WanChunkedState, transformer_options: dict, call_flops: float, noskip_flops: float,
              tokens: int, frames: int, batch: int) -> None:
-    """Add this call's FLOPs to the state, and to the sampler's report when one is running."""
+    """Add this call's FLOPs to the state, and to the sampler's report when one is running.
+
+    The report spans the whole sampler run while a state may be replaced per window, so only
+    what is new since the last report is added (peaks are maxed)."""
     state.stats["calls"] += 1
     state.stats["transformer_flops"] += call_flops
+    state.stats["transformer_flops_chunk_causal"] += noskip_flops
     state.stats["transformer_flops_vanilla"] += flop_count.window_flops(state._shape, tokens, frames, batch)
-    report = transformer_options.get(REPORT_KEY)
-    if isinstance(report, dict):
+    run_report = transformer_options.get(REPORT_KEY)
+    if run_report is not None:
+        report = run_report.data
         report["transformer_flops"] = report.get("transformer_flops", 0.0) + call_flops
         cache = report.get("cache")
         if not isinstance(cache, dict):
-            cache = report["cache"] = {}
-        cache.update(state.summary())
+            cache = report["cache"] = {"method": state.method}
+        summary = state.summary()
+        for key, value in summary.items():
+            if key == "kv_bytes_peak":
+                cache[key] = max(cache.get(key, 0), value)
+            else:
+                cache[key] = cache.get(key, 0) + value - state._reported.get(key, 0)
+        state._reported = summary
+        # where the time went: the chunk-causal restructuring vs skipping redundant chunk steps
+        cache["chunk_steps_computed"] = cache["chunks_computed"]
+        cache["chunk_steps_skipped"] = cache["chunks_skipped"]
+        cache["flops_saved_restructure"] = cache["transformer_flops_vanilla"] - cache["transformer_flops_chunk_causal"]
+        cache["flops_saved_skipping"] = cache["transformer_flops_chunk_causal"] - cache["transformer_flops"]
 
 
 __all__ = ["WanChunkedState", "forward_chunked", "supports", "FlowCacheConfig"]
