@@ -112,9 +112,10 @@ def plan_windows(total_latent: int, window_latent: int, overlap_latent: int,
     history taken from the previous output. The last window may be shorter; if its new part is
     not a whole number of causal blocks it is padded (``pad_frames``).
 
-    Raises ValueError when a full window's generated part cannot be split into whole blocks:
-    ``window_latent - initial_prefix`` (window 0) and ``window_latent - overlap_latent`` (later
-    windows) must divide by ``causal_block_size``.
+    Window 0 generates the largest whole number of blocks that fits after its prefix (a start
+    image leaves 24 of 25 frames: 20 with blocks of 5; the rest goes to later windows). Raises
+    ValueError when no block fits there, or when ``window_latent - overlap_latent`` (every later
+    window) does not divide by ``causal_block_size``.
     """
     total_latent, window_latent = int(total_latent), int(window_latent)
     overlap_latent, initial_prefix = int(overlap_latent), int(initial_prefix)
@@ -130,11 +131,11 @@ def plan_windows(total_latent: int, window_latent: int, overlap_latent: int,
             f"the prefix ({initial_prefix} latent frames) must be shorter than window_frames "
             f"({window_latent} latent frames)")
 
-    first_cap = window_latent - initial_prefix
-    if first_cap % cbs:
+    first_cap = (window_latent - initial_prefix) // cbs * cbs
+    if first_cap == 0:
         raise ValueError(
             f"window_frames ({window_latent} latent) minus the prefix ({initial_prefix} latent) "
-            f"= {first_cap} latent frames, which does not divide by causal_block_size={cbs}")
+            f"leaves no room for one block of causal_block_size={cbs}")
 
     plans: list[WindowPlan] = []
     done, prefix, cap = 0, initial_prefix, first_cap

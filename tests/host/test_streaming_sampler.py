@@ -114,8 +114,11 @@ def image_graph(g: Graph, color: int) -> list:
     return g.out(g.add("EmptyImage", width=64, height=64, batch_size=1, color=color))
 
 
-def test_start_image_frame_is_kept(comfy):
-    g, sid = streaming_graph(UNET13, length=29, seed=5, steps=3, vae=VAE, save_prefix=unique(), schedule=SMALL)
+@pytest.mark.parametrize("schedule", [SMALL, dict(window_frames=21, overlap_frames=9, causal_block_size=3, ar_step=1)],
+                         ids=["blocks_of_1", "blocks_of_3_async"])
+def test_start_image_frame_is_kept(comfy, schedule):
+    """Also with causal blocks > 1, where upstream SkyReels-V2 silently drops the image."""
+    g, sid = streaming_graph(UNET13, length=29, seed=5, steps=3, vae=VAE, save_prefix=unique(), schedule=schedule)
     img = image_graph(g, 0x3366CC)
     g.prompt[sid]["inputs"]["start_image"] = img
     vae = g.prompt[sid]["inputs"]["vae"]

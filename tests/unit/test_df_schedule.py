@@ -220,7 +220,15 @@ def test_windows_reject_blocks_that_do_not_fit():
     with pytest.raises(ValueError, match="window_frames"):
         plan_windows(65, 25, 25)                           # no room for new frames
     with pytest.raises(ValueError, match="causal_block_size"):
-        plan_windows(10, 25, 5, causal_block_size=5, initial_prefix=2)
+        plan_windows(10, 6, 5, causal_block_size=5, initial_prefix=2)   # 4 frames: no block fits
+
+
+def test_first_window_after_a_start_image_takes_whole_blocks():
+    """SkyReels i2v with blocks of 5: the image leaves 24 of 25 frames; window 0 makes 20 and
+    the later windows carry on with 20 each (upstream silently lost the image here)."""
+    plans = plan_windows(24 + 40, 25, 5, causal_block_size=5, initial_prefix=1)
+    assert [(p.prefix_frames, p.new_frames, p.pad_frames) for p in plans] == [(1, 20, 0), (5, 20, 0), (5, 20, 0), (5, 4, 1)]
+    assert sum(p.new_frames for p in plans) == 64
 
 
 def test_short_video_fits_one_padded_window():
