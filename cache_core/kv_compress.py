@@ -70,6 +70,18 @@ def score_tokens(keys: torch.Tensor, queries: torch.Tensor, lam: float = 0.07, k
     return lam * importance(keys, queries, kernel) - (1.0 - lam) * redundancy(keys)
 
 
+def select_indices(keys: torch.Tensor, queries: torch.Tensor, budget: int, lam: float = 0.07, kernel: int = 7,
+                   max_queries: int = 256) -> torch.Tensor:
+    """Indices [rows, H, budget] of the top-`budget` tokens per (row, head), ascending.
+
+    keys: [rows, L, H, D] with L > budget; queries: [rows, Lq, H, D]. Ascending order means
+    kept token j never comes from a position before j, which lets a caller compact the keys
+    in place (kv_store does).
+    """
+    scores = score_tokens(keys, pick_queries(queries, max_queries), lam, kernel)
+    return scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+
+
 def select_tokens(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, budget: int,
                   lam: float = 0.07, kernel: int = 7, max_queries: int = 256):
     """Keep the top-`budget` tokens per (row, head).
@@ -82,7 +94,6 @@ def select_tokens(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tenso
     if budget >= L:
         idx = torch.arange(L, device=keys.device).expand(keys.shape[0], keys.shape[2], L)
         return keys, values, idx
-    scores = score_tokens(keys, pick_queries(queries, max_queries), lam, kernel)
-    idx = scores.topk(budget, dim=-1).indices.sort(dim=-1).values      # [rows, H, budget]
+    idx = select_indices(keys, queries, budget, lam=lam, kernel=kernel, max_queries=max_queries)
     gather = idx.permute(0, 2, 1).unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])  # [rows, budget, H, D]
     return keys.gather(1, gather), values.gather(1, gather), idx

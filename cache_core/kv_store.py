@@ -1,17 +1,44 @@
 """Per-layer, per-branch K/V buffers for chunk-causal execution of one AR window.
 
 A window of N chunks runs chunk by chunk; chunk g writes its own K/V into its slot and attends
-to slots [0, end of g]. Every (branch, layer) owns one buffer [rows, tokens, channels] in the
-model's dtype (the reference keeps keys in fp32, twice the memory), laid out as
+to everything up to the end of g. Every (branch, layer) owns one contiguous buffer
+[rows, capacity, channels] in the model's dtype (the reference keeps keys in fp32, twice the
+memory), laid out as
 
-    [ compressed history | chunk first_live | chunk first_live+1 | ... | chunk N-1 ]
+    [ compressed history | chunk first_live | ... | chunk started-1 | spare ]
 
-so the keys visible to a chunk are always a prefix view of the buffer (no copies per call).
-Finished ("frozen") chunks are never written again. With compression on, once the frozen
-chunks at the front hold more than `budget` tokens they are squeezed to `budget` tokens per
-head (kv_compress.select_tokens) and the buffer is RE-ALLOCATED at the smaller size, so the
-memory actually held drops, not only the attention length. Token order inside the history
-does not matter: RoPE is already applied and attention over it has no mask.
+so the keys visible to a chunk are always a prefix view of the buffer (no copy per call).
+
+Memory (spec flowcache.md A3/B3):
+- Slots are allocated lazily: a chunk gets its slot when it is first written ("starts");
+  nothing is reserved for chunks that have not started. When the buffer is full the start of
+  a chunk grows it to exactly what is needed (a re-allocation: old and new coexist for one
+  (branch, layer) during the copy, and the peak counts that). Chunks that start in the same
+  call (announced by KVStore.plan) share one growth, so when all start together the first
+  allocation is the last.
+- Finished ("frozen") chunks are never written again. With compression on, once the frozen
+  run at the front holds more than `budget` tokens it is squeezed to `budget` tokens per head
+  (kv_compress.select_indices) IN PLACE: the kept tokens are gathered to the front head group
+  by head group, the live chunks slide down behind them, and the freed tail becomes spare
+  capacity. The squeeze runs in the first attention call after a chunk is frozen, before any
+  chunk that starts in that call takes its slot, so a new chunk reuses the freed tail instead
+  of growing the buffer.
+- Result: when chunks start one after another (asynchronous diffusion forcing), the steady
+  state holds (budget + active chunks) tokens per (branch, layer), and the peak is set by the
+  ramp-up (plus one buffer's re-allocation overlap), not by the window length. Without
+  compression the buffer grows to the whole window. In synchronous mode every chunk is active
+  at once, so the peak is the whole window either way; compression then only shortens
+  attention over the history.
+- Spare capacity nobody can use any more (more than the chunks still to start need) is
+  released after a squeeze, but only if the re-allocation overlap does not raise the peak:
+  e.g. in synchronous mode the freed tail is kept until the segment ends, so compression never
+  makes the peak higher than the same run without it.
+
+Token order inside the history does not matter: RoPE is already applied and attention over
+it has no mask. `peak_bytes` counts the buffers, including the moment old and new coexist
+during a re-allocation. Short-lived workspace is not counted, as attention's own is not: the
+scores of kv_compress (bounded per layer by its block size and `max_queries`), one head group
+of gathered history (<= _GATHER_BLOCK_BYTES) and a slid piece (<= 1/16 of a buffer).
 """
 from __future__ import annotations
 
@@ -20,7 +47,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .kv_compress import select_tokens
+from .kv_compress import select_indices
+
+# Bound on the scratch of one in-place gather (one group of heads of the squeezed history).
+_GATHER_BLOCK_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -75,28 +105,17 @@ class _Accounting:
 
 
 class LayerKV:
-    """K/V buffers of one (branch, layer)."""
+    """K/V buffer of one (branch, layer): [history | live chunks in order | spare]."""
 
     def __init__(self, layout: ChunkLayout, rows: int, channels: int, dtype, device, account: _Accounting):
         self.layout = layout
         self.account = account
         self.hist_len = 0       # tokens of compressed history at the front
         self.first_live = 0     # chunks before this one live inside the history
-        self.k = self.v = None
-        self._allocate(rows, layout.total, channels, dtype, device)
-
-    def _allocate(self, rows, tokens, channels, dtype, device):
-        k = torch.zeros(rows, tokens, channels, dtype=dtype, device=device)
-        v = torch.zeros_like(k)
-        self.account.alloc(k.nbytes + v.nbytes)
-        old = (self.k, self.v)
-        self.k, self.v = k, v
-        return old
-
-    def _release(self, old):
-        for t in old:
-            if t is not None:
-                self.account.free(t.nbytes)
+        self.started = 0        # chunks [0, started) have been written (own a slot or are history)
+        self.used = 0           # tokens in use: history + slots of chunks first_live .. started-1
+        self.k = torch.empty(rows, 0, channels, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
 
     @property
     def nbytes(self) -> int:
@@ -106,59 +125,115 @@ class LayerKV:
     def rows(self) -> int:
         return self.k.shape[0]
 
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def _resize(self, tokens: int) -> None:
+        """Re-allocate to `tokens` of capacity, keeping the tokens in use (old and new coexist)."""
+        rows, _, c = self.k.shape
+        k = torch.empty(rows, tokens, c, dtype=self.k.dtype, device=self.k.device)
+        v = torch.empty_like(k)
+        self.account.alloc(k.nbytes + v.nbytes)
+        k[:, :self.used].copy_(self.k[:, :self.used])
+        v[:, :self.used].copy_(self.v[:, :self.used])
+        self.account.free(self.nbytes)
+        self.k, self.v = k, v
+
     def offset(self, g: int) -> int:
-        """Start of chunk g's slot in the buffer (g must still be live)."""
+        """Start of chunk g's slot in the buffer (g must have started and still be live)."""
         if g < self.first_live:
             raise IndexError(f"chunk {g} was merged into the compressed history")
+        if g >= self.started:
+            raise IndexError(f"chunk {g} has not started (chunks 0..{self.started - 1} have)")
         return self.hist_len + self.layout.start(g) - self.layout.start(self.first_live)
 
-    def write(self, g: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(self, g: int, k: torch.Tensor, v: torch.Tensor, upto: Optional[int] = None) -> None:
+        """Write chunk g; if g starts now and the buffer is full, grow it once to also hold the
+        chunks g+1..upto that are known to start right after (see KVStore.plan)."""
+        n = self.layout.chunk_tokens[g]
+        if k.shape[1] != n or v.shape[1] != n:
+            raise ValueError(f"chunk {g} has {n} tokens, got K/V with {k.shape[1]}/{v.shape[1]}")
+        if g > self.started:
+            raise RuntimeError(f"chunk {g} cannot start before chunk {self.started} (chunks start in order)")
+        if g == self.started:           # a new chunk takes its slot (growing only when full)
+            if self.used + n > self.capacity:
+                upto = g if upto is None else max(g, min(upto, self.layout.num_chunks - 1))
+                self._resize(self.used + sum(self.layout.chunk_tokens[g:upto + 1]))
+            self.started += 1
+            self.used += n
         s = self.offset(g)
-        e = s + self.layout.chunk_tokens[g]
-        if k.shape[1] != e - s:
-            raise ValueError(f"chunk {g} has {e - s} tokens, got K/V with {k.shape[1]}")
-        self.k[:, s:e].copy_(k)
-        self.v[:, s:e].copy_(v)
+        self.k[:, s:s + n].copy_(k)
+        self.v[:, s:s + n].copy_(v)
 
     def visible(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         e = self.offset(g) + self.layout.chunk_tokens[g]
         return self.k[:, :e], self.v[:, :e]
 
+    def _slide_down(self, src: int, dst: int, n: int) -> None:
+        """Move tokens [src, src+n) to [dst, dst+n), dst < src, piece by piece in ascending order.
+
+        A piece lands below the sources of every later piece. A piece longer than the shift
+        overlaps its own source, so it goes through a copy (at most 1/16 of the tokens moved)."""
+        shift = src - dst
+        if n <= 0 or shift <= 0:
+            return
+        piece = max(shift, -(-n // 16))
+        for p in range(0, n, piece):
+            q = min(p + piece, n)
+            for t in (self.k, self.v):
+                block = t[:, src + p:src + q]
+                t[:, dst + p:dst + q].copy_(block.clone() if piece > shift else block)
+
     def squeeze_history(self, upto: int, queries: torch.Tensor, heads: int, cfg: CompressSettings) -> bool:
-        """Merge chunks [first_live, upto) into the history; compress it to the budget.
+        """Merge chunks [first_live, upto) into the history; compress it to the budget in place.
 
         queries: [rows, Lq, heads*head_dim] of the chunk being forwarded now.
-        Returns True if the buffer was re-allocated.
+        Returns True if it compressed. Afterwards the freed tokens are spare capacity for the
+        chunks still to start; capacity beyond what they can need is released when that does
+        not raise the peak.
         """
+        upto = min(upto, self.started)
         if upto <= self.first_live:
             return False
-        cut = self.offset(upto) if upto < self.layout.num_chunks else self.k.shape[1]
-        if cut <= cfg.budget_tokens:
-            return False
-        rows, _, c = self.k.shape
-        d = c // heads
-        hk, hv, _ = select_tokens(
-            self.k[:, :cut].view(rows, cut, heads, d), self.v[:, :cut].view(rows, cut, heads, d),
-            queries.reshape(queries.shape[0], -1, heads, d), cfg.budget_tokens,
-            lam=cfg.lam, kernel=cfg.kernel, max_queries=cfg.max_queries)
-        live_k, live_v = self.k[:, cut:], self.v[:, cut:]
+        cut = self.offset(upto) if upto < self.started else self.used
         budget = cfg.budget_tokens
-        old = self._allocate(rows, budget + live_k.shape[1], c, self.k.dtype, self.k.device)
-        self.k[:, :budget].copy_(hk.reshape(rows, budget, c))
-        self.v[:, :budget].copy_(hv.reshape(rows, budget, c))
-        self.k[:, budget:].copy_(live_k)
-        self.v[:, budget:].copy_(live_v)
-        del live_k, live_v, hk, hv
-        self._release(old)
-        self.hist_len, self.first_live = budget, upto
+        if cut <= budget:
+            return False
+        rows, cap, c = self.k.shape
+        d = c // heads
+        idx = select_indices(self.k[:, :cut].view(rows, cut, heads, d),
+                             queries.reshape(queries.shape[0], -1, heads, d), budget,
+                             lam=cfg.lam, kernel=cfg.kernel, max_queries=cfg.max_queries)   # [rows, H, budget]
+        # Gather the kept tokens to the front, one group of heads at a time: a head's channels
+        # are only read and written by its own group, so nothing is overwritten before it is read.
+        per_head = rows * budget * d * self.k.element_size()
+        group = max(1, min(heads, _GATHER_BLOCK_BYTES // max(1, per_head)))
+        for t in (self.k, self.v):
+            th = t.view(rows, cap, heads, d)
+            for h0 in range(0, heads, group):
+                h1 = min(heads, h0 + group)
+                ix = idx[:, h0:h1].permute(0, 2, 1).unsqueeze(-1).expand(-1, -1, -1, d)   # [rows, budget, h, d]
+                th[:, :budget, h0:h1].copy_(th[:, :cut, h0:h1].gather(1, ix))
+        del idx
+        live = self.used - cut
+        self._slide_down(cut, budget, live)
+        self.hist_len, self.first_live, self.used = budget, upto, budget + live
+        # release spare capacity the chunks still to start cannot use
+        need = self.used + sum(self.layout.chunk_tokens[self.started:])
+        if self.capacity > need:
+            new_bytes = 2 * rows * need * c * self.k.element_size()
+            if self.account.current + new_bytes <= self.account.peak:
+                self._resize(need)
         return True
 
 
 class KVStore:
     """All (branch, layer) K/V buffers of one AR window, plus which chunks are written/frozen.
 
-    Buffers are allocated lazily on a branch's first write, with that write's rows, dtype and
-    device. `compress=None` keeps every chunk at full length.
+    Buffers are created on a branch's first write, with that write's rows, dtype and device,
+    and hold only chunks that have started (see the module docstring for the memory bound).
+    `compress=None` keeps every chunk at full length.
     """
 
     def __init__(self, layout: ChunkLayout, num_layers: int, compress: Optional[CompressSettings] = None):
@@ -168,6 +243,7 @@ class KVStore:
         self._layers: dict[tuple[int, int], LayerKV] = {}
         self._written: dict[int, set] = {}
         self._frozen: dict[int, set] = {}
+        self._plan: dict[int, int] = {}
         self._account = _Accounting()
 
     # --- bookkeeping -------------------------------------------------------------------
@@ -177,12 +253,14 @@ class KVStore:
         self._layers.clear()
         self._written.clear()
         self._frozen.clear()
+        self._plan.clear()
 
     def reset_branch(self, branch: int) -> None:
         for key in [k for k in self._layers if k[0] == branch]:
             self._account.free(self._layers.pop(key).nbytes)
         self._written.pop(branch, None)
         self._frozen.pop(branch, None)
+        self._plan.pop(branch, None)
 
     def bytes_allocated(self) -> int:
         return self._account.current
@@ -210,6 +288,16 @@ class KVStore:
                 raise RuntimeError(f"cannot freeze chunk {g} of branch {branch}: never written")
             self._frozen.setdefault(branch, set()).add(int(g))
 
+    def plan(self, branch: int, last: int) -> None:
+        """Announce that every chunk of `branch` up to `last` is written during this call.
+
+        A buffer that must grow when a chunk starts then grows once for all chunks that start
+        in the call (no slot is reserved beyond them), instead of once per chunk: when all
+        chunks start together (synchronous schedule, plain sampler) the first allocation is
+        the final one and nothing is copied. Optional; without it a buffer grows per chunk.
+        """
+        self._plan[branch] = int(last)
+
     def history_chunks(self, branch: int, layer: int) -> int:
         """Chunks merged into the compressed history of (branch, layer)."""
         lkv = self._layers.get((branch, layer))
@@ -226,7 +314,7 @@ class KVStore:
                 self.layout, k.shape[0], k.shape[-1], k.dtype, k.device, self._account)
         elif lkv.rows != k.shape[0]:
             raise ValueError(f"branch {branch} has {lkv.rows} rows, got {k.shape[0]}: reset_branch first")
-        lkv.write(chunk, k, v)
+        lkv.write(chunk, k, v, self._plan.get(branch))
         if layer == self.num_layers - 1:
             self._written.setdefault(branch, set()).add(int(chunk))
 

@@ -24,6 +24,10 @@ the first attention call after `begin_block` as self-attention. It writes the ch
 K/V into the KV store, optionally squeezes the frozen history, and attends the chunk's queries
 to the visible K/V (history + chunks up to this one). Every other call (text cross-attention)
 passes through unchanged; an override already installed by someone else is chained.
+K/V memory: a chunk's slots are allocated when it starts (`store.plan` lets the chunks that
+start in one call share one allocation); with compression the squeeze of a finished chunk
+frees the tail the next chunk takes, so in asynchronous schedules the store holds budget +
+active chunks, while in synchronous ones (all chunks active) it holds the window (kv_store).
 
 Branches: batch rows follow `transformer_options["cond_or_uncond"]` (0 cond, 1 uncond), each
 entry repeated B/len times; state (K/V, residuals, counters) is keyed by that id, so cond and
@@ -296,6 +300,7 @@ def forward_chunked(dm, x: torch.Tensor, timestep: torch.Tensor, context: torch.
             if not active[g] and store.is_written(branch, g) and not store.is_frozen(branch, g):
                 store.freeze(branch, g)
         last = max((g for g in range(n_chunks) if active[g]), default=-1)
+        store.plan(branch, last)         # chunks <= last are all written below: grow K/V once
         done, computed, skipped, key_lengths = set(), [], [], {}
         for g in range(last + 1):
             s, e_tok = layout.start(g), layout.end(g)

@@ -2,7 +2,8 @@
 
 Equivalences: all chunks computed == one masked (block-causal) full-window forward; a single
 chunk == the model's normal forward; a skip adds the stored residual; frozen history is
-really frozen; cond/uncond batched == called separately; compression shrinks the K/V memory.
+really frozen; cond/uncond batched == called separately; compression squeezes the history in
+place without raising the K/V peak.
 """
 from __future__ import annotations
 
@@ -234,10 +235,13 @@ def test_compression_shrinks_kv_memory(dm):
     out = run(dm, state, x, ctx, record([0, 0, 0, 0, 0.2], [False] * 4 + [True], row=1))
     assert torch.isfinite(out).all()
     assert all(state.store.history_chunks(b, layer) == 2 for b in (0, 1) for layer in range(2))
-    assert state.store.bytes_allocated() < full
+    # all chunks started together, so the window was allocated once; the squeeze works in place
+    # and keeps the freed tail (releasing it would need a re-allocation above that peak). The
+    # memory bound when chunks start one after another: tests/unit/test_kv_compress.py.
+    assert state.store.bytes_allocated() == full
     k, _ = state.store.visible(0, 1, 2)
     assert k.shape[1] == CF * TPF + TPF            # budget (one chunk) + chunk 2 itself
-    assert state.summary()["kv_bytes_peak"] >= full
+    assert state.summary()["kv_bytes_peak"] == full
     shape = state._shape
     from arcache_pack.cache_core.flops import chunk_causal_flops
     expect = chunk_causal_flops(shape, (12, 12, 6), [2], {2: 18}, frames=F, batch=1) * 2

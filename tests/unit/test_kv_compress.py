@@ -147,3 +147,80 @@ def test_compression_keeps_budget_and_frees_memory():
     store.write(0, 0, 2, ks[0], vs[0])          # a live chunk is still writable
     store.reset()
     assert store.bytes_allocated() == 0
+
+
+def _async_run(compress: bool, n=8, active=2, T=4, heads=2, d=3, layers=2, plan=True):
+    """Chunks start one after another (async diffusion forcing, ar_step 1): chunk g is live
+    during steps g .. g+active-1, then frozen. Mirrors forward_chunked: freeze, then per live
+    chunk and layer: squeeze (with that chunk's queries), write, attend."""
+    torch.manual_seed(4)
+    cfg = CompressSettings(budget_tokens=T) if compress else None
+    store = KVStore(ChunkLayout((T,) * n), num_layers=layers, compress=cfg)
+    held, keys = [], []
+    for step in range(n + active - 1):
+        for g in range(n):
+            if g <= step - active and store.is_written(0, g) and not store.is_frozen(0, g):
+                store.freeze(0, g)
+        live = [g for g in range(n) if step - active < g <= step]
+        if plan:
+            store.plan(0, live[-1])
+        for g in live:
+            for layer in range(layers):
+                store.maybe_compress(0, layer, torch.randn(1, T, heads * d), heads)
+                store.write(0, layer, g, torch.randn(1, T, heads * d), torch.randn(1, T, heads * d))
+                k, v = store.visible(0, layer, g)
+                assert k.shape == v.shape and k.shape[1] <= store._layers[(0, layer)].used
+        held.append(store.bytes_allocated())
+        keys.append(k.shape[1])
+    return store, held, keys
+
+
+def test_compression_lowers_the_peak_when_chunks_start_one_after_another():
+    n, active, T, heads, d, layers = 8, 2, 4, 2, 3, 2
+    unit = 2 * T * heads * d * 4               # one chunk of K and V in one (branch, layer), fp32
+    full, full_held, full_keys = _async_run(False)
+    comp, comp_held, comp_keys = _async_run(True)
+    # without compression the buffers grow to the whole window; the last growth of the last
+    # layer briefly holds its old buffer next to the new one
+    assert max(full_held) == layers * n * unit
+    assert full.peak_bytes == (layers * n + (n - 1)) * unit
+    # with a budget of one chunk: once the history is full, every start reuses the tail freed
+    # by squeezing the chunk that just finished: (budget + active chunks) tokens, per layer
+    budget_chunks = 1
+    steady = comp_held[active:n]
+    assert steady == [layers * (budget_chunks + active) * unit] * len(steady)
+    assert comp_keys[active:n] == [(budget_chunks + active) * T] * len(steady)   # newest chunk's keys
+    assert comp.peak_bytes == (layers * (budget_chunks + active) + (budget_chunks + active - 1)) * unit
+    assert comp.peak_bytes < full.peak_bytes
+    # once no chunk is left to start, the spare tail is released
+    assert comp_held[-1] == layers * (budget_chunks + 1) * unit
+    assert all(comp.history_chunks(0, layer) == n - 1 for layer in range(layers))
+
+
+def test_chunks_starting_together_allocate_once():
+    """Synchronous schedule: all chunks live at once, the peak is the window (no overlap)."""
+    n, T, heads, d, layers = 4, 4, 2, 3, 2
+    window = layers * 2 * n * T * heads * d * 4
+    for cfg, plan in ((None, True), (CompressSettings(budget_tokens=T), True), (None, False)):
+        store = KVStore(ChunkLayout((T,) * n), num_layers=layers, compress=cfg)
+        if plan:
+            store.plan(0, n - 1)
+        for g in range(n):
+            for layer in range(layers):
+                store.maybe_compress(0, layer, torch.randn(1, T, heads * d), heads)
+                store.write(0, layer, g, torch.randn(1, T, heads * d), torch.randn(1, T, heads * d))
+        assert store.bytes_allocated() == window
+        if plan:
+            assert store.peak_bytes == window
+        else:   # each start grew the buffers by itself, copying the old ones
+            assert store.peak_bytes == window + (n - 1) * 2 * T * heads * d * 4
+
+
+def test_chunks_start_in_order():
+    store = KVStore(ChunkLayout((4, 4, 4)), num_layers=1)
+    store.write(0, 0, 0, *_chunk(0))
+    with pytest.raises(RuntimeError):
+        store.write(0, 0, 2, *_chunk(2))       # chunk 1 has not started
+    with pytest.raises(IndexError):
+        store.visible(0, 0, 1)
+    assert store.bytes_allocated() == 2 * 4 * 4 * 4     # only the started chunk holds memory
