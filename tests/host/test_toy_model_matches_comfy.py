@@ -1,0 +1,115 @@
+"""The torch-only toy model (toy_world/model.py) must compute exactly what ComfyUI's own Wan 2.1
+model computes with the same weights, and a saved checkpoint must load through UNETLoader's
+path as WAN21_T2V with no missing or unexpected keys.  This is what makes the weights trained
+without ComfyUI mean the same thing inside it.  Runs ComfyUI in-process (CPU)."""
+import json
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COMFY = os.environ.get("COMFYUI_PATH") or os.path.join(ROOT, ".host", "ComfyUI")
+for p in (ROOT, COMFY):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+if not os.path.isfile(os.path.join(COMFY, "comfy", "ldm", "wan", "model.py")):
+    pytest.skip(f"no ComfyUI at {COMFY}", allow_module_level=True)
+
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True
+import comfy.model_management  # noqa: E402,F401
+import comfy.latent_formats  # noqa: E402
+import comfy.model_detection  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+
+from toy_world import scenes  # noqa: E402
+from toy_world.model import ToyWan, ToyWanConfig, comfy_wan_model, save_safetensors  # noqa: E402
+
+
+def _random_toy(cfg, seed=0):
+    """Every parameter non-trivial (norm weights and biases too), so no term can hide."""
+    torch.manual_seed(seed)
+    m = ToyWan(cfg)
+    m.reset_parameters(zero_head=False)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    cfg = ToyWanConfig(dim=256, ffn_dim=512, num_layers=2)
+    toy = _random_toy(cfg)
+    ref = comfy_wan_model(cfg, toy.state_dict()).eval()
+    return toy, ref
+
+
+def _close(a, b, tol=1e-4):
+    err = ((a - b).abs().max() / b.abs().max()).item()
+    assert err < tol, err
+
+
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_zero_context_matches_comfy(pair, per_frame):
+    toy, ref = pair
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 5, 8, 12, generator=g)
+    t = torch.rand(2, 5, generator=g) * 1000 if per_frame else torch.tensor([250.0, 875.0])
+    with torch.no_grad():
+        ours = toy(x, t)  # closed-form zero context
+        theirs = ref(x, t, torch.zeros(2, 512, 4096))  # what ComfyUI's zero conditioning feeds
+    _close(ours, theirs)
+
+
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_real_context_matches_comfy(pair, per_frame):
+    toy, ref = pair
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 16, 4, 16, 16, generator=g)
+    t = torch.rand(1, 4, generator=g) * 1000 if per_frame else torch.tensor([600.0])
+    ctx = torch.randn(1, 9, 4096, generator=g) * 0.5
+    with torch.no_grad():
+        _close(toy(x, t, ctx), ref(x, t, ctx))
+
+
+def test_preview_factors_are_comfys():
+    f = comfy.latent_formats.Wan21
+    assert torch.equal(torch.tensor(scenes.WAN21_RGB_FACTORS), torch.tensor(f.latent_rgb_factors))
+    assert torch.equal(torch.tensor(scenes.WAN21_RGB_BIAS), torch.tensor(f.latent_rgb_factors_bias))
+
+
+def test_checkpoint_loads_as_wan21_t2v(tmp_path, caplog):
+    cfg = ToyWanConfig(dim=256, ffn_dim=1024, num_layers=2)
+    toy = _random_toy(cfg, seed=3)
+    path = str(tmp_path / "toy_world_df.safetensors")
+    save_safetensors({k: v.half() for k, v in toy.state_dict().items()}, path,
+                     {"toy_world": json.dumps({"model": "test"})})
+    sd = comfy.utils.load_torch_file(path)
+    unet = comfy.model_detection.detect_unet_config(sd, "")
+    assert unet["image_model"] == "wan2.1" and unet["model_type"] == "t2v"
+    assert (unet["dim"], unet["num_heads"], unet["ffn_dim"], unet["num_layers"]) == (256, 2, 1024, 2)
+    assert type(comfy.model_detection.model_config_from_unet(sd, "")).__name__ == "WAN21_T2V"
+    with caplog.at_level(logging.INFO):
+        patcher = comfy.sd.load_diffusion_model(path)  # what UNETLoader calls
+    bad = [r.getMessage() for r in caplog.records if any(w in r.getMessage() for w in ("missing", "unexpected", "left over"))]
+    assert not bad, bad
+    bm = patcher.model
+    assert type(bm).__name__ == "WAN21" and bm.model_sampling.shift == 8.0
+    # ComfyUI's denoised (CONST: x - sigma * v) equals ours, in the processed space the model sees
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 16, 3, 16, 16, generator=g)
+    sigma = torch.tensor([0.7])
+    toy16 = ToyWan(cfg)
+    toy16.load_state_dict({k: v.float() for k, v in sd.items()})
+    with torch.no_grad():
+        den = bm.apply_model(x, sigma, c_crossattn=torch.zeros(1, 512, 4096)).float()
+        ours = x - 0.7 * toy16.eval()(x, torch.tensor([700.0]))
+    _close(ours, den, tol=5e-3 if bm.get_dtype() != torch.float32 else 1e-4)
