@@ -158,7 +158,5 @@ class StreamingRun:
         video = torch.cat(([self.head_latent] if self.head_latent is not None else []) + generated, dim=2)
         report["latent_frames"] = int(video.shape[2])
         report["seconds"] = time.perf_counter() - t0
-        if report["cache"] is None:
-            report["transformer_flops"] = report["transformer_flops_vanilla"]
         self.model.model_options["transformer_options"].pop(REPORT_KEY, None)
         return video, report

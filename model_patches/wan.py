@@ -17,7 +17,8 @@ import comfy.patcher_extension
 import folder_paths
 from safetensors import safe_open
 
-from ..cache_core.record import RECORD_KEY, StepRecord
+from ..cache_core import flops as flop_count
+from ..cache_core.record import RECORD_KEY, REPORT_KEY, RunReport, StepRecord
 
 PER_FRAME_KEY = "arcache_per_frame_t"
 FPS_KEYS = ("fps_embedding.weight", "fps_projection.0.weight", "fps_projection.0.bias",
@@ -47,8 +48,14 @@ def wan_transformer(model_patcher) -> comfy.ldm.wan.model.WanModel:
 
 def per_frame_timestep_wrapper(executor, x, timestep, context, clip_fea=None, time_dim_concat=None,
                                transformer_options={}, **kwargs):
-    """Replace the sampler's scalar timestep with the record's per-frame timesteps [B, F]."""
+    """Replace the sampler's scalar timestep with the record's per-frame timesteps [B, F], and
+    count the full-window forward that really runs (a cache outside may have skipped the call)."""
     record: StepRecord | None = transformer_options.get(RECORD_KEY)
+    run_report: RunReport | None = transformer_options.get(REPORT_KEY)
+    if run_report is not None:
+        shape = flop_count.DiTShape.from_model(executor.class_obj)
+        tokens = x.shape[2] * -(-x.shape[3] // 2) * -(-x.shape[4] // 2)
+        run_report.data["transformer_flops"] += flop_count.window_flops(shape, tokens, x.shape[2], batch=x.shape[0])
     if record is not None and timestep.ndim == 1:
         if x.shape[2] != record.num_frames:  # WanModel would silently misalign a wrong length
             raise RuntimeError(f"per-frame timesteps for {record.num_frames} frames, latent has {x.shape[2]}")

@@ -217,3 +217,16 @@ def test_interrupted_run_leaves_the_next_run_identical(comfy):
 
     after, _ = run_latent(comfy, *streaming_graph(UNET13, save_prefix=unique(), sampler_extra={"filename_prefix": "y"}, **kw))
     assert torch.equal(before, after)
+
+
+def test_latent_preview_shows_every_latent_frame(comfy):
+    g, sid = streaming_graph(UNET13, length=29, seed=14, steps=2, save_prefix=unique(), schedule=SMALL)
+    prev = g.add("ARCacheLatentPreview", samples=g.out(sid), family="wan21", upscale=2)
+    g.add("SaveImage", images=g.out(prev), filename_prefix="ARCache/preview", node_id="img")
+    entry = comfy.run(g.prompt)
+    images = entry["outputs"]["img"]["images"]
+    assert len(images) == 8                      # 29 pixel frames = 8 latent frames
+    from PIL import Image
+    im = Image.open(comfy.output_path(images[0]))
+    assert im.size == (16, 16)
+    assert len(set(im.getdata())) > 1
