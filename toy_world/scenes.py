@@ -32,14 +32,22 @@ from dataclasses import dataclass
 
 import torch
 
-# Wan 2.1 preview factors (comfy/latent_formats.py, class Wan21); the host test checks them.
-WAN21_RGB_FACTORS = (
-    (-0.1299, -0.1692, 0.2932), (0.0671, 0.0406, 0.0442), (0.3568, 0.2548, 0.1747), (0.0372, 0.2344, 0.1420),
-    (0.0313, 0.0189, -0.0328), (0.0296, -0.0956, -0.0665), (-0.3477, -0.4059, -0.2925), (0.0166, 0.1902, 0.1975),
-    (-0.0412, 0.0267, -0.1364), (-0.1293, 0.0740, 0.1636), (0.0680, 0.3019, 0.1128), (0.0032, 0.0581, 0.0639),
-    (-0.1251, 0.0927, 0.1699), (0.0060, -0.0633, 0.0005), (0.3477, 0.2275, 0.2950), (0.1984, 0.0913, 0.1861),
-)
-WAN21_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
+def wan21_preview_factors() -> tuple[list, list]:
+    """Wan 2.1's latent -> RGB preview factors [16][3] and bias [3], read from ComfyUI's own
+    latent format (not copied here): its preview is what defines the toy world's colours."""
+    import os
+    import sys
+    root = os.environ.get("COMFYUI_PATH") or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                          ".host", "ComfyUI")
+    if root not in sys.path:
+        sys.path.append(root)
+    try:
+        from comfy.latent_formats import Wan21
+    except ImportError as e:
+        raise ImportError(f"toy_world needs a ComfyUI tree for Wan 2.1's preview factors; set COMFYUI_PATH "
+                          f"(looked in {root})") from e
+    return Wan21.latent_rgb_factors, Wan21.latent_rgb_factors_bias
+
 
 # saturated sprite colours, preview RGB in [-1, 1]
 PALETTE = (
@@ -95,8 +103,9 @@ class LatentMap:
     """Preview RGB [..., 3] <-> processed Wan 2.1 latent [..., 16] (see module docstring)."""
 
     def __init__(self, curv=0.5, whiten_floor=0.01, seed=1234):
-        F = torch.tensor(WAN21_RGB_FACTORS, dtype=torch.float64)  # [16, 3]
-        b = torch.tensor(WAN21_RGB_BIAS, dtype=torch.float64)
+        factors, bias = wan21_preview_factors()
+        F = torch.tensor(factors, dtype=torch.float64)  # [16, 3]
+        b = torch.tensor(bias, dtype=torch.float64)
         M = F @ torch.linalg.inv(F.T @ F)  # [16, 3], F^T M = I
         U, _, _ = torch.linalg.svd(F, full_matrices=True)
         N = U[:, 3:].contiguous()  # [16, 13], F^T N = 0

@@ -80,10 +80,16 @@ def test_real_context_matches_comfy(pair, per_frame):
         _close(toy(x, t, ctx), ref(x, t, ctx))
 
 
-def test_preview_factors_are_comfys():
+def test_toy_scenes_render_in_comfys_preview_colours():
+    """A toy clip's latents, decoded by ComfyUI's own live previewer, show the rendered scene."""
+    import latent_preview
+    z, rgb, _ = scenes.make_latents(1, 3, torch.Generator().manual_seed(4), return_info=True)   # processed space
     f = comfy.latent_formats.Wan21
-    assert torch.equal(torch.tensor(scenes.WAN21_RGB_FACTORS), torch.tensor(f.latent_rgb_factors))
-    assert torch.equal(torch.tensor(scenes.WAN21_RGB_BIAS), torch.tensor(f.latent_rgb_factors_bias))
+    previewer = latent_preview.Latent2RGBPreviewer(f.latent_rgb_factors, f.latent_rgb_factors_bias)
+    shown = torch.from_numpy(__import__("numpy").array(previewer.decode_latent_to_preview_image("PNG", z)[1]))
+    expected = ((rgb[0, 0] + 1) / 2 * 255).clamp(0, 255)          # frame 0, what the previewer shows
+    assert shown.shape[:2] == expected.shape[:2]
+    assert (shown.float() - expected).abs().max() <= 2.0
 
 
 def test_checkpoint_loads_as_wan21_t2v(tmp_path, caplog):
