@@ -139,6 +139,34 @@ def bench_model(name: str, model, job: dict, repeats: int) -> list[dict]:
     return rows
 
 
+def bench_streaming(unet: Path, vae_path: Path, out_dir: Path) -> list[dict]:
+    """The sampler alone: a short and a 4x longer video streamed to an mp4 as windows finish.
+    Peak memory should stay flat: only the (small) latents grow with length."""
+    import comfy.sd
+    writer_mod = pack("nodes.video_stream")
+    model = load_unet(unet)
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae_path)))
+    sched = ar.DFSchedule(window_frames=29, overlap_frames=5, ar_step=0, causal_block_size=1, fps=0,
+                          prefix_mode="reencode_pixels")
+    cond = [[torch.zeros(1, 512, 4096), {}]]
+    rows = []
+    for windows in (3, 12, 3):                        # the first short run warms up; the second is reported
+        length = 4 * (8 + (windows - 1) * 6 - 1) + 1
+        req = streaming.VideoRequest(width=64, height=64, length=length, seed=1, steps=3, cfg=1.0, schedule=sched,
+                                     positives=[cond], negative=cond, vae=vae)
+        writer = writer_mod.StreamingVideoWriter(str(out_dir / f"stream_{windows}.mp4"), 24)
+        rss0 = psutil.Process().memory_info().rss / 2**20
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            _, report = streaming.StreamingRun(model, req, sink=lambda f, i: writer.write(f)).run()
+            wall = time.perf_counter() - t0
+        writer.close()
+        rows.append({"windows": windows, "frames": writer.frames, "model_calls": report["model_calls"],
+                     "wall_s": wall, "first_window_s": report["first_window_seconds"],
+                     "rss_before_mb": rss0, "peak_rss_mb": mem.peak / 2**20, "peak_rss_growth_mb": mem.peak / 2**20 - rss0})
+    return rows[1:]
+
+
 def load_unet(path: Path):
     return comfy.sd.load_diffusion_model(str(path))
 
@@ -153,8 +181,19 @@ def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
     (out / "latest.md").write_text(
         f"# make bench ({meta['date']})\n\n{meta['job']}\n\nRatios are cached / uncached, wall times interleaved "
         f"in one run (median of {meta['repeats']}). PSNR/SSIM against the uncached video in preview RGB.\n\n"
-        + "\n".join(lines) + "\n")
+        + "\n".join(lines) + "\n" + streaming_table(meta.get("streaming_sampler", [])))
     plot(rows, out / "latest.png")
+
+
+def streaming_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = ["", "## Streaming sampler (tiny random model, 64x64, decoded and written to mp4 per window)", "",
+             "| windows | frames | model calls | wall s | first window s | peak RSS MB | growth during run MB |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['windows']} | {r['frames']} | {r['model_calls']} | {r['wall_s']:.1f} | {r['first_window_s']:.2f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['peak_rss_growth_mb']:.0f} |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -206,6 +245,11 @@ def main() -> int:
     cond = [[torch.zeros(1, 512, 4096), {}]]
     models = [("toy", TOY, 128)] if TOY.exists() else []      # the toy world is 128x128
     models.append(("random", Path(tiny["14b"]), 64))
+    stream_rows = bench_streaming(Path(tiny["1.3b"]), Path(tiny["vae"]), REPO / "out")
+    for r in stream_rows:
+        print(f"streaming {r['windows']:2d} windows: {r['frames']} frames, {r['model_calls']} calls, "
+              f"{r['wall_s']:.1f} s, first window {r['first_window_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"(+{r['peak_rss_growth_mb']:.0f})", flush=True)
     rows = []
     for name, path, size in models:
         job = {"cond": cond, "video": dict(width=size, height=size, length=length, seed=7, steps=steps, cfg=1.0,
@@ -215,6 +259,7 @@ def main() -> int:
             "toy_weights": TOY.exists(),
             "job": f"{length} frames ({windows} windows of 29 frames, 5 of history), async ar_step 2, blocks of 2 "
                    f"latent frames, {steps} steps, cfg 1, UniPC; toy 128x128, random 64x64; 2 CPU threads"}
+    meta["streaming_sampler"] = stream_rows
     write_outputs(rows, meta, Path(a.out))
     print(f"wrote {a.out}/latest.json, latest.md, latest.png")
     return 0

@@ -95,6 +95,7 @@ class StreamingRun:
     def total_rows(self) -> int:
         return sum(self.rows)
 
+    @torch.no_grad()   # ComfyUI's executor already disables autograd; callers outside it must not grow graphs
     def run(self) -> tuple[torch.Tensor, dict]:
         req, sch = self.req, self.req.schedule
         t0 = time.perf_counter()
