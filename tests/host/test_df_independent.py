@@ -1,0 +1,65 @@
+"""Our streaming DF sampler against an independent diffusion-forcing implementation.
+
+`toy_world.sample_check.sample_async` was written separately (for the toy model's own checks):
+a plain Euler loop over per-frame sigmas with blocks starting `ar_step` rows apart. Driven by the
+same ComfyUI WanModel, the same noise and the same sigmas, the two must produce the same video:
+that checks our step matrix, per-frame timesteps through ComfyUI, velocity recovery from the
+guider, per-frame Euler and the history hand-over between windows.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tools.inprocess import load_comfy, pack
+
+load_comfy(cpu=True)
+import comfy.latent_formats  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.sd  # noqa: E402
+from toy_world.sample_check import flow_sigmas, sample_async  # noqa: E402
+
+streaming = pack("model_patches.streaming")
+ar = pack("model_patches.ar_sampling")
+STEPS, BLOCK, AR_STEP = 6, 2, 2
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    return comfy.sd.load_diffusion_model(str(tiny_models["14b"]))
+
+
+def theirs_model(model):
+    dm, ctx = model.model.diffusion_model, torch.zeros(1, 512, 4096)
+    return lambda x, t: dm(x, t, ctx)
+
+
+def ours(model, length, seed):
+    sched = ar.DFSchedule(window_frames=29, overlap_frames=5, ar_step=AR_STEP, causal_block_size=BLOCK,
+                          addnoise_condition=0, solver="euler", fps=0, prefix_mode="latent",
+                          sigmas=flow_sigmas(STEPS, 8.0))
+    cond = [[torch.zeros(1, 512, 4096), {}]]
+    req = streaming.VideoRequest(width=64, height=64, length=length, seed=seed, steps=STEPS, cfg=1.0,
+                                 schedule=sched, positives=[cond], negative=cond)
+    raw, report = streaming.StreamingRun(model, req).run()
+    return comfy.latent_formats.Wan21().process_in(raw), report
+
+
+def test_one_async_window_matches(model):
+    mine, report = ours(model, length=29, seed=4)                       # 8 latent frames, blocks of 2
+    noise = comfy.sample.prepare_noise(torch.zeros(1, 16, 8, 8, 8), 4)
+    theirs, rows = sample_async(theirs_model(model), noise, block=BLOCK, ar_step=AR_STEP, steps=STEPS, shift=8.0)
+    assert report["rows"] == [rows] == [STEPS + 3 * AR_STEP]
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_two_windows_with_history_match(model):
+    mine, report = ours(model, length=53, seed=9)                       # 14 latent: 8, then 2 history + 6
+    run = theirs_model(model)
+    first, _ = sample_async(run, comfy.sample.prepare_noise(torch.zeros(1, 16, 8, 8, 8), 9),
+                            block=BLOCK, ar_step=AR_STEP, steps=STEPS, shift=8.0)
+    noise2 = comfy.sample.prepare_noise(torch.zeros(1, 16, 8, 8, 8), 10)[:, :, 2:]
+    second, _ = sample_async(run, noise2, history=first[:, :, -2:], block=BLOCK, ar_step=AR_STEP, steps=STEPS,
+                             shift=8.0)
+    assert report["windows"] == 2
+    torch.testing.assert_close(mine, torch.cat([first, second], 2), rtol=1e-4, atol=1e-4)
