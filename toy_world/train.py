@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from toy_world import scenes  # noqa: E402
-from toy_world.model import ToyWan, ToyWanConfig, config_dict, save_safetensors  # noqa: E402
+from toy_world.model import ToyWan, ToyWanConfig, config_dict, load_safetensors, save_safetensors  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -58,6 +58,7 @@ def parse_args(argv=None):
                    help="end after this many steps of the --steps schedule (replays a run cut by the clock)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="", help="start from these weights (continue training; same sizes)")
     # model
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--ffn", type=int, default=1024)
@@ -252,6 +253,9 @@ def _train(a, argv, t_start):
     torch.manual_seed(a.seed)
     cfg = ToyWanConfig(dim=a.dim, ffn_dim=a.ffn, num_layers=a.layers)
     model = ToyWan(cfg).to(dev)
+    if a.init:   # continue from earlier weights: the json's `init` records which ones
+        init_sd, _ = load_safetensors(a.init)
+        model.load_state_dict({k: v.float() for k, v in init_sd.items()})
     n_params = sum(p.numel() for p in model.parameters())
     ema = EMA(model, a.ema)
     decay, no_decay = [], []
@@ -282,6 +286,7 @@ def _train(a, argv, t_start):
         "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
         "torch": torch.__version__, "git_commit": git_commit(), "source_sha256": source_hashes(),
         "command": "python -m toy_world.train " + " ".join(shlex.quote(x) for x in argv),
+        "init": {"path": a.init, "sha256": sha256(a.init)} if a.init else None,
     }
 
     def save(which, step, status, extra=None):
