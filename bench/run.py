@@ -125,6 +125,9 @@ def bench_model(name: str, model, job: dict, repeats: int) -> list[dict]:
             base_walls.append(w0)
             walls.append(w1)
         psnr, ssim = fidelity(video, ref)
+        # long AR rollouts amplify any early difference; the first window shows per-window fidelity
+        first = job["first_window_frames"]
+        psnr_first = fidelity(video[:, :, :first], ref[:, :, :first])[0]
         if method == "chunk_causal":
             causal = video
         # FlowCache's skipping alone, apart from the chunk-causal restructuring it runs on
@@ -134,7 +137,8 @@ def bench_model(name: str, model, job: dict, repeats: int) -> list[dict]:
             "model": name, "method": method, "setting": "-" if thr is None else f"thr={thr}",
             "flops_ratio": report["transformer_flops"] / ref_report["transformer_flops"],
             "wall_ratio": statistics.median(w / b for w, b in zip(walls, base_walls)),
-            "psnr_db": psnr, "ssim": ssim, "psnr_vs_chunk_causal_db": psnr_causal, "peak_rss_mb": rss,
+            "psnr_db": psnr, "ssim": ssim, "psnr_first_window_db": psnr_first,
+            "psnr_vs_chunk_causal_db": psnr_causal, "peak_rss_mb": rss,
             "first_window_s": report["first_window_seconds"], "wall_s": statistics.median(walls),
             "chunk_steps_skipped": cache.get("chunk_steps_skipped"),
             "model_calls": report["model_calls"], "windows": report["windows"],
@@ -179,15 +183,17 @@ def load_unet(path: Path):
 def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    cols = ["model", "method", "setting", "flops_ratio", "wall_ratio", "psnr_db", "ssim", "psnr_vs_chunk_causal_db",
-            "peak_rss_mb", "first_window_s"]
+    cols = ["model", "method", "setting", "flops_ratio", "wall_ratio", "psnr_db", "ssim", "psnr_first_window_db",
+            "psnr_vs_chunk_causal_db", "peak_rss_mb", "first_window_s"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     (out / "latest.md").write_text(
         f"# make bench ({meta['date']})\n\n{meta['job']}\n\nRatios are cached / uncached, wall times interleaved "
         f"in one run (median of {meta['repeats']}). PSNR/SSIM against the uncached video in preview RGB; "
-        f"psnr_vs_chunk_causal_db isolates FlowCache's skipping from the chunk-causal restructuring.\n\n"
+        f"psnr_first_window_db compares the first window only (later windows continue from slightly different "
+        f"history, and an autoregressive rollout amplifies that); psnr_vs_chunk_causal_db isolates FlowCache's "
+        f"skipping from the chunk-causal restructuring.\n\n"
         + "\n".join(lines) + "\n" + streaming_table(meta.get("streaming_sampler", [])))
     plot(rows, out / "latest.png")
 
@@ -259,7 +265,7 @@ def main() -> int:
               f"(+{r['peak_rss_growth_mb']:.0f})", flush=True)
     rows = []
     for name, path, size in models:
-        job = {"cond": cond, "video": dict(width=size, height=size, length=length, seed=7, steps=steps, cfg=1.0,
+        job = {"cond": cond, "first_window_frames": 8, "video": dict(width=size, height=size, length=length, seed=7, steps=steps, cfg=1.0,
                                            schedule=sched)}
         rows += bench_model(name, load_unet(path), job, 1 if a.quick else a.repeats)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "repeats": 1 if a.quick else a.repeats,
