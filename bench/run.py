@@ -140,7 +140,7 @@ def bench_model(name: str, model, job: dict, repeats: int) -> list[dict]:
             "psnr_db": psnr, "ssim": ssim, "psnr_first_window_db": psnr_first,
             "psnr_vs_chunk_causal_db": psnr_causal, "peak_rss_mb": rss,
             "first_window_s": report["first_window_seconds"], "wall_s": statistics.median(walls),
-            "chunk_steps_skipped": cache.get("chunk_steps_skipped"),
+            "chunk_steps_skipped": cache.get("chunk_steps_skipped"), "kv_bytes_peak": cache.get("kv_bytes_peak"),
             "model_calls": report["model_calls"], "windows": report["windows"],
         })
         print(f"{name:8s} {method:16s} {rows[-1]['setting']:9s} flops {rows[-1]['flops_ratio']:.3f} "
@@ -184,7 +184,7 @@ def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     cols = ["model", "method", "setting", "flops_ratio", "wall_ratio", "psnr_db", "ssim", "psnr_first_window_db",
-            "psnr_vs_chunk_causal_db", "peak_rss_mb", "first_window_s"]
+            "psnr_vs_chunk_causal_db", "kv_bytes_peak", "peak_rss_mb", "first_window_s"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]

@@ -76,14 +76,14 @@ def test_kv_compression_bounds_kv_memory(comfy):
 
 
 def test_flowcache_under_a_plain_ksampler(comfy):
-    def ksampler(thr):
+    def ksampler(thr, batch=1):
         g = Graph()
         model = g.out(g.add("UNETLoader", unet_name=UNET, weight_dtype="default"))
         if thr is not None:
             model = g.out(g.add("ARCacheFlowCache", model=model, rel_l1_thresh=thr, warmup_steps=1, chunk_frames=1,
                                 coefficients="none"))
         cond = g.out(g.add("ARCacheEmptyConditioning", value=0.0))
-        lat = g.out(g.add("EmptyHunyuanLatentVideo", width=64, height=64, length=13, batch_size=1))
+        lat = g.out(g.add("EmptyHunyuanLatentVideo", width=64, height=64, length=13, batch_size=batch))
         k = g.add("KSampler", model=model, positive=cond, negative=cond, latent_image=lat, seed=3, steps=6, cfg=2.0,
                   sampler_name="euler", scheduler="simple", denoise=1.0)
         g.add("SaveLatent", samples=g.out(k), filename_prefix=f"latents/{uuid.uuid4().hex[:8]}")
@@ -95,6 +95,9 @@ def test_flowcache_under_a_plain_ksampler(comfy):
     assert torch.isfinite(zero).all() and torch.isfinite(loose).all()
     assert not torch.equal(plain, zero)      # chunk-causal attention differs from bidirectional
     assert not torch.equal(zero, loose)      # and the loose threshold skipped something
+    pair = ksampler(5.0, batch=2)            # batch 2, cond and uncond batched: 4 rows per call
+    assert pair.shape == (2, 16, 4, 8, 8) and torch.isfinite(pair).all()
+    torch.testing.assert_close(pair[:1], loose, rtol=1e-4, atol=1e-4)   # rows do not leak into each other
 
 
 def test_interrupted_cached_run_leaves_the_next_run_clean(comfy):
