@@ -60,6 +60,15 @@ fi
 if [ -n "${COMFYUI_PATH:-}" ]; then
   "$PY" -m pip install -q -r "$REPO/requirements.txt" -r "$REPO/requirements-dev.txt"
 fi
+# The frontend tests drive Debian's Chromium (no browser download: registries only).
+if [ ! -x /usr/lib/chromium/chromium ] && [ -z "${ARCACHE_SKIP_BROWSER:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing Debian's chromium for the frontend tests"
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    log "WARNING: no /usr/lib/chromium/chromium: install Debian's chromium, or set ARCACHE_SKIP_BROWSER=1"
+  fi
+fi
 # Link the pack into custom_nodes (a symlink, so edits are live).
 mkdir -p "$COMFY/custom_nodes"
 LINK="$COMFY/custom_nodes/ComfyUI-ARCache"
