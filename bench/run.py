@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 from tools.inprocess import load_comfy, pack  # noqa: E402
+from tools.metrics import video_fidelity  # noqa: E402
 
 load_comfy()
 import psutil  # noqa: E402
@@ -37,7 +38,6 @@ from comfy_extras.nodes_easycache import EasyCacheNode  # noqa: E402
 streaming = pack("model_patches.streaming")
 ar = pack("model_patches.ar_sampling")
 flowcache_patch = pack("model_patches.flowcache_patch")
-preview = pack("model_patches.preview")
 policy_mod = pack("cache_core.flowcache_policy")
 record_mod = pack("cache_core.record")
 
@@ -103,18 +103,6 @@ def generate(model, job: dict):
     return video, report, wall, mem.peak / 2**20
 
 
-PSNR_CAP_DB = 99.0   # identical outputs: reported as 99 dB so every figure stays finite (and valid JSON)
-
-
-def fidelity(video: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    import kornia
-    a, b = preview.latent_to_rgb(video).movedim(-1, 1), preview.latent_to_rgb(ref).movedim(-1, 1)
-    mse = torch.mean((a - b) ** 2).item()
-    psnr = PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * torch.log10(torch.tensor(1.0 / mse)).item())
-    ssim = kornia.metrics.ssim(a, b, window_size=5).mean().item()
-    return psnr, ssim
-
-
 def bench_model(name: str, model, job: dict, repeats: int) -> list[dict]:
     rows = []
     ref, ref_report, _, _ = generate(model, job)         # warm-up + the reference video
@@ -127,14 +115,14 @@ def bench_model(name: str, model, job: dict, repeats: int) -> list[dict]:
             video, report, w1, rss = generate(patched, job)
             base_walls.append(w0)
             walls.append(w1)
-        psnr, ssim = fidelity(video, ref)
+        psnr, ssim = video_fidelity(video, ref)
         # long AR rollouts amplify any early difference; the first window shows per-window fidelity
         first = job["first_window_frames"]
-        psnr_first = fidelity(video[:, :, :first], ref[:, :, :first])[0]
+        psnr_first = video_fidelity(video[:, :, :first], ref[:, :, :first])[0]
         if method == "chunk_causal":
             causal = video
         # FlowCache's skipping alone, apart from the chunk-causal restructuring it runs on
-        psnr_causal = fidelity(video, causal)[0] if method == "flowcache" and causal is not None else None
+        psnr_causal = video_fidelity(video, causal)[0] if method == "flowcache" and causal is not None else None
         cache = report["cache"] or {}
         rows.append({
             "model": name, "method": method, "setting": "-" if thr is None else f"thr={thr}",

@@ -2,7 +2,7 @@
 
 Each window is one `CFGGuider.sample` call with a custom KSAMPLER function, so ComfyUI loads
 and offloads the model, encodes conds, batches CFG and runs every wrapper and hook as usual.
-ComfyUI sees one scalar sigma per call (the largest of the frames being stepped); the real
+ComfyUI sees one scalar sigma per call (the window's progress through the template); the real
 per-frame timesteps reach the transformer through the `StepRecord` in transformer_options,
 and the per-frame velocity is recovered exactly as v = (x - denoised) / sigma.
 """
@@ -94,7 +94,11 @@ def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disabl
             x_in[:, :, :P] = (1 - a) * state[:, :, :P] + a * eps
             f_sig[:P] = a
         upd = update[row]
-        sigma_call = f_sig[upd].max()
+        # The scalar sigma ComfyUI sees (EasyCache, timestep-range conds, post-CFG hooks): the
+        # window's progress through the template, so it only ever decreases. In async windows the
+        # stepped frames' own sigmas jump back up whenever a new block starts; those reach the
+        # transformer per frame through the record. Any positive value inverts exactly below.
+        sigma_call = template[min(steps - 1, row * steps // counters.shape[0])].to(torch.float32)
         transformer_options[RECORD_KEY] = StepRecord(
             frame_sigmas=f_sig, active=upd.clone(), prefix_frames=P,
             chunk_frames=sch.causal_block_size, steps=steps, window_index=job.plan.index,

@@ -82,7 +82,7 @@ def write_side_by_side(videos: list[Path], out: Path, fps: int = 24) -> None:
 
 def main() -> int:
     import safetensors.torch
-    from tools.inprocess import load_comfy, pack
+    from tools.inprocess import load_comfy
     out = REPO / "out" / "demo"
     shutil.rmtree(out / "comfy", ignore_errors=True)
     models = write_all(str(out / "models"), seed=0)
@@ -107,20 +107,16 @@ def main() -> int:
     write_side_by_side([results["uncached"][0], results["flowcache"][0]], out / "demo_side_by_side.mp4")
 
     load_comfy(cpu=True)
-    import kornia
-    import torch
-    to_rgb = pack("model_patches.preview").latent_to_rgb
-    ref_rgb = to_rgb(results["uncached"][1]).movedim(-1, 1)
+    from tools.metrics import PSNR_CAP_DB, video_fidelity
+    ref = results["uncached"][1]
     base = results["uncached"][2]
     print(f"\nmodel: {unet.name} ({'toy world' if toy else 'tiny random weights: expect noise'}); "
           f"{base['windows']} windows, {base['latent_frames']} latent frames\n")
     print("| run | wall s | first window s | transformer PFLOP | FLOPs vs uncached | PSNR dB | SSIM |")
     print("|---|---|---|---|---|---|---|")
     for name, (video, latent, r) in results.items():
-        rgb = to_rgb(latent).movedim(-1, 1)
-        mse = torch.mean((rgb - ref_rgb) ** 2).item()
-        ssim = kornia.metrics.ssim(rgb, ref_rgb, window_size=5).mean().item()
-        fid = "reference | reference" if mse == 0 else f"{10 * torch.log10(torch.tensor(1 / mse)).item():.2f} | {ssim:.3f}"
+        psnr, ssim = video_fidelity(latent, ref)
+        fid = "reference | reference" if psnr == PSNR_CAP_DB else f"{psnr:.2f} | {ssim:.3f}"
         print(f"| {name} | {r['seconds']:.1f} | {r['first_window_seconds']:.1f} | {r['transformer_flops'] / 1e15:.4f} | "
               f"{r['transformer_flops'] / base['transformer_flops']:.3f} | {fid} |")
     print(f"\nvideos: {results['uncached'][0]}\n        {results['flowcache'][0]}\n"

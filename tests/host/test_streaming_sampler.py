@@ -230,3 +230,14 @@ def test_latent_preview_shows_every_latent_frame(comfy):
     im = Image.open(comfy.output_path(images[0]))
     assert im.size == (16, 16)
     assert len(im.getcolors(maxcolors=1 << 16) or range(2)) > 1     # not one flat colour
+
+
+def test_core_easycache_composes_with_an_async_schedule(comfy):
+    """The scalar sigma ComfyUI sees must only decrease, or whole-call caches such as core
+    EasyCache break (it crashed on async rows before the sampler reported window progress)."""
+    sch = dict(window_frames=29, overlap_frames=5, ar_step=2, causal_block_size=2, prefix_mode="latent")
+    lat, report = run_latent(comfy, *streaming_graph(
+        UNET13, length=53, seed=15, steps=6, save_prefix=unique(), schedule=sch,
+        cache=dict(class_type="EasyCache", reuse_threshold=3.0, start_percent=0.15, end_percent=0.95, verbose=False)))
+    assert report["windows"] == 2 and torch.isfinite(lat).all()
+    assert report["transformer_flops"] < report["transformer_flops_vanilla"]     # EasyCache skipped calls
