@@ -8,7 +8,6 @@ and the per-frame velocity is recovered exactly as v = (x - denoised) / sigma.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +18,7 @@ import comfy.samplers
 
 from ..cache_core.df_schedule import WindowPlan, flow_template, latent_frames, plan_windows, step_matrix
 from ..cache_core.frame_solver import make_solver
-from ..cache_core.record import RECORD_KEY, REPORT_KEY, StepRecord
+from ..cache_core.record import RECORD_KEY, StepRecord
 
 
 @dataclass(frozen=True)

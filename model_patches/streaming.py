@@ -1,7 +1,6 @@
 """Window-by-window long-video generation: history prefixes, decoding and streaming to disk."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 

@@ -1,5 +1,4 @@
 """A no-VAE preview of a whole video's latents, in seconds."""
-import torch
 from comfy_api.latest import io
 
 from ..model_patches.preview import FAMILIES, latent_to_rgb

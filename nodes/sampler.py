@@ -4,10 +4,8 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from comfy_api.latest import io
 
-import comfy.model_management
 import folder_paths
 import latent_preview
 

@@ -146,7 +146,7 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
     def forward(self, x, cos, sin):
-        b, n = x.shape[0], self.heads
+        n = self.heads
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (n, -1)), cos, sin)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (n, -1)), cos, sin)
         v = self.v(x).unflatten(-1, (n, -1))
