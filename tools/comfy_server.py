@@ -165,6 +165,12 @@ class ComfyServer:
     def interrupt(self) -> None:
         self.post("/interrupt")
 
+    def saved_latent(self, entry: dict, node_id: str):
+        """The tensor a SaveLatent node wrote in a finished prompt's history entry."""
+        import safetensors.torch
+        info = entry["outputs"][str(node_id)]["latents"][0]
+        return safetensors.torch.load_file(str(self.output_path(info)))["latent_tensor"]
+
     def output_path(self, file_info: dict) -> Path:
         """Path of an output file from a history entry's {filename, subfolder, type}."""
         root = {"output": "output", "temp": "temp", "input": "input"}[file_info.get("type", "output")]

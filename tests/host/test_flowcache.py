@@ -6,7 +6,6 @@ import time
 import uuid
 
 import pytest
-import safetensors.torch
 import torch
 
 from tools.comfy_server import ComfyError
@@ -23,7 +22,7 @@ def run(comfy, cache=None, seed=1, steps=8, cfg=2.0, length=33, schedule=ASYNC, 
                              cache=cache, save_prefix=f"latents/{uuid.uuid4().hex[:8]}", sampler_extra=extra or None)
     entry = comfy.run(g.prompt)
     save = next(k for k, v in g.prompt.items() if v["class_type"] == "SaveLatent")
-    latent = safetensors.torch.load_file(str(comfy.output_path(entry["outputs"][save]["latents"][0])))["latent_tensor"]
+    latent = comfy.saved_latent(entry, save)
     return latent, json.loads(entry["outputs"][sid]["text"][0])
 
 
@@ -89,7 +88,7 @@ def test_flowcache_under_a_plain_ksampler(comfy):
         g.add("SaveLatent", samples=g.out(k), filename_prefix=f"latents/{uuid.uuid4().hex[:8]}")
         e = comfy.run(g.prompt)
         save = next(k for k, v in g.prompt.items() if v["class_type"] == "SaveLatent")
-        return safetensors.torch.load_file(str(comfy.output_path(e["outputs"][save]["latents"][0])))["latent_tensor"]
+        return comfy.saved_latent(e, save)
     plain, zero, loose = ksampler(None), ksampler(0.0), ksampler(5.0)
     assert plain.shape == zero.shape == loose.shape == (1, 16, 4, 8, 8)
     assert torch.isfinite(zero).all() and torch.isfinite(loose).all()

@@ -1,7 +1,6 @@
 """The pack loads in a stock ComfyUI and a tiny Wan graph runs over HTTP."""
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 
@@ -37,8 +36,7 @@ def tiny_t2v_prompt(unet: str, seed: int, cfg: float = 1.0, steps: int = 3) -> d
 
 
 def load_saved_latent(comfy, entry, node="5") -> torch.Tensor:
-    info = entry["outputs"][node]["latents"][0]
-    return safetensors.torch.load_file(str(comfy.output_path(info)))["latent_tensor"]
+    return comfy.saved_latent(entry, node)
 
 
 def test_tiny_wan_graph_runs_over_http(comfy, tiny_models):

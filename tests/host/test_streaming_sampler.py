@@ -21,8 +21,7 @@ def run_latent(comfy, graph: Graph, sampler_id: str):
     """Run a graph; return (latent saved by its SaveLatent, the sampler's JSON report)."""
     entry = comfy.run(graph.prompt)
     save_id = next(k for k, v in graph.prompt.items() if v["class_type"] == "SaveLatent")
-    info = entry["outputs"][save_id]["latents"][0]
-    latent = safetensors.torch.load_file(str(comfy.output_path(info)))["latent_tensor"]
+    latent = comfy.saved_latent(entry, save_id)
     report = json.loads(entry["outputs"][sampler_id]["text"][0])
     return latent, report
 
@@ -50,8 +49,7 @@ def test_sync_euler_one_window_equals_stock_sampler_custom_advanced(comfy):
                     latent_image=s.out(latent))
     s.add("SaveLatent", samples=s.out(sampler), filename_prefix=unique())
     entry = comfy.run(s.prompt)
-    info = entry["outputs"][[k for k, v in s.prompt.items() if v["class_type"] == "SaveLatent"][0]]["latents"][0]
-    stock = safetensors.torch.load_file(str(comfy.output_path(info)))["latent_tensor"]
+    stock = comfy.saved_latent(entry, [k for k, v in s.prompt.items() if v["class_type"] == "SaveLatent"][0])
 
     assert report["windows"] == 1 and report["model_calls"] == 5
     assert ours.shape == stock.shape == (1, 16, 5, 8, 8)
@@ -124,7 +122,7 @@ def test_start_image_frame_is_kept(comfy, schedule):
     enc = g.add("VAEEncode", pixels=img, vae=vae)
     g.add("SaveLatent", samples=g.out(enc), filename_prefix=unique(), node_id="enc_save")
     entry = comfy.run(g.prompt)
-    load = lambda nid: safetensors.torch.load_file(str(comfy.output_path(entry["outputs"][nid]["latents"][0])))["latent_tensor"]
+    load = lambda nid: comfy.saved_latent(entry, nid)  # noqa: E731
     video = load([k for k, v in g.prompt.items() if v["class_type"] == "SaveLatent" and k != "enc_save"][0])
     image_latent = load("enc_save")
     assert video.shape[2] == 8
@@ -140,7 +138,7 @@ def test_extension_continues_the_prefix(comfy):
                    schedule=g.prompt[first]["inputs"]["schedule"], prefix_latent=g.out(first))
     g.add("SaveLatent", samples=g.out(second), filename_prefix=unique(), node_id="ext")
     entry = comfy.run(g.prompt)
-    load = lambda nid: safetensors.torch.load_file(str(comfy.output_path(entry["outputs"][nid]["latents"][0])))["latent_tensor"]
+    load = lambda nid: comfy.saved_latent(entry, nid)  # noqa: E731
     base = load([k for k, v in g.prompt.items() if v["class_type"] == "SaveLatent" and k != "ext"][0])
     ext = load("ext")
     assert ext.shape[2] == base.shape[2] + 4        # 13 pixel frames = 4 new latent frames
