@@ -8,7 +8,7 @@ and the per-frame velocity is recovered exactly as v = (x - denoised) / sigma.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +16,8 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 
-from ..cache_core.df_schedule import WindowPlan, flow_template, latent_frames, plan_windows, step_matrix
+from ..cache_core.df_schedule import (WindowPlan, flow_template, latent_frames, plan_windows, step_matrix,
+                                      window_rows)
 from ..cache_core.frame_solver import make_solver
 from ..cache_core.record import RECORD_KEY, StepRecord
 
@@ -47,10 +48,8 @@ class WindowJob:
     steps: int
     seed: int
     rows_done: int                   # rows finished in earlier windows (for one global progress bar)
-    total_rows: int
     on_row: callable = None          # progress(row_global, x0, x)
     calls: int = 0
-    stats: dict = field(default_factory=dict)
 
 
 def frame_sigmas_of(counters: torch.Tensor, template: torch.Tensor, steps: int) -> torch.Tensor:
@@ -115,8 +114,8 @@ def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disabl
 
 
 def count_rows(plans: list[WindowPlan], steps: int, schedule: DFSchedule) -> list[int]:
-    return [step_matrix(p.new_frames + p.pad_frames, steps, schedule.ar_step, schedule.causal_block_size,
-                        prefix_frames=p.prefix_frames).rows for p in plans]
+    return [window_rows(p.new_frames + p.pad_frames, steps, schedule.ar_step, schedule.causal_block_size)
+            for p in plans]
 
 
 def template_sigmas(model_patcher, steps: int, schedule: DFSchedule) -> torch.Tensor:

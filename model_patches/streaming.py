@@ -105,7 +105,7 @@ class StreamingRun:
         report = run_report.data
         self.model.model_options["transformer_options"][REPORT_KEY] = run_report
         shape = flop_count.DiTShape.from_model(self.dm)
-        tokens_per_frame = (self.lat_h // 2) * (self.lat_w // 2)
+        tokens_per_frame = flop_count.tokens_per_frame(req.height, req.width)
         generated = []                    # raw latents of new frames, window by window
         prefix = self.init_prefix
         rows_done = 0
@@ -124,7 +124,7 @@ class StreamingRun:
             noise = comfy.sample.prepare_noise(torch.zeros_like(latent), req.seed + plan.index)
             job = WindowJob(plan=plan, prefix_frames=P, gen_frames=G, tail_frames=T, schedule=sch,
                             steps=self.steps, seed=req.seed + plan.index, rows_done=rows_done,
-                            total_rows=self.total_rows, on_row=self.on_row)
+                            on_row=self.on_row)
             guider = comfy.samplers.CFGGuider(self.model)
             guider.set_conds(positive, req.negative)
             guider.set_cfg(req.cfg)
