@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import InputError
+
 # Sigma shown to the model for frames that have not started (upstream timestep 999).
 SIGMA_WAIT = 0.999
 
@@ -121,36 +123,36 @@ def plan_windows(total_latent: int, window_latent: int, overlap_latent: int,
     overlap_latent, initial_prefix = int(overlap_latent), int(initial_prefix)
     cbs = int(causal_block_size)
     if total_latent < 1:
-        raise ValueError(f"length: need at least 1 latent frame to generate, got {total_latent}")
+        raise InputError("length", f"needs at least 1 latent frame to generate, got {total_latent}")
     if cbs < 1:
-        raise ValueError(f"causal_block_size must be >= 1, got {cbs}")
+        raise InputError("schedule.causal_block_size", f"must be >= 1, got {cbs}")
     if window_latent < 1:
-        raise ValueError(f"window_frames: a window needs at least 1 latent frame, got {window_latent}")
+        raise InputError("schedule.window_frames", f"a window needs at least 1 latent frame, got {window_latent}")
     if not 0 <= initial_prefix < window_latent:
-        raise ValueError(
-            f"the prefix ({initial_prefix} latent frames) must be shorter than window_frames "
-            f"({window_latent} latent frames)")
+        raise InputError(
+            "schedule.window_frames", f"the history prefix ({initial_prefix} latent frames) must be shorter "
+            f"than the window ({window_latent} latent frames); raise window_frames or lower overlap_frames")
 
     first_cap = (window_latent - initial_prefix) // cbs * cbs
     if first_cap == 0:
-        raise ValueError(
-            f"window_frames ({window_latent} latent) minus the prefix ({initial_prefix} latent) "
-            f"leaves no room for one block of causal_block_size={cbs}")
+        raise InputError(
+            "schedule.causal_block_size", f"window_frames ({window_latent} latent) minus the prefix "
+            f"({initial_prefix} latent) leaves no room for one block of {cbs} frames; lower it or raise window_frames")
 
     plans: list[WindowPlan] = []
     done, prefix, cap = 0, initial_prefix, first_cap
     while done < total_latent:
         if plans:  # a later window: history is the overlap
             if not 0 <= overlap_latent < window_latent:
-                raise ValueError(
-                    f"overlap_frames ({overlap_latent} latent) must be shorter than window_frames "
-                    f"({window_latent} latent)")
+                raise InputError(
+                    "schedule.overlap_frames", f"({overlap_latent} latent) must be shorter than "
+                    f"window_frames ({window_latent} latent)")
             prefix, cap = overlap_latent, window_latent - overlap_latent
             if cap % cbs:
-                raise ValueError(
-                    f"window_frames - overlap_frames = {window_latent} - {overlap_latent} = {cap} "
-                    f"latent frames per window, which does not divide by causal_block_size={cbs}; "
-                    f"pick window_frames/overlap_frames so it does")
+                raise InputError(
+                    "schedule.causal_block_size", f"window_frames - overlap_frames = {window_latent} - "
+                    f"{overlap_latent} = {cap} latent frames per window, which does not divide by "
+                    f"causal_block_size={cbs}; pick window_frames/overlap_frames so it does")
         new = min(cap, total_latent - done)
         pad = (-new) % cbs  # only the ragged last window can need it, and pad <= cap - new
         plans.append(WindowPlan(index=len(plans), prefix_frames=prefix, new_frames=new,

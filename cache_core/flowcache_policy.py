@@ -24,6 +24,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .errors import InputError
+
 # TeaCache-Wan2.1 T2V coefficients with use_ret_steps (the set every FlowCache script uses),
 # highest power first: P(d) = c0 d^4 + c1 d^3 + c2 d^2 + c3 d + c4.
 COEFFICIENTS: dict[str, tuple[float, ...]] = {
@@ -52,7 +54,7 @@ def resolve_coefficients(name: Union[str, Sequence[float]], model_dim: Optional[
     for known in COEFFICIENTS:
         if known.lower() == key.lower():
             return COEFFICIENTS[known]
-    raise ValueError(f"unknown coefficients {name!r}; expected auto, 1.3B, 14B or none")
+    raise InputError("coefficients", f"unknown value {name!r}; expected auto, 1.3B, 14B or none")
 
 
 def polyval(coeffs: Sequence[float], d: float) -> float:
@@ -92,17 +94,17 @@ class FlowCacheConfig:
 
     def __post_init__(self):
         if self.rel_l1_thresh < 0:
-            raise ValueError("rel_l1_thresh must be >= 0")
+            raise InputError("rel_l1_thresh", f"must be >= 0, got {self.rel_l1_thresh}")
         if self.warmup_steps < 0 or self.final_steps < 0:
-            raise ValueError("warmup_steps and final_steps must be >= 0")
+            raise InputError("warmup_steps", "warmup_steps and final_steps must be >= 0")
         if self.chunk_frames < 1:
-            raise ValueError("chunk_frames must be >= 1")
+            raise InputError("chunk_frames", "must be >= 1")
         if self.kv_budget_chunks < 1:
-            raise ValueError("kv_budget_chunks must be >= 1")
+            raise InputError("kv_budget_chunks", "must be >= 1")
         if not 0.0 <= self.kv_lambda <= 1.0:
-            raise ValueError("kv_lambda must be in [0, 1]")
+            raise InputError("kv_lambda", f"must be in [0, 1], got {self.kv_lambda}")
         if self.max_score_queries < 1:
-            raise ValueError("max_score_queries must be >= 1")
+            raise InputError("max_score_queries", "must be >= 1")
 
 
 @dataclass

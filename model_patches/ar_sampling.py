@@ -16,6 +16,7 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 
+from ..cache_core.errors import InputError
 from ..cache_core.df_schedule import (WindowPlan, flow_template, latent_frames, plan_windows, step_matrix,
                                       window_rows)
 from ..cache_core.frame_solver import make_solver
@@ -121,8 +122,10 @@ def count_rows(plans: list[WindowPlan], steps: int, schedule: DFSchedule) -> lis
 def template_sigmas(model_patcher, steps: int, schedule: DFSchedule) -> torch.Tensor:
     if schedule.sigmas is not None:
         s = schedule.sigmas.detach().float().cpu()
-        if s.ndim != 1 or len(s) < 2 or float(s[-1]) != 0.0 or not bool((s[1:] <= s[:-1]).all()):
-            raise ValueError("schedule.sigmas: need a decreasing sigma list that ends at 0 (e.g. BasicScheduler)")
+        if (s.ndim != 1 or len(s) < 2 or float(s[-1]) != 0.0 or not bool((s[1:] < s[:-1]).all())
+                or float(s[0]) > 1.0):
+            raise InputError("schedule.sigmas", "need a strictly decreasing flow sigma list from at most 1 down "
+                             "to 0 (e.g. BasicScheduler on this model)")
         return s
     shift = schedule.shift or float(model_patcher.get_model_object("model_sampling").shift)
     return flow_template(steps, shift).float()

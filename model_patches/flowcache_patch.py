@@ -47,11 +47,12 @@ def apply_flowcache(model, config: FlowCacheConfig, skip: bool = True):
     """Return a clone of `model` that runs chunk-causally with FlowCache's skipping."""
     dm = wan.wan_transformer(model)
     if not supports(dm):
-        raise wan.ModelFamilyError(f"model: FlowCache serves plain Wan 2.1 transformers, not {type(dm).__name__}")
+        raise wan.ModelFamilyError(f"FlowCache serves plain Wan 2.1 transformers; this is "
+                                   f"{wan.describe_model(model.model)} with a changed forward")
     stacked = [k for k in AR_CACHE_KEYS if k in model.model_options.get("transformer_options", {})]
     if stacked:
-        raise ValueError("model: an AR cache (FlowCache/MotionCache) is already applied to this model; "
-                         "connect the loader's MODEL instead of stacking two AR caches")
+        raise wan.ModelFamilyError("an AR cache (FlowCache/MotionCache) is already applied to this model; "
+                                   "connect the loader's MODEL instead of stacking two AR caches")
     m = model.clone()
     m.model_options["transformer_options"][CONFIG_KEY] = (config, skip)
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)

@@ -50,10 +50,16 @@ def resize_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
 
 
 class StreamingRun:
-    """One sampler run. `sink(frames, window_index)` receives decoded frames as windows finish."""
+    """One sampler run. `sink(frames, window_index)` receives decoded frames as windows finish.
 
-    def __init__(self, model, req: VideoRequest, on_row=None, on_window=None, sink=None):
-        self.req, self.on_row, self.on_window, self.sink = req, on_row, on_window, sink
+    Callbacks must not refer back to the run: a cycle through it keeps its model clone alive
+    until the cyclic collector runs, and ComfyUI then finds a loaded model whose patcher (and
+    parent) died together, which it reports as a leak and answers with a full garbage collect
+    on every later model load. `run(on_row=...)` takes the per-row callback for that reason.
+    """
+
+    def __init__(self, model, req: VideoRequest, on_window=None, sink=None):
+        self.req, self.on_window, self.sink = req, on_window, sink
         self.dm = wan.wan_transformer(model)
         self.model = model.clone()
         wan.install_per_frame_timesteps(self.model)
@@ -95,7 +101,8 @@ class StreamingRun:
         return sum(self.rows)
 
     @torch.no_grad()   # ComfyUI's executor already disables autograd; callers outside it must not grow graphs
-    def run(self) -> tuple[torch.Tensor, dict]:
+    def run(self, on_row=None) -> tuple[torch.Tensor, dict]:
+        """on_row(row, x0, x): called after every model call (previews, progress)."""
         req, sch = self.req, self.req.schedule
         t0 = time.perf_counter()
         run_report = RunReport(windows=len(self.plans), model_calls=0, rows=self.rows, steps=self.steps,
@@ -124,7 +131,7 @@ class StreamingRun:
             noise = comfy.sample.prepare_noise(torch.zeros_like(latent), req.seed + plan.index)
             job = WindowJob(plan=plan, prefix_frames=P, gen_frames=G, tail_frames=T, schedule=sch,
                             steps=self.steps, seed=req.seed + plan.index, rows_done=rows_done,
-                            on_row=self.on_row)
+                            on_row=on_row)
             guider = comfy.samplers.CFGGuider(self.model)
             guider.set_conds(positive, req.negative)
             guider.set_cfg(req.cfg)

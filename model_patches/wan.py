@@ -18,6 +18,7 @@ import folder_paths
 from safetensors import safe_open
 
 from ..cache_core import flops as flop_count
+from ..cache_core.errors import InputError
 from ..cache_core.record import RECORD_KEY, REPORT_KEY, RunReport, StepRecord
 
 PER_FRAME_KEY = "arcache_per_frame_t"
@@ -25,24 +26,38 @@ FPS_KEYS = ("fps_embedding.weight", "fps_projection.0.weight", "fps_projection.0
             "fps_projection.2.weight", "fps_projection.2.bias")
 
 
-class ModelFamilyError(ValueError):
-    pass
+class ModelFamilyError(InputError):
+    """The MODEL input is not one the pack can serve; the message says what it is instead."""
+
+    def __init__(self, problem: str):
+        super().__init__("model", problem)
+
+
+def describe_model(base) -> str:
+    """What a ComfyUI model is, in a user's words: 'a Wan 2.2 model (48 latent channels)'."""
+    kind = type(base).__name__
+    channels = getattr(getattr(base, "latent_format", None), "latent_channels", None)
+    dm = getattr(base, "diffusion_model", None)
+    if isinstance(base, comfy.model_base.WAN21) or type(dm).__module__.startswith("comfy.ldm.wan"):
+        family = "Wan 2.2" if channels == 48 else "Wan 2.1"
+        mtype = getattr(dm, "model_type", None)
+        what = f"a {family} {mtype} model" if mtype else f"a {family} model"
+        what += f" ({kind}, {type(dm).__name__}"
+    else:
+        what = f"a {kind} model ({type(dm).__name__}"
+    return what + (f", {channels} latent channels)" if channels else ")")
 
 
 def wan_transformer(model_patcher) -> comfy.ldm.wan.model.WanModel:
     """The WanModel inside a MODEL, or a clear error saying what the model is instead."""
     base = model_patcher.model
-    kind = type(base).__name__
     dm = getattr(base, "diffusion_model", None)
-    if not isinstance(base, comfy.model_base.WAN21) or type(dm) is not comfy.ldm.wan.model.WanModel:
-        raise ModelFamilyError(
-            f"model: this is a {kind} model; the streaming sampler serves SkyReels-V2-DF "
-            "(Wan 2.1 text-to-video transformers, loaded with UNETLoader). Load a SkyReels-V2-DF "
-            "checkpoint, or use KSampler for other models.")
-    if getattr(dm, "model_type", "t2v") != "t2v" or base.latent_format.latent_channels != 16:
-        raise ModelFamilyError(
-            f"model: Wan model type '{getattr(dm, 'model_type', '?')}' is not a diffusion-forcing "
-            "text-to-video model; SkyReels-V2-DF checkpoints load as Wan 2.1 t2v.")
+    serves = ("the pack serves SkyReels-V2-DF: Wan 2.1 text-to-video transformers with 16 latent "
+              "channels, loaded with UNETLoader. Load a SkyReels-V2-DF checkpoint, or use KSampler "
+              "for other models.")
+    if (not isinstance(base, comfy.model_base.WAN21) or type(dm) is not comfy.ldm.wan.model.WanModel
+            or getattr(dm, "model_type", "t2v") != "t2v" or base.latent_format.latent_channels != 16):
+        raise ModelFamilyError(f"this is {describe_model(base)}; {serves}")
     return dm
 
 

@@ -2,6 +2,8 @@
 import torch
 from comfy_api.latest import io
 
+from .errors import named_errors
+
 # Wan's text context: umt5-xxl hidden states, padded to 512 tokens of width 4096.
 WAN_TEXT_TOKENS = 512
 WAN_TEXT_DIM = 4096
@@ -31,5 +33,6 @@ class EmptyConditioningNode(io.ComfyNode):
         )
 
     @classmethod
+    @named_errors("Empty Wan Conditioning")
     def execute(cls, value: float = 0.0) -> io.NodeOutput:
         return io.NodeOutput([[torch.full((1, WAN_TEXT_TOKENS, WAN_TEXT_DIM), float(value)), {}]])

@@ -3,6 +3,7 @@ from comfy_api.latest import io
 
 from ..cache_core.flowcache_policy import FlowCacheConfig
 from ..model_patches.flowcache_patch import apply_flowcache
+from .errors import named_errors
 
 
 class FlowCacheNode(io.ComfyNode):
@@ -47,14 +48,12 @@ class FlowCacheNode(io.ComfyNode):
         )
 
     @classmethod
+    @named_errors("FlowCache")
     def execute(cls, model, rel_l1_thresh, warmup_steps, final_steps=1, coefficients="auto", chunk_frames=5,
                 kv_compress=False, kv_budget_chunks=1, kv_lambda=0.07, max_score_queries=256,
                 skip_redundant_steps=True) -> io.NodeOutput:
-        try:
-            config = FlowCacheConfig(rel_l1_thresh=rel_l1_thresh, warmup_steps=warmup_steps, final_steps=final_steps,
-                                     coefficients=coefficients, chunk_frames=chunk_frames, kv_compress=kv_compress,
-                                     kv_budget_chunks=kv_budget_chunks, kv_lambda=kv_lambda,
-                                     max_score_queries=max_score_queries)
-        except ValueError as e:
-            raise ValueError(f"FlowCache: {e}") from None
+        config = FlowCacheConfig(rel_l1_thresh=rel_l1_thresh, warmup_steps=warmup_steps, final_steps=final_steps,
+                                 coefficients=coefficients, chunk_frames=chunk_frames, kv_compress=kv_compress,
+                                 kv_budget_chunks=kv_budget_chunks, kv_lambda=kv_lambda,
+                                 max_score_queries=max_score_queries)
         return io.NodeOutput(apply_flowcache(model, config, skip=skip_redundant_steps))

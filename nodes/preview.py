@@ -2,6 +2,7 @@
 from comfy_api.latest import io
 
 from ..model_patches.preview import FAMILIES, latent_to_rgb
+from .errors import InputError, named_errors
 
 
 class LatentPreviewNode(io.ComfyNode):
@@ -26,13 +27,14 @@ class LatentPreviewNode(io.ComfyNode):
         )
 
     @classmethod
+    @named_errors("Latent Preview")
     def execute(cls, samples, family, upscale) -> io.NodeOutput:
         raw = samples["samples"]
         if raw.ndim != 5:
-            raise ValueError(f"samples: expected video latents [B, C, F, h, w], got shape {tuple(raw.shape)}")
+            raise InputError("samples", f"expected video latents [B, C, F, h, w], got shape {tuple(raw.shape)}")
         channels = FAMILIES[family].latent_channels
         if raw.shape[1] != channels:
-            raise ValueError(f"samples have {raw.shape[1]} channels; family {family} has {channels}")
+            raise InputError("samples", f"have {raw.shape[1]} channels; family {family} has {channels}")
         frames = latent_to_rgb(raw, family)
         if upscale > 1:
             frames = frames.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)

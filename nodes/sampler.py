@@ -11,6 +11,7 @@ import latent_preview
 
 from ..model_patches.ar_sampling import DFSchedule
 from ..model_patches.streaming import StreamingRun, VideoRequest
+from .errors import InputError, named_errors
 from .schedules import ARPrompts, ARSchedule
 from .video_stream import StreamingVideoWriter
 
@@ -24,23 +25,62 @@ def progress_text(text: str, node_id) -> None:
         pass
 
 
-def validate(width, height, length, schedule: DFSchedule, vae, start_image, prefix_latent, end_image, cfg):
+WAN_CHANNELS = 16   # SkyReels-V2-DF latents (Wan 2.1 VAE)
+
+
+def check_image(name: str, image) -> None:
+    if image is None:
+        return
+    if image.ndim != 4 or image.shape[-1] not in (3, 4):
+        raise InputError(name, f"expected an IMAGE [batch, height, width, 3], got shape {tuple(image.shape)}")
+    if image.shape[0] != 1:
+        raise InputError(name, f"holds {image.shape[0]} images; give one (pick it with ImageFromBatch)")
+
+
+def check_prefix_latent(latent, width: int, height: int) -> None:
+    if latent is None:
+        return
+    if latent.ndim != 5:
+        raise InputError("prefix_latent", f"is a {latent.ndim}-D latent {tuple(latent.shape)}; it needs a video "
+                         "latent [1, 16, frames, height/8, width/8] (VAEEncode of a video with the Wan 2.1 VAE)")
+    b, c = latent.shape[:2]
+    if c != WAN_CHANNELS:
+        raise InputError("prefix_latent", f"has {c} channels; SkyReels-V2-DF latents have {WAN_CHANNELS} "
+                         "(Wan 2.1 VAE): encode the video with the Wan 2.1 VAE")
+    if b != 1:
+        raise InputError("prefix_latent", f"holds a batch of {b} videos; the sampler extends one video at a time")
+    if latent.shape[-2:] != (height // 8, width // 8):
+        raise InputError("prefix_latent", f"is {latent.shape[-1] * 8}x{latent.shape[-2] * 8} pixels; "
+                         f"set width/height to match it (now {width}x{height})")
+
+
+def validate(width, height, length, schedule: DFSchedule, vae, start_image, prefix_latent, end_image):
+    """Everything that can be checked before the model runs (so a bad input costs nothing)."""
     if width % 16 or height % 16:
-        raise ValueError(f"width={width}, height={height}: both must be multiples of 16 (e.g. 960x544)")
+        raise InputError("width", f"width={width}, height={height}: both must be multiples of 16 (e.g. 960x544)")
     if (length - 1) % 4:
-        raise ValueError(f"length={length}: must be of the form 4k+1 pixel frames (e.g. 97, 257, 737)")
+        raise InputError("length", f"{length}: must be of the form 4k+1 pixel frames (e.g. 97, 257, 737)")
     for name, image in (("start_image", start_image), ("end_image", end_image)):
         if image is not None and vae is None:
-            raise ValueError(f"{name} needs a vae: connect the Wan 2.1 VAE to the sampler's vae input")
+            raise InputError(name, "needs a vae: connect the Wan 2.1 VAE to the sampler's vae input")
+        check_image(name, image)
     if schedule.prefix_mode == "reencode_pixels" and vae is None:
-        raise ValueError("schedule.prefix_mode=reencode_pixels needs a vae: connect one, or use prefix_mode latent")
+        raise InputError("schedule.prefix_mode", "reencode_pixels needs a vae: connect one, or use prefix_mode latent")
     if start_image is not None and prefix_latent is not None:
-        raise ValueError("start_image and prefix_latent: give one (image-to-video) or the other (extension), not both")
-    if prefix_latent is not None and prefix_latent.shape[-2:] != (height // 8, width // 8):
-        raise ValueError(f"prefix_latent is {prefix_latent.shape[-1] * 8}x{prefix_latent.shape[-2] * 8}; "
-                         f"set width/height to match it")
+        raise InputError("start_image", "and prefix_latent: give one (image-to-video) or the other (extension), not both")
+    check_prefix_latent(prefix_latent, width, height)
     if schedule.overlap_frames == 0 and prefix_latent is not None:
-        raise ValueError("prefix_latent needs schedule.overlap_frames > 0 to continue from it")
+        raise InputError("prefix_latent", "needs schedule.overlap_frames > 0 to continue from it")
+
+
+def video_path(filename_prefix: str, width: int, height: int) -> str:
+    try:
+        folder, name, counter, _, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory(), width, height)
+    except Exception as e:   # ComfyUI refuses paths outside its output folder with a bare Exception
+        raise InputError("filename_prefix", f"{filename_prefix!r} cannot be used ({str(e).strip('* ')}); give a "
+                         "path relative to ComfyUI's output folder, e.g. ARCache/video") from None
+    return os.path.join(folder, f"{name}_{counter:05}_.mp4")
 
 
 class StreamingSamplerNode(io.ComfyNode):
@@ -89,24 +129,22 @@ class StreamingSamplerNode(io.ComfyNode):
         )
 
     @classmethod
+    @named_errors("Streaming AR Sampler")
     def execute(cls, model, positive, negative, width, height, length, seed, steps, cfg, schedule=None,
                 prompt_schedule=None, vae=None, start_image=None, prefix_latent=None, end_image=None,
                 save_video=False, filename_prefix="ARCache/video") -> io.NodeOutput:
         schedule = schedule or DFSchedule()
         prefix = prefix_latent["samples"] if prefix_latent is not None else None
-        validate(width, height, length, schedule, vae, start_image, prefix, end_image, cfg)
+        validate(width, height, length, schedule, vae, start_image, prefix, end_image)
         if save_video and vae is None:
-            raise ValueError("save_video needs a vae: connect the Wan 2.1 VAE")
+            raise InputError("save_video", "needs a vae: connect the Wan 2.1 VAE")
         node_id = cls.hidden.unique_id
         req = VideoRequest(width=width, height=height, length=length, seed=seed, steps=steps, cfg=cfg,
                            schedule=schedule, positives=list(prompt_schedule or [positive]), negative=negative,
                            vae=vae, start_image=start_image, prefix_latent=prefix, end_image=end_image)
         writer = None
         if save_video:
-            folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
-                filename_prefix, folder_paths.get_output_directory(), width, height)
-            writer = StreamingVideoWriter(os.path.join(folder, f"{name}_{counter:05}_.mp4"), schedule.fps or 24)
-        run = None
+            writer = StreamingVideoWriter(video_path(filename_prefix, width, height), schedule.fps or 24)
 
         def on_window(plan, n):
             progress_text(f"window {plan.index + 1}/{n} done", node_id)
@@ -114,10 +152,10 @@ class StreamingSamplerNode(io.ComfyNode):
         sink = (lambda frames, i: writer.write(frames)) if writer else None
         try:
             run = StreamingRun(model, req, on_window=on_window, sink=sink)
-            preview = latent_preview.prepare_callback(run.model, run.total_rows)
-            run.on_row = lambda row, x0, x: preview(row, x0, x, run.total_rows)
-            progress_text(f"{len(run.plans)} windows, {run.total_rows} model calls", node_id)
-            video, report = run.run()
+            total = run.total_rows
+            preview = latent_preview.prepare_callback(run.model, total)
+            progress_text(f"{len(run.plans)} windows, {total} model calls", node_id)
+            video, report = run.run(on_row=lambda row, x0, x: preview(row, x0, x, total))
             if writer:
                 report["video_file"] = os.path.relpath(writer.close(), folder_paths.get_output_directory())
                 report["video_frames"] = writer.frames

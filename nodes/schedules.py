@@ -2,6 +2,7 @@
 from comfy_api.latest import io
 
 from ..model_patches.ar_sampling import DFSchedule
+from .errors import InputError, named_errors
 
 ARSchedule = io.Custom("AR_SCHEDULE")
 ARPrompts = io.Custom("AR_PROMPTS")
@@ -21,7 +22,7 @@ class DFScheduleNode(io.ComfyNode):
             inputs=[
                 io.Int.Input("window_frames", default=97, min=5, max=1025, step=4,
                              tooltip="Pixel frames per window, history included (4k+1). 97 (540P) or 121 (720P); lower saves memory."),
-                io.Int.Input("overlap_frames", default=17, min=0, max=1021, step=4,
+                io.Int.Input("overlap_frames", default=17, min=0, max=1021, step=1,
                              tooltip="Pixel frames of history each window continues from (4k+1, or 0). Must be smaller than window_frames."),
                 io.Int.Input("ar_step", default=0, min=0, max=50,
                              tooltip="0: all frames of a window denoise together (synchronous). >0: each block starts this many steps after the previous one (asynchronous; 5 upstream)."),
@@ -44,14 +45,15 @@ class DFScheduleNode(io.ComfyNode):
         )
 
     @classmethod
+    @named_errors("Diffusion Forcing Schedule")
     def execute(cls, window_frames, overlap_frames, ar_step, causal_block_size, addnoise_condition, solver,
                 shift, fps, prefix_mode, sigmas=None) -> io.NodeOutput:
         if (window_frames - 1) % 4:
-            raise ValueError(f"window_frames={window_frames}: must be of the form 4k+1 (e.g. 97, 121)")
+            raise InputError("window_frames", f"{window_frames}: must be of the form 4k+1 (e.g. 97, 121)")
         if overlap_frames and (overlap_frames - 1) % 4:
-            raise ValueError(f"overlap_frames={overlap_frames}: must be 0 or of the form 4k+1 (e.g. 17, 37)")
+            raise InputError("overlap_frames", f"{overlap_frames}: must be 0 or of the form 4k+1 (e.g. 17, 37)")
         if overlap_frames >= window_frames:
-            raise ValueError(f"overlap_frames={overlap_frames} must be smaller than window_frames={window_frames}")
+            raise InputError("overlap_frames", f"{overlap_frames} must be smaller than window_frames={window_frames}")
         return io.NodeOutput(DFSchedule(window_frames, overlap_frames, ar_step, causal_block_size,
                                         addnoise_condition, solver, shift, fps, prefix_mode, sigmas))
 
@@ -79,6 +81,7 @@ class PromptScheduleNode(io.ComfyNode):
         )
 
     @classmethod
+    @named_errors("Prompt Schedule")
     def execute(cls, prompt_1, prompt_2=None, prompt_3=None, prompt_4=None, previous=None) -> io.NodeOutput:
         prompts = list(previous or []) + [p for p in (prompt_1, prompt_2, prompt_3, prompt_4) if p is not None]
         return io.NodeOutput(prompts)

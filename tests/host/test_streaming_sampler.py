@@ -189,7 +189,7 @@ def test_bad_input_names_the_input(comfy, change, needle):
 def test_start_image_without_vae_is_refused(comfy):
     g, sid = streaming_graph(UNET13, length=17, seed=1, steps=2, save_prefix=unique(), schedule=SMALL)
     g.prompt[sid]["inputs"]["start_image"] = image_graph(g, 0)
-    with pytest.raises(ComfyError, match="start_image needs a vae"):
+    with pytest.raises(ComfyError, match="Streaming AR Sampler, start_image: needs a vae"):
         comfy.run(g.prompt)
 
 
@@ -197,8 +197,9 @@ def test_other_model_family_is_refused(comfy, tiny_models):
     from make_tiny_checkpoints import random_tensors, wan21_dit_shapes
     path = comfy.base_dir / "models" / "diffusion_models" / "tiny_wan22_ti2v_layout.safetensors"
     safetensors.torch.save_file(random_tensors(wan21_dit_shapes(fps_keys=False, channels=48), 0), str(path))
-    with pytest.raises(ComfyError, match="model: .*SkyReels-V2-DF"):
+    with pytest.raises(ComfyError, match="model: .*SkyReels-V2-DF") as err:
         comfy.run(streaming_graph(path.name, length=17, seed=1, steps=2, save_prefix=unique(), schedule=SMALL)[0].prompt)
+    assert "this is a Wan 2.2" in str(err.value) and "48 latent channels" in str(err.value)
 
 
 def test_interrupted_run_leaves_the_next_run_identical(comfy):
