@@ -111,9 +111,16 @@ class UniPCFrameSolver(FrameSolver):
     A frame whose step index does not continue its previous one (a new window, or a first
     step in the middle of the template) starts fresh at order 1, like upstream's scheduler on
     its first call.
+
+    upstream_exact: reproduce what SkyReels-V2's pipeline (and diffusers' port) really computes.
+    It hands each frame's scheduler a *view* of its latents and then writes the new sample into
+    that memory, so the scheduler's stored previous sample has become the current one by the
+    frame's first corrector step (its second step); from the third step on the stored sample is
+    a fresh tensor and all is textbook again. Off (default): textbook UniPC.
     """
 
-    def __init__(self, template, num_frames: int):
+    def __init__(self, template, num_frames: int, upstream_exact: bool = False):
+        self.upstream_exact = bool(upstream_exact)
         super().__init__(template, num_frames)
         self._build_tables()
 
@@ -215,6 +222,8 @@ class UniPCFrameSolver(FrameSolver):
 
         xc, x0c = x.to(cd), x0.to(cd)
         last, m1, m2 = self._last_sample.to(cd), self._m1.to(cd), self._m2.to(cd)
+        if self.upstream_exact:   # the aliased view: at the first corrector, "previous" = current
+            last = torch.where(self._frame_vec(cont & (self._hist == 1), x, torch.bool), xc, last)
 
         # UniC corrector on the incoming sample (frames continuing their history only)
         oc = (self._last_order.clamp(1, 2) - 1)
@@ -242,10 +251,16 @@ class UniPCFrameSolver(FrameSolver):
         return torch.where(mask, x_next.to(x.dtype), x)
 
 
+SOLVERS = {
+    "unipc": lambda template, frames: UniPCFrameSolver(template, frames),
+    "unipc_upstream": lambda template, frames: UniPCFrameSolver(template, frames, upstream_exact=True),
+    "euler": EulerFrameSolver,
+}
+
+
 def make_solver(name: str, template, num_frames: int) -> FrameSolver:
-    """Build a per-frame solver by name: "euler" or "unipc"."""
-    solvers = {"euler": EulerFrameSolver, "unipc": UniPCFrameSolver}
+    """Build a per-frame solver by name: "unipc", "unipc_upstream" (see UniPCFrameSolver) or "euler"."""
     key = str(name).lower()
-    if key not in solvers:
-        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(solvers)}")
-    return solvers[key](template, num_frames)
+    if key not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
+    return SOLVERS[key](template, num_frames)

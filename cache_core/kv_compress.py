@@ -7,8 +7,10 @@ and the top-`budget` tokens are kept (spec flowcache.md A3/B3):
   averaged over the queries, then max-pooled along the token axis (kernel 7) so neighbours of
   an attended token survive too;
 - redundancy: each key's mean cosine similarity to the other keys, in the O(L) form
-  (k_i . sum_j k_j - |k_i|^2) / (L - 1) on L2-normalised keys (no L x L matrix), then a
-  softmax over tokens so both terms live on the same 1/L scale.
+  (k_i . sum_j k_j - |k_i|^2) / L on L2-normalised keys (no L x L matrix), then a softmax over
+  tokens so both terms live on the same 1/L scale. The divisor is L, as in both references
+  (SkyReels: the row mean of the L x L matrix with its diagonal zeroed; MAGI: the same O(L)
+  form): the softmax is not scale-free, so L - 1 would change near-ties.
 
 All tensors use the attention layout [rows, tokens, heads, head_dim]; scores are float32.
 """
@@ -56,12 +58,12 @@ def importance(keys: torch.Tensor, queries: torch.Tensor, kernel: int = 7) -> to
 
 
 def redundancy(keys: torch.Tensor) -> torch.Tensor:
-    """[rows, H, L]: softmax over tokens of each key's mean cosine similarity to the others."""
+    """[rows, H, L]: softmax over tokens of each key's summed cosine similarity to the others / L."""
     L = keys.shape[1]
     k = F.normalize(keys.float(), dim=-1)                 # [rows, L, H, D]
     total = k.sum(dim=1, keepdim=True)                    # [rows, 1, H, D]
     self_sim = (k * k).sum(dim=-1)                        # 1, or 0 for an all-zero key
-    mean_sim = ((k * total).sum(dim=-1) - self_sim) / max(L - 1, 1)   # [rows, L, H]
+    mean_sim = ((k * total).sum(dim=-1) - self_sim) / L               # [rows, L, H]
     return mean_sim.permute(0, 2, 1).softmax(dim=-1)
 
 

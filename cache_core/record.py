@@ -15,7 +15,7 @@ RECORD_KEY = "arcache_step"
 
 @dataclass
 class StepRecord:
-    frame_sigmas: torch.Tensor   # [F] per-latent-frame sigma of this call (model sees t = 1000*sigma)
+    frame_sigmas: torch.Tensor   # [F] per-latent-frame sigma of this call (what the solver uses)
     active: torch.Tensor         # [F] bool: frames the solver steps after this call
     prefix_frames: int           # leading frames that are history (clean or lightly re-noised)
     chunk_frames: int            # latent frames per chunk (the causal block size)
@@ -23,14 +23,16 @@ class StepRecord:
     window_index: int            # which window (AR segment) of the video this call belongs to
     row: int                     # index of this call within the window (0-based)
     rows: int                    # number of calls in this window
+    timesteps: torch.Tensor | None = None   # [F] what the model sees; None: 1000 * frame_sigmas
 
     @property
     def num_frames(self) -> int:
         return int(self.frame_sigmas.shape[0])
 
     def frame_timesteps(self) -> torch.Tensor:
-        """Per-frame timesteps on ComfyUI's scale for flow models (t = 1000 * sigma)."""
-        return self.frame_sigmas * 1000.0
+        """Per-frame model timesteps: the sampler's own (SkyReels-V2 gives the transformer
+        whole numbers) or ComfyUI's flow scale t = 1000 * sigma."""
+        return self.timesteps if self.timesteps is not None else self.frame_sigmas * 1000.0
 
 
 REPORT_KEY = "arcache_report"

@@ -31,7 +31,7 @@ class DFSchedule:
     ar_step: int = 0                 # 0: synchronous; >0: block b starts ar_step rows after b-1
     causal_block_size: int = 1       # latent frames per block (and per cache chunk)
     addnoise_condition: int = 20     # history frames are re-noised to sigma = value/1000
-    solver: str = "unipc"            # unipc | euler
+    solver: str = "unipc"            # unipc | unipc_upstream | euler
     shift: float = 0.0               # 0: the model's own shift
     fps: int = 24                    # fps conditioning (SkyReels-V2-DF-1.3B only)
     prefix_mode: str = "auto"        # auto | reencode_pixels | latent
@@ -74,24 +74,37 @@ def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disabl
     update[:, :P + G] = matrix.update[:, :P + G]
 
     # Start state in model space: history and end frame from the (processed) latent image,
-    # generated frames as noise at the template's first level, like any ComfyUI sampler.
+    # generated frames as noise: unscaled for SkyReels-V2's own template (upstream starts from
+    # randn at t = 999, sigma_0 = 0.99987), sigma_0 * noise for a custom list as ComfyUI does.
     state = model_k.latent_image.clone()
-    state[:, :, P:P + G] = model_k.noise[:, :, P:P + G] * sigmas[0]
+    state[:, :, P:P + G] = model_k.noise[:, :, P:P + G] * (1.0 if sch.sigmas is None else sigmas[0])
     gen = torch.Generator(device="cpu").manual_seed(job.seed ^ 0x5EED)
     solver = make_solver(sch.solver, template, state.shape[2])
     a = sch.addnoise_condition / 1000.0
+    # What the transformer sees (specs/skyreels_df.md 1.2-1.4). SkyReels-V2's own template: its
+    # whole-number timesteps, int64(1000*sigma) truncated (999 while a frame waits, 0 when done,
+    # addnoise_condition for history). A custom sigma list keeps ComfyUI's convention
+    # t = 1000*sigma, as ComfyUI's own samplers feed it. The solver always uses the exact sigmas.
+    timesteps = None
+    if sch.sigmas is None:
+        timesteps = matrix.timesteps(template).to(torch.float32)
+        if T:
+            timesteps = torch.cat([timesteps, timesteps.new_zeros(timesteps.shape[0], T)], 1)
     transformer_options = extra_args.setdefault("model_options", {}).setdefault("transformer_options", {})
     B = state.shape[0]
 
     for row in range(counters.shape[0]):
         comfy.model_management.throw_exception_if_processing_interrupted()
         f_sig = frame_sigmas_of(counters[row], template, steps).to(torch.float32)
+        f_t = None if timesteps is None else timesteps[row].clone()
         x_in = state
         if P and a > 0:  # history re-noised afresh every row (seeded, unlike upstream)
             eps = torch.randn(state[:, :, :P].shape, generator=gen).to(state)
             x_in = state.clone()
             x_in[:, :, :P] = (1 - a) * state[:, :, :P] + a * eps
             f_sig[:P] = a
+            if f_t is not None:
+                f_t[:P] = sch.addnoise_condition
         upd = update[row]
         # The scalar sigma ComfyUI sees (EasyCache, timestep-range conds, post-CFG hooks): the
         # window's progress through the template, so it only ever decreases. In async windows the
@@ -101,7 +114,7 @@ def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disabl
         transformer_options[RECORD_KEY] = StepRecord(
             frame_sigmas=f_sig, active=upd.clone(), prefix_frames=P,
             chunk_frames=sch.causal_block_size, steps=steps, window_index=job.plan.index,
-            row=row, rows=counters.shape[0])
+            row=row, rows=counters.shape[0], timesteps=f_t)
         denoised = model_k(x_in, sigma_call.to(state) * state.new_ones(B), **extra_args)
         job.calls += 1
         v = (x_in - denoised) / sigma_call.to(state)

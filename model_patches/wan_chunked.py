@@ -7,12 +7,16 @@ DIFFUSION_MODEL wrapper instead of `executor(...)`). It uses only the model's ow
    (e [B, F, dim], e0 [B, F, 6, dim]), text_embedding;
 2. split the tokens into chunks of `chunk_frames` latent frames (the last may be shorter) and,
    per CFG branch, walk the chunks in ascending order up to the last active one:
-   - an ACTIVE chunk asks the FlowCache policy; "skip" sets h = x + residual (no block runs,
+   - an ACTIVE chunk asks the FlowCache policy (its indicator, the chunk's first active frame's
+     modulation, built in float32 like the reference's); "skip" sets h = x + residual (no block runs,
      its K/V stay as last written), "compute" runs the model's blocks on the chunk alone with
      RoPE from `rope_encode(..., t_start=first frame of the chunk)` and its own e0 slice;
    - an inactive chunk never written in this segment (the history prefix) is computed once,
      without a residual, so later chunks can attend to it;
-   - an inactive chunk already written is finished: frozen, not forwarded again;
+   - an inactive chunk already written is finished: frozen, not forwarded again. An active
+     chunk is frozen right after its last step, so the next chunk of the same call already
+     attends to its (possibly compressed) final K/V, as in the reference; a history chunk is
+     frozen from the call after the one that wrote it;
    - chunks after the last active one (not started) are not forwarded;
 3. head on all tokens with per-frame e, unpatchify. Frames of chunks that were not forwarded
    are returned as exact zeros (velocity 0: a frame that is not stepped does not move); the
@@ -43,6 +47,7 @@ from typing import Optional
 import torch
 
 import comfy.ldm.common_dit
+import comfy.ops
 import comfy.ldm.wan.model as wan_model
 
 from ..cache_core import flops as flop_count
@@ -216,6 +221,31 @@ def _steps_per_chunk(record: Optional[StepRecord], transformer_options: dict) ->
     return 1 << 30   # unknown: no forced final step
 
 
+def _linear_fp32(layer, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) computed in float32 whatever the stored dtype (weights cast through comfy.ops,
+    so lowvram offload and LoRA weight functions apply as in the model's own forward)."""
+    if hasattr(layer, "comfy_cast_weights"):
+        weight, bias = comfy.ops.cast_bias_weight(layer, x, dtype=torch.float32, device=x.device)[:2]
+    else:
+        weight = layer.weight.to(x.device, torch.float32)
+        bias = None if layer.bias is None else layer.bias.to(x.device, torch.float32)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _indicators_fp32(dm, t: torch.Tensor) -> torch.Tensor:
+    """FlowCache's indicator, the 6-way modulation e0 of the given timesteps [B, n], built in
+    float32 from a float64 sinusoid as the reference does (its time embedding runs under fp32
+    autocast); the model's own e0 is in its dtype, and bf16 rounding can move the accumulated
+    distance across the threshold. Returns [B, n, 6, dim]."""
+    half = dm.freq_dim // 2      # Wan's [cos, sin] sinusoid, in float64 (ComfyUI's is float32)
+    angles = torch.outer(t.flatten().double(), torch.pow(10000.0, -torch.arange(half, device=t.device,
+                                                                            dtype=torch.float64) / half))
+    h = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+    for layer in (*dm.time_embedding, *dm.time_projection):
+        h = _linear_fp32(layer, h) if isinstance(layer, torch.nn.Linear) else layer(h)
+    return h.reshape(*t.shape, 6, dm.dim)
+
+
 def _run_blocks(dm, h, e0, freqs, context, context_img_len, opts, hook: _ChunkAttention):
     """The model's own blocks on one chunk (block-replace patches are honoured)."""
     blocks_replace = opts.get("patches_replace", {}).get("dit", {})
@@ -279,6 +309,7 @@ def forward_chunked(dm, x: torch.Tensor, timestep: torch.Tensor, context: torch.
     # history frames (prefix not a multiple of the chunk) must not measure their constant t
     probe = [next((i for i in range(g * chunk_frames, min((g + 1) * chunk_frames, f)) if act[i]),
                   g * chunk_frames) for g in range(n_chunks)]
+    indicators = _indicators_fp32(dm, t[:, probe]) if state.skip else None   # [B, chunks, 6, dim]
     state._begin_call(dm, x.shape, layout, record, None if record is not None else float(t.max()))
     store, policy = state.store, state.policy
     steps = _steps_per_chunk(record, transformer_options)
@@ -310,7 +341,7 @@ def forward_chunked(dm, x: torch.Tensor, timestep: torch.Tensor, context: torch.
                 st = policy.state(branch, g)
                 compute = True
                 if state.skip:
-                    compute = policy.decide(branch, g, e0[rows, probe[g]], st.local_step, steps)
+                    compute = policy.decide(branch, g, indicators[rows, g], st.local_step, steps)
             elif not store.is_written(branch, g):
                 compute, st = True, None           # history chunk: K/V once per segment
             else:
@@ -337,6 +368,10 @@ def forward_chunked(dm, x: torch.Tensor, timestep: torch.Tensor, context: torch.
                 skipped.append(g)
                 policy.record_step(branch, g, False)
                 state.stats["chunks_skipped"] += 1
+            if st is not None and st.local_step >= steps:
+                # its last step: frozen (and compressible) before the next chunk of this call
+                # attends to it, as the reference's clean list does
+                store.freeze(branch, g)
             out_h[rows, s:e_tok] = h_out
             done.add(g)
         forwarded[branch] = (rows, done)

@@ -45,10 +45,17 @@ def flow_sigmas(steps=20, shift=8.0):
     return (shift * u / (1 + (shift - 1) * u)).float()
 
 
+def model_timesteps(sigma_frames, integer=False):
+    """What the transformer is shown: ComfyUI's 1000*sigma, or SkyReels-V2's whole numbers
+    (int64 truncation of 1000*sigma; give float64 sigmas so 0.02 -> 20, not 19)."""
+    t = sigma_frames.double() * 1000.0
+    return (torch.floor(t) if integer else t).float()
+
+
 @torch.inference_mode()
-def velocity(model, x, sigma_frames):
+def velocity(model, x, sigma_frames, integer_timesteps=False):
     """sigma_frames [B, F] -> v [B, 16, F, H, W] (zero text context)."""
-    return model(x, sigma_frames * 1000.0).float()
+    return model(x, model_timesteps(sigma_frames, integer_timesteps)).float()
 
 
 @torch.inference_mode()
@@ -66,10 +73,12 @@ def sample_sync(model, noise, steps=20, shift=8.0, callback=None):
 
 @torch.inference_mode()
 def sample_async(model, noise, history=None, block=2, ar_step=4, steps=20, shift=8.0, hist_sigma=0.0, gen=None,
-                 callback=None):
+                 callback=None, sigmas=None, integer_timesteps=False):
     """Diffusion-forcing rollout of noise.shape[2] new frames after optional history frames.
-    Returns (new frames [B, 16, Fn, H, W], number of model calls)."""
-    sig = flow_sigmas(steps, shift)
+    sigmas: a template of steps+1 sigmas instead of flow_sigmas(steps, shift); integer_timesteps:
+    show the model SkyReels-V2's whole-number timesteps. Returns (new frames [B, 16, Fn, H, W],
+    number of model calls)."""
+    sig = flow_sigmas(steps, shift) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float64)
     B, C, Fn, H, W = noise.shape
     h = 0 if history is None else history.shape[2]
     if h:
@@ -86,12 +95,12 @@ def sample_async(model, noise, history=None, block=2, ar_step=4, steps=20, shift
     for r in range(rows):
         idx = (r - blk * ar_step).clamp(0, steps)          # step index of every new frame before this row
         nxt = (r + 1 - blk * ar_step).clamp(0, steps)
-        s_now = torch.cat([torch.full((h,), float(hist_sigma)), sig[idx]])
-        s_next = torch.cat([torch.full((h,), float(hist_sigma)), sig[nxt]])
-        v = velocity(model, x, s_now.expand(B, -1))
+        s_now = torch.cat([torch.full((h,), float(hist_sigma), dtype=sig.dtype), sig[idx]])
+        s_next = torch.cat([torch.full((h,), float(hist_sigma), dtype=sig.dtype), sig[nxt]])
+        v = velocity(model, x, s_now.expand(B, -1), integer_timesteps)
         if callback is not None:
             callback(r, x, v, s_now.expand(B, -1))
-        x = x + (s_next - s_now).view(1, 1, -1, 1, 1) * v
+        x = x + (s_next - s_now).float().view(1, 1, -1, 1, 1) * v
     return x[:, :, h:], rows
 
 

@@ -8,6 +8,7 @@ guider, per-frame Euler and the history hand-over between windows.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,10 +35,16 @@ def theirs_model(model):
     return lambda x, t: dm(x, t, ctx)
 
 
-def ours(model, length, seed):
+def skyreels_template(steps, shift):
+    """SkyReels-V2's template, written out here: linspace(float32 0.999, 0) shifted, then 0."""
+    base = np.linspace(np.float32(0.999), 0.0, steps + 1)[:-1].astype(np.float64)
+    return torch.from_numpy(np.concatenate([shift * base / (1 + (shift - 1) * base), [0.0]]))
+
+
+def ours(model, length, seed, native_template=False):
     sched = ar.DFSchedule(window_frames=29, overlap_frames=5, ar_step=AR_STEP, causal_block_size=BLOCK,
-                          addnoise_condition=0, solver="euler", fps=0, prefix_mode="latent",
-                          sigmas=flow_sigmas(STEPS, 8.0))
+                          addnoise_condition=0, solver="euler", fps=0, prefix_mode="latent", shift=8.0,
+                          sigmas=None if native_template else flow_sigmas(STEPS, 8.0))
     cond = [[torch.zeros(1, 512, 4096), {}]]
     req = streaming.VideoRequest(width=64, height=64, length=length, seed=seed, steps=STEPS, cfg=1.0,
                                  schedule=sched, positives=[cond], negative=cond)
@@ -63,3 +70,46 @@ def test_two_windows_with_history_match(model):
                              shift=8.0)
     assert report["windows"] == 2
     torch.testing.assert_close(mine, torch.cat([first, second], 2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("length,seeds", [(29, (4,)), (53, (9, 10))], ids=["one_window", "two_windows"])
+def test_native_template_with_upstream_integer_timesteps_matches(model, length, seeds):
+    """SkyReels-V2's own template: the model must see whole-number timesteps (999 waiting,
+    int64(1000 sigma) stepping, 0 done) and the frames start from unscaled noise."""
+    mine, report = ours(model, length=length, seed=seeds[0], native_template=True)
+    run, tmpl = theirs_model(model), skyreels_template(STEPS, 8.0)
+    kw = dict(block=BLOCK, ar_step=AR_STEP, steps=STEPS, sigmas=tmpl, integer_timesteps=True)
+    first, _ = sample_async(run, comfy.sample.prepare_noise(torch.zeros(1, 16, 8, 8, 8), seeds[0]), **kw)
+    parts = [first]
+    if len(seeds) > 1:
+        noise2 = comfy.sample.prepare_noise(torch.zeros(1, 16, 8, 8, 8), seeds[1])[:, :, 2:]
+        parts.append(sample_async(run, noise2, history=first[:, :, -2:], **kw)[0])
+    assert report["windows"] == len(seeds)
+    torch.testing.assert_close(mine, torch.cat(parts, 2), rtol=2e-5, atol=2e-5)
+
+
+def test_model_sees_hand_written_integer_timesteps(model):
+    """Async window (blocks of 2, ar_step 1, 4 steps of shift 8: t = 999, 959, 888, 727) and a
+    second window whose 2 history frames are re-noised to addnoise_condition = 20."""
+    seen = []
+    dm = model.model.diffusion_model
+    original = dm.forward_orig
+
+    def spy(x, t, *args, **kwargs):
+        seen.append(t[0].tolist())
+        return original(x, t, *args, **kwargs)
+
+    sched = ar.DFSchedule(window_frames=13, overlap_frames=5, ar_step=1, causal_block_size=2,
+                          addnoise_condition=20, solver="unipc", shift=8.0, fps=0, prefix_mode="latent")
+    cond = [[torch.zeros(1, 512, 4096), {}]]
+    req = streaming.VideoRequest(width=64, height=64, length=21, seed=3, steps=4, cfg=1.0, schedule=sched,
+                                 positives=[cond], negative=cond)
+    dm.forward_orig = spy
+    try:
+        streaming.StreamingRun(model, req).run()
+    finally:
+        del dm.forward_orig
+    assert seen == [
+        [999, 999, 999, 999], [959, 959, 999, 999], [888, 888, 959, 959], [727, 727, 888, 888], [0, 0, 727, 727],
+        [20, 20, 999, 999], [20, 20, 959, 959], [20, 20, 888, 888], [20, 20, 727, 727],
+    ]

@@ -200,10 +200,39 @@ def test_indicator_is_the_first_active_frame_of_a_chunk(dm):
     state = wc.WanChunkedState(FlowCacheConfig())
     run(dm, state, x, ctx, record(sig, [False, True, True, True, True], prefix=1))
     with torch.no_grad():
-        e = dm.time_embedding(wan_model.sinusoidal_embedding_1d(dm.freq_dim, torch.tensor([900.0])))
-        e0 = dm.time_projection(e).unflatten(1, (6, dm.dim))
+        e0 = reference_modulation(dm, 900.0)
     torch.testing.assert_close(state.policy.state(0, 0).prev, e0, atol=1e-6, rtol=1e-6)
     assert state.policy.state(0, 0).prev.shape == (1, 6, 256)      # [rows, 6, dim]: no per-token copy
+
+
+def reference_modulation(model, t: float) -> torch.Tensor:
+    """e0 as the FlowCache reference builds it: float64 sinusoid, float32 time MLPs. [1, 6, dim]"""
+    import numpy as np
+    half = model.freq_dim // 2
+    ang = np.float64(t) * np.power(10000.0, -np.arange(half, dtype=np.float64) / half)
+    h = torch.from_numpy(np.concatenate([np.cos(ang), np.sin(ang)])[None]).float()
+    lin = [m for m in (*model.time_embedding, *model.time_projection)]
+    h = torch.nn.functional.linear(h, lin[0].weight.float(), lin[0].bias.float())
+    h = torch.nn.functional.linear(torch.nn.functional.silu(h), lin[2].weight.float(), lin[2].bias.float())
+    h = torch.nn.functional.linear(torch.nn.functional.silu(h), lin[4].weight.float(), lin[4].bias.float())
+    return h.unflatten(1, (6, model.dim))
+
+
+def test_indicator_is_built_in_float32_in_a_bf16_model(dm):
+    import copy
+    bf = copy.deepcopy(dm).to(torch.bfloat16)
+    bf.patch_embedding.float()                                    # ComfyUI keeps it in fp32
+    x, ctx = inputs(seed=7)
+    state = wc.WanChunkedState(FlowCacheConfig())
+    run(bf, state, x.bfloat16(), ctx.bfloat16(), record([0.9] * F, [True] * F))
+    ours = state.policy.state(0, 0).prev
+    with torch.no_grad():
+        expected = reference_modulation(bf, 900.0)
+        own = bf.time_projection(bf.time_embedding(
+            wan_model.sinusoidal_embedding_1d(bf.freq_dim, torch.tensor([900.0])).bfloat16())).unflatten(1, (6, bf.dim))
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert (own.float() - expected).abs().max() > 1e-3           # what the bf16 path would have measured
 
 
 def test_branches_batched_equal_separate_calls(dm):
@@ -246,6 +275,22 @@ def test_compression_shrinks_kv_memory(dm):
     from arcache_pack.cache_core.flops import chunk_causal_flops
     expect = chunk_causal_flops(shape, (12, 12, 6), [2], {2: 18}, frames=F, batch=1) * 2
     assert state.stats["transformer_flops"] - flops_before == expect
+
+
+def test_a_chunk_is_compressed_right_after_its_last_step(dm):
+    """As in the reference: a chunk that takes its last step in a call is frozen at once, so the
+    next chunk of the same call already attends to the compressed history."""
+    cfg = FlowCacheConfig(rel_l1_thresh=0.0, kv_compress=True, kv_budget_chunks=1)
+    state = wc.WanChunkedState(cfg)
+    x, ctx = inputs(seed=6)
+    run(dm, state, x, ctx, record([0.9] * 4 + [1.0], [True] * 4 + [False], row=0, steps=2))
+    assert state.store.history_chunks(0, 0) == 0
+    # chunks 0 and 1 take their 2nd and last step, chunk 2 its first, all in one call
+    run(dm, state, x, ctx, record([0.5] * 4 + [0.9], [True] * 5, row=1, steps=2))
+    assert all(state.store.history_chunks(b, layer) == 2 for b in (0, 1) for layer in range(2))
+    assert state.store.is_frozen(0, 0) and state.store.is_frozen(1, 1) and not state.store.is_frozen(0, 2)
+    k, _ = state.store.visible(0, 1, 2)
+    assert k.shape[1] == CF * TPF + TPF            # chunk 2 saw budget (one chunk) + itself
 
 
 def test_model_and_options_are_left_untouched(dm):

@@ -13,8 +13,9 @@ KEYS = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]
 
 
 def test_redundancy_hand_values():
-    # mean cosine to the others: k0..2 (1+1+0-1)/4 = .25, k3 0, k4 (-1-1-1+0)/4 = -.75
-    expected = torch.tensor([0.25, 0.25, 0.25, 0.0, -0.75]).softmax(-1)
+    # cosine to the others over L = 5 (the references' divisor): k0..2 (1+1+0-1)/5 = .2, k3 0,
+    # k4 (-1-1-1+0)/5 = -.6
+    expected = torch.tensor([0.2, 0.2, 0.2, 0.0, -0.6]).softmax(-1)
     assert torch.allclose(redundancy(KEYS)[0, 0], expected, atol=1e-6)
 
 
@@ -24,7 +25,7 @@ def test_redundancy_matches_full_matrix():
     kn = F.normalize(keys, dim=-1).permute(0, 2, 1, 3)            # [rows, H, L, D]
     sim = kn @ kn.transpose(-1, -2)
     sim = sim - torch.diag_embed(torch.diagonal(sim, dim1=-2, dim2=-1))
-    full = (sim.sum(-1) / 36).softmax(-1)
+    full = sim.mean(-1).softmax(-1)          # SkyReels reference: row mean with a zeroed diagonal
     assert torch.allclose(redundancy(keys), full, atol=1e-6)
 
 
@@ -46,8 +47,8 @@ def test_importance_softmax_mean_and_maxpool():
 def test_hand_computed_topk():
     q = torch.tensor([[5.0, 0.0]]).view(1, 1, 1, 2)
     # importance (softmax of 3.54, 3.54, 3.54, 0, -3.54) = [.3300 x3, .0096, .0003]
-    # redundancy (softmax of .25, .25, .25, 0, -.75)      = [.2412 x3, .1878, .0887]
-    # score at lambda .5 = [.0445 x3, -.0891, -.0442]: keep 0, 1, 2 and the non-redundant 4
+    # redundancy (softmax of .2, .2, .2, 0, -.6)         = [.2343 x3, .1918, .1053]
+    # score at lambda .5 = [.0479 x3, -.0911, -.0525]: keep 0, 1, 2 and the non-redundant 4
     _, _, idx = select_tokens(KEYS, KEYS, q, budget=4, lam=0.5, kernel=1)
     assert idx[0, 0].tolist() == [0, 1, 2, 4]
     # importance only keeps the attended ones, redundancy only the unusual ones
