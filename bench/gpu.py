@@ -15,9 +15,9 @@ five noise levels), zero text context [B, 512, 4096], batch 2 = cond + uncond to
 Measured, every time CUDA-synchronised (the median of a few calls after a warm-up call):
 
 - uncached: the model's own bidirectional forward (`WanModel.forward`).
-- chunk_causal: `model_patches.wan_chunked.forward_chunked` with `WanChunkedState(skip=False)`,
-  all five chunks active and computed (the restructure alone).
-- flowcache_patterns: FIXED skip patterns. A `WanChunkedState(skip=True)` with
+- chunk_causal: the chunk executor (`model_patches.ar_cache.forward_chunkwise` through the Wan
+  chunk adapter) with the restructure-only policy, all five chunks active and computed.
+- flowcache_patterns: FIXED skip patterns. A FlowCache run state (`ar_cache.flowcache_spec`) with
   rel_l1_thresh=1e9, warmup_steps=1, final_steps=0: its first call computes every chunk (warm-up,
   residuals stored); from then on the real FlowCache rule would skip every chunk. The policy's
   `decide` is wrapped on the instance: the real `decide` still runs (indicator, accumulator,
@@ -151,7 +151,7 @@ def missing_modules() -> list:
 
 def source_fingerprint() -> dict:
     out = {}
-    for rel in ("model_patches/wan_chunked.py", "cache_core/kv_store.py", "cache_core/kv_compress.py",
+    for rel in ("model_patches/wan.py", "cache_core/chunk_executor.py", "cache_core/kv_store.py", "cache_core/kv_compress.py",
                 "cache_core/flowcache_policy.py", "cache_core/flops.py", "bench/gpu.py"):
         p = REPO / rel
         if p.is_file():
@@ -178,7 +178,10 @@ class Bench:
         self.torch = mods["torch"]
         self.wan = mods["wan_model"]
         self.ops = mods["ops"]
-        self.wc = mods["wc"]
+        self.ar_cache = mods["ar_cache"]
+        self.families = mods["families"]
+        self.wan_family = mods["wan_family"]
+        self.executor = mods["executor"]
         self.flops = mods["flops"]
         self.FlowCacheConfig = mods["FlowCacheConfig"]
         self.FlowCachePolicy = mods["FlowCachePolicy"]
@@ -316,9 +319,14 @@ class Bench:
                                prefix_frames=0, chunk_frames=CHUNK_FRAMES, steps=STEPS, window_index=0,
                                row=row, rows=STEPS)
 
+    def run_state(self, dm, cfg, skip: bool):
+        """The run state FlowCache makes per sampling run (skip False: restructure only)."""
+        return self.ar_cache.flowcache_spec(cfg, self.families.WAN21, dm, skip).new_run()
+
     def chunked(self, dm, state, x, t, ctx, rec, cou):
         with self.torch.no_grad():
-            return self.wc.forward_chunked(dm, x, t, ctx, {"cond_or_uncond": list(cou), self.RECORD_KEY: rec}, state)
+            return self.ar_cache.forward_chunkwise(state, self.wan_family.WanChunkAdapter(dm), x, t, ctx,
+                                                   {"cond_or_uncond": list(cou), self.RECORD_KEY: rec})
 
     # --- one model size ---------------------------------------------------------------------------
     def bench_model(self, tag: str, dims: dict, frames: int, batch: int, lat_hw, plan: list, reps: int,
@@ -341,7 +349,7 @@ class Bench:
         res["params"] = sum(p.numel() for p in dm.parameters())
         res["weight_bytes"] = sum(p.numel() * p.element_size() for p in dm.parameters())
         x, ctx, t = self.inputs(batch, frames, lat_hw)
-        shape = self.flops.DiTShape.from_model(dm)
+        shape = self.wan_family.flop_shape(dm)
         vanilla = self.flops.window_flops(shape, tokens, frames, batch)
         res["flops_uncached"] = vanilla
         ctxt = dict(dm=dm, x=x, ctx=ctx, t=t, cou=cou, tokens=tokens, frames=frames, batch=batch,
@@ -416,7 +424,7 @@ class Bench:
             if q.shape[1] == L and k.shape[1] == L:
                 kw["mask"] = mask
             return func(q, k, v, *a, **kw)
-        state = self.wc.WanChunkedState(self.FlowCacheConfig(), skip=False)
+        state = self.run_state(dm, self.FlowCacheConfig(), skip=False)
         out = self.chunked(dm, state, x, t, ctx, self.record(frames, range(2), 0), [0, 1]).float()
         with torch.no_grad():
             ref = dm(x, t, ctx, transformer_options={"cond_or_uncond": [0, 1],
@@ -434,10 +442,10 @@ class Bench:
         return state.stats["transformer_flops"] - flops0
 
     def st_restructure(self, c):
-        """Chunk-causal, every chunk active and computed, no skipping (WanChunkedState skip=False)."""
+        """Chunk-causal, every chunk active and computed, no skipping (restructure-only policy)."""
         dm, x, ctx, t = c["dm"], c["x"], c["ctx"], c["t"]
         base = self.mem_base()
-        state = self.wc.WanChunkedState(self.FlowCacheConfig(chunk_frames=CHUNK_FRAMES), skip=False)
+        state = self.run_state(dm, self.FlowCacheConfig(chunk_frames=CHUNK_FRAMES), skip=False)
         row = [0]
         all_chunks = range(c["n_chunks"])
 
@@ -469,7 +477,7 @@ class Bench:
         branches = len(c["cou"])
         base = self.mem_base()
         cfg = self.FlowCacheConfig(rel_l1_thresh=1e9, warmup_steps=1, final_steps=0, chunk_frames=CHUNK_FRAMES)
-        state = self.wc.WanChunkedState(cfg, skip=True)
+        state = self.run_state(dm, cfg, skip=True)
         row = [0]
         all_chunks = range(n_chunks)
 
@@ -485,7 +493,8 @@ class Bench:
 
         def fixed_decide(branch, chunk, indicator, local_step, steps):
             real = real_decide(branch, chunk, indicator, local_step, steps)   # full cost, incl. sync
-            return bool(real) or chunk not in skip_set
+            compute = real is self.executor.COMPUTE or chunk not in skip_set
+            return self.executor.COMPUTE if compute else self.executor.SKIP
         policy.decide = fixed_decide          # instance attribute: shadows the method
 
         est = c.get("t_restructure") or cold
@@ -565,7 +574,7 @@ class Bench:
                 return dm.time_projection(e.reshape(batch, frames, -1)).unflatten(2, (6, dm.dim))
             inds = [e0_of(t), e0_of(t * 0.99)]
         pol = self.FlowCachePolicy(self.FlowCacheConfig(rel_l1_thresh=1e9, warmup_steps=0, final_steps=0),
-                                   model_dim=dm.dim)
+                                   self.wan_family.resolve_coefficients("auto", dm.dim))
         keys = [(b, g) for b in range(branches) for g in range(n_chunks)]
         for b, g in keys:
             pol.decide(b, g, inds[0][b:b + 1, g * CHUNK_FRAMES], 0, STEPS)
@@ -622,7 +631,7 @@ class Bench:
         dm, x, ctx, t = c["dm"], c["x"], c["ctx"], c["t"]
         base = self.mem_base()
         cfg = self.FlowCacheConfig(chunk_frames=CHUNK_FRAMES, kv_compress=compress, kv_budget_chunks=1)
-        state = self.wc.WanChunkedState(cfg, skip=False)
+        state = self.run_state(dm, cfg, skip=False)
         rows, peak = [], 0
         for r, act in enumerate(schedule):
             rec = self.record(c["frames"], set(act), r)
@@ -792,7 +801,10 @@ def main(argv=None) -> int:
         pkg = types.ModuleType("arcache_pack")
         pkg.__path__ = [str(REPO)]
         sys.modules["arcache_pack"] = pkg
-    wc = importlib.import_module("arcache_pack.model_patches.wan_chunked")
+    ar_cache = importlib.import_module("arcache_pack.model_patches.ar_cache")
+    families = importlib.import_module("arcache_pack.model_patches.families")
+    wan_family = importlib.import_module("arcache_pack.model_patches.wan")
+    executor = importlib.import_module("arcache_pack.cache_core.chunk_executor")
     flops = importlib.import_module("arcache_pack.cache_core.flops")
     fcp = importlib.import_module("arcache_pack.cache_core.flowcache_policy")
     rec = importlib.import_module("arcache_pack.cache_core.record")
@@ -811,7 +823,8 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(1)          # tiny tensors: more threads only add contention
 
-    b = Bench(args, dict(torch=torch, wan_model=wan_model, ops=comfy.ops, wc=wc, flops=flops,
+    b = Bench(args, dict(torch=torch, wan_model=wan_model, ops=comfy.ops, ar_cache=ar_cache, families=families,
+                         wan_family=wan_family, executor=executor, flops=flops,
                          FlowCacheConfig=fcp.FlowCacheConfig, FlowCachePolicy=fcp.FlowCachePolicy,
                          StepRecord=rec.StepRecord, RECORD_KEY=rec.RECORD_KEY, results=results))
     b.log(f"device {dev_name}, torch {torch.__version__}, attention {results['attention']}, "

@@ -37,7 +37,7 @@ from comfy_extras.nodes_easycache import EasyCacheNode  # noqa: E402
 
 streaming = pack("model_patches.streaming")
 ar = pack("model_patches.ar_sampling")
-flowcache_patch = pack("model_patches.flowcache_patch")
+flowcache_patch = pack("model_patches.ar_cache")
 policy_mod = pack("cache_core.flowcache_policy")
 record_mod = pack("cache_core.record")
 

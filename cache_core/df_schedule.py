@@ -37,18 +37,19 @@ SIGMA_WAIT = 0.999
 TEMPLATE_SIGMA_MAX = float(np.float32(0.999))
 
 
-def latent_frames(pixel_frames: int) -> int:
-    """Latent frames of a Wan-VAE video with ``pixel_frames`` frames: (n-1)//4 + 1."""
+def latent_frames(pixel_frames: int, stride: int = 4) -> int:
+    """Latent frames of a causal-VAE video with ``pixel_frames`` frames: (n-1)//stride + 1 (the
+    first frame alone, then ``stride`` frames per latent; the family gives the stride)."""
     if pixel_frames < 1:
         raise ValueError(f"pixel_frames must be >= 1, got {pixel_frames}")
-    return (int(pixel_frames) - 1) // 4 + 1
+    return (int(pixel_frames) - 1) // stride + 1
 
 
-def pixel_frames(latent: int) -> int:
-    """Pixel frames decoded from ``latent`` latent frames: 4(l-1) + 1."""
+def pixel_frames(latent: int, stride: int = 4) -> int:
+    """Pixel frames decoded from ``latent`` latent frames: stride*(l-1) + 1."""
     if latent < 1:
         raise ValueError(f"latent frames must be >= 1, got {latent}")
-    return 4 * (int(latent) - 1) + 1
+    return stride * (int(latent) - 1) + 1
 
 
 def flow_shift(sigma, shift: float):
@@ -73,6 +74,22 @@ def flow_template(steps: int, shift: float) -> torch.Tensor:
 def template_timesteps(template: torch.Tensor) -> torch.Tensor:
     """Upstream's integer model timesteps for a template: int64(1000*sigma) (truncation)."""
     return (template.to(torch.float64) * 1000.0).to(torch.int64)
+
+
+@dataclass(frozen=True)
+class DFSchedule:
+    """The diffusion-forcing knobs (ARCacheDFSchedule); defaults are SkyReels-V2's. The
+    streaming sampler dispatches on the schedule's type."""
+    window_frames: int = 97          # pixel frames per window, history included
+    overlap_frames: int = 17         # pixel frames of history carried into the next window
+    ar_step: int = 0                 # 0: synchronous; >0: block b starts ar_step rows after b-1
+    causal_block_size: int = 1       # latent frames per block (and per cache chunk)
+    addnoise_condition: int = 20     # history frames are re-noised to sigma = value/1000
+    solver: str = "unipc"            # unipc | unipc_upstream | euler
+    shift: float = 0.0               # 0: the model's own shift
+    fps: int = 24                    # fps conditioning (SkyReels-V2-DF-1.3B only)
+    prefix_mode: str = "auto"        # auto | reencode_pixels | latent
+    sigmas: torch.Tensor | None = None   # optional custom template (overrides steps/shift)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,13 +46,6 @@ class DiTShape:
     def wan_14b(cls) -> "DiTShape":
         return cls(dim=5120, ffn_dim=13824, num_layers=40)
 
-    @classmethod
-    def from_model(cls, model) -> "DiTShape":
-        """From a ComfyUI WanModel instance (dim, ffn_dim, num_layers, text_len, ...)."""
-        return cls(dim=model.dim, ffn_dim=model.ffn_dim, num_layers=model.num_layers,
-                   text_len=model.text_len, text_dim=model.text_dim, freq_dim=model.freq_dim,
-                   in_dim=model.in_dim, out_dim=model.out_dim, patch=tuple(model.patch_size))
-
 
 def _patch_volume(s: DiTShape) -> int:
     return s.patch[0] * s.patch[1] * s.patch[2]
@@ -86,18 +79,19 @@ def window_flops(s: DiTShape, tokens: int, frames: int, batch: int = 1) -> int:
 
 def chunk_causal_flops(s: DiTShape, chunk_tokens: Sequence[int], computed: Iterable[int],
                        key_lengths: Optional[dict] = None, frames: Optional[int] = None,
-                       batch: int = 1) -> int:
+                       batch: int = 1, query_tokens: Optional[dict] = None) -> int:
     """One chunk-causal call: only the chunks in `computed` run the blocks.
 
     Chunk g attends to sum(chunk_tokens[:g+1]) keys unless key_lengths[g] says otherwise
-    (a compressed history). Embeddings and head run over the whole window once.
+    (a compressed history), with all its tokens as queries unless query_tokens[g] says how many
+    (a token subset). Embeddings and head run over the whole window once.
     """
-    key_lengths = key_lengths or {}
+    key_lengths, query_tokens = key_lengths or {}, query_tokens or {}
     tokens = sum(chunk_tokens)
     total = 0
     for g in computed:
         lk = key_lengths.get(g, sum(chunk_tokens[:g + 1]))
-        total += s.num_layers * block_flops(s, chunk_tokens[g], lk)
+        total += s.num_layers * block_flops(s, query_tokens.get(g, chunk_tokens[g]), lk)
     f = frames if frames is not None else len(chunk_tokens)
     return batch * (total + embed_head_flops(s, tokens, f))
 

@@ -16,45 +16,29 @@ Differences from the reference, on purpose (spec section 6):
 - An unknown model size falls back to the identity (no NameError); a zero previous indicator
   cannot divide by zero.
 - State is keyed by the CFG branch id the caller passes, never by call parity.
+
+A policy of the chunk executor (chunk_executor.ChunkPolicy); the polynomial is the model
+family's (model_patches), passed in already resolved.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
+from .chunk_executor import COMPUTE, SKIP, ChunkPolicy, Decision
 from .errors import InputError
 
-# TeaCache-Wan2.1 T2V coefficients with use_ret_steps (the set every FlowCache script uses),
-# highest power first: P(d) = c0 d^4 + c1 d^3 + c2 d^2 + c3 d + c4.
-COEFFICIENTS: dict[str, tuple[float, ...]] = {
-    "1.3B": (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02),
-    "14B": (-3.03318725e+05, 4.90537029e+04, -2.65530556e+03, 5.87365115e+01, -3.15583525e-01),
-    "none": (1.0, 0.0),  # identity: P(d) = d
-}
-# Hidden sizes of the Wan 2.1 family, for `coefficients="auto"`.
-_DIM_TO_SIZE = {1536: "1.3B", 5120: "14B"}
+IDENTITY = (1.0, 0.0)   # P(d) = d: for a model without a fitted polynomial
 
 
-def resolve_coefficients(name: Union[str, Sequence[float]], model_dim: Optional[int] = None) -> tuple[float, ...]:
-    """Coefficients (highest power first) for `auto | 1.3B | 14B | none` or an explicit list.
-
-    `auto` picks by the model's hidden size (1536 -> 1.3B, 5120 -> 14B) and falls back to the
-    identity for any other size, where no fitted polynomial exists.
-    """
-    if not isinstance(name, str):
-        coeffs = tuple(float(c) for c in name)
-        if not coeffs:
-            raise ValueError("coefficient list is empty")
-        return coeffs
-    key = name.strip()
-    if key.lower() == "auto":
-        key = _DIM_TO_SIZE.get(int(model_dim), "none") if model_dim is not None else "none"
-    for known in COEFFICIENTS:
-        if known.lower() == key.lower():
-            return COEFFICIENTS[known]
-    raise InputError("coefficients", f"unknown value {name!r}; expected auto, 1.3B, 14B or none")
+def parse_coefficients(values: Sequence[float]) -> tuple[float, ...]:
+    """An explicit coefficient list, highest power first."""
+    coeffs = tuple(float(c) for c in values)
+    if not coeffs:
+        raise InputError("coefficients", "the coefficient list is empty")
+    return coeffs
 
 
 def polyval(coeffs: Sequence[float], d: float) -> float:
@@ -73,7 +57,8 @@ class FlowCacheConfig:
         (0.1 = the reference "slow", 0.15 = "fast"; 0 computes every step).
     warmup_steps: a chunk's first local steps that are always computed (reference: 5).
     final_steps: a chunk's last local steps that are always computed (reference: 1).
-    coefficients: rescaling polynomial, `auto | 1.3B | 14B | none` or explicit values.
+    coefficients: rescaling polynomial: a name the model family resolves (Wan: auto | 1.3B |
+        14B | none) or explicit values, highest power first.
     chunk_frames: latent frames per chunk when the sampler publishes no record.
     kv_compress: squeeze finished chunks' K/V to `kv_budget_chunks` chunks of tokens.
     kv_budget_chunks: history budget, in chunks' worth of tokens per head.
@@ -110,7 +95,6 @@ class FlowCacheConfig:
 @dataclass
 class ChunkState:
     """What FlowCache remembers about one chunk in one CFG branch, within one AR segment."""
-    local_step: int = 0                       # calls in which this chunk was active
     acc: float = 0.0                          # accumulated rescaled distance since last compute
     prev: Optional[torch.Tensor] = None       # previous indicator ([6, dim] per row, fp32)
     residual: Optional[torch.Tensor] = None   # last block-stack output minus input
@@ -118,15 +102,18 @@ class ChunkState:
     skipped: int = 0
 
 
-@dataclass
-class FlowCachePolicy:
-    """Per-(branch, chunk) decision state. `reset()` at every new AR segment."""
-    config: FlowCacheConfig
-    model_dim: Optional[int] = None
-    states: dict = field(default_factory=dict)
+class FlowCachePolicy(ChunkPolicy):
+    """Per-(branch, chunk) decision state; `reset()` at every new AR segment.
 
-    def __post_init__(self):
-        self.coeffs = resolve_coefficients(self.config.coefficients, self.model_dim)
+    coefficients: the rescaling polynomial P (highest power first), resolved by the family."""
+
+    method = "flowcache"
+    needs_indicator = True
+
+    def __init__(self, config: FlowCacheConfig, coefficients: Sequence[float] = IDENTITY):
+        self.config = config
+        self.coeffs = parse_coefficients(coefficients)
+        self.states: dict = {}
 
     def reset(self) -> None:
         self.states.clear()
@@ -147,8 +134,8 @@ class FlowCachePolicy:
         return max(polyval(self.coeffs, d), 0.0)
 
     @torch.compiler.disable
-    def decide(self, branch: int, chunk: int, indicator: torch.Tensor, local_step: int, steps: int) -> bool:
-        """True to compute the chunk, False to reuse its residual. Always records `indicator`.
+    def decide(self, branch: int, chunk: int, indicator: torch.Tensor, local_step: int, steps: int) -> Decision:
+        """COMPUTE the chunk or SKIP it (reuse its residual). Always records `indicator`.
 
         local_step counts from 0 in the chunk's own denoising steps; `steps` is their total.
         """
@@ -160,25 +147,24 @@ class FlowCachePolicy:
                   or prev is None or prev.shape != ind.shape or st.residual is None)
         if forced:
             st.acc = 0.0
-            return True
+            return COMPUTE
         # one host sync per decision: the spec's single `.item()`
         d = ((ind - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)).item()
         st.acc += self.rescale(d)
         if st.acc >= cfg.rel_l1_thresh:
             st.acc = 0.0
-            return True
-        return False
+            return COMPUTE
+        return SKIP
 
-    def record_step(self, branch: int, chunk: int, computed: bool, residual: Optional[torch.Tensor] = None) -> None:
-        """Advance the chunk's local step; keep the new residual when it was computed."""
+    def observe(self, branch: int, chunk: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         st = self.state(branch, chunk)
-        st.local_step += 1
-        if computed:
-            st.computed += 1
-            if residual is not None:
-                st.residual = residual
-        else:
-            st.skipped += 1
+        st.computed += 1
+        st.residual = h_out - h_in
+
+    def reuse(self, branch: int, chunk: int, h_in: torch.Tensor, tokens=None) -> torch.Tensor:
+        st = self.state(branch, chunk)
+        st.skipped += 1
+        return h_in + st.residual
 
     def counts(self) -> dict:
         """Totals over all (branch, chunk): {'computed': n, 'skipped': n}."""

@@ -148,10 +148,23 @@ class LayerKV:
             raise IndexError(f"chunk {g} has not started (chunks 0..{self.started - 1} have)")
         return self.hist_len + self.layout.start(g) - self.layout.start(self.first_live)
 
-    def write(self, g: int, k: torch.Tensor, v: torch.Tensor, upto: Optional[int] = None) -> None:
+    def write(self, g: int, k: torch.Tensor, v: torch.Tensor, upto: Optional[int] = None,
+              tokens: Optional[torch.Tensor] = None) -> None:
         """Write chunk g; if g starts now and the buffer is full, grow it once to also hold the
-        chunks g+1..upto that are known to start right after (see KVStore.plan)."""
+        chunks g+1..upto that are known to start right after (see KVStore.plan).
+
+        tokens: write only these token indices of the chunk (k, v hold just those rows); the
+        others keep their K/V. Only a chunk that has started can be written in part."""
         n = self.layout.chunk_tokens[g]
+        if tokens is not None:
+            if g >= self.started:
+                raise RuntimeError(f"chunk {g} has not started: its first write must cover all {n} tokens")
+            if k.shape[1] != tokens.numel() or v.shape[1] != tokens.numel():
+                raise ValueError(f"{tokens.numel()} token indices, got K/V with {k.shape[1]}/{v.shape[1]}")
+            s = self.offset(g)
+            self.k[:, s:s + n].index_copy_(1, tokens, k)
+            self.v[:, s:s + n].index_copy_(1, tokens, v)
+            return
         if k.shape[1] != n or v.shape[1] != n:
             raise ValueError(f"chunk {g} has {n} tokens, got K/V with {k.shape[1]}/{v.shape[1]}")
         if g > self.started:
@@ -166,9 +179,12 @@ class LayerKV:
         self.k[:, s:s + n].copy_(k)
         self.v[:, s:s + n].copy_(v)
 
-    def visible(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        e = self.offset(g) + self.layout.chunk_tokens[g]
-        return self.k[:, :e], self.v[:, :e]
+    def visible(self, last: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of chunks first..last (views). Chunks merged into the compressed
+        history cannot be told apart: a range that starts inside it includes all of it."""
+        e = self.offset(last) + self.layout.chunk_tokens[last]
+        s = 0 if first < self.first_live else self.offset(first)
+        return self.k[:, s:e], self.v[:, s:e]
 
     def _slide_down(self, src: int, dst: int, n: int) -> None:
         """Move tokens [src, src+n) to [dst, dst+n), dst < src, piece by piece in ascending order.
@@ -304,8 +320,10 @@ class KVStore:
         return 0 if lkv is None else lkv.first_live
 
     # --- the three operations of a self-attention call ------------------------------------
-    def write(self, branch: int, layer: int, chunk: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store chunk's K/V [rows, T_chunk, C] into its slot of (branch, layer)."""
+    def write(self, branch: int, layer: int, chunk: int, k: torch.Tensor, v: torch.Tensor,
+              tokens: Optional[torch.Tensor] = None) -> None:
+        """Store chunk's K/V [rows, T_chunk, C] into its slot of (branch, layer); with `tokens`
+        (indices within the chunk) only those rows [rows, len(tokens), C] are written."""
         if self.is_frozen(branch, chunk):
             raise RuntimeError(f"chunk {chunk} of branch {branch} is frozen")
         lkv = self._layers.get((branch, layer))
@@ -314,13 +332,14 @@ class KVStore:
                 self.layout, k.shape[0], k.shape[-1], k.dtype, k.device, self._account)
         elif lkv.rows != k.shape[0]:
             raise ValueError(f"branch {branch} has {lkv.rows} rows, got {k.shape[0]}: reset_branch first")
-        lkv.write(chunk, k, v, self._plan.get(branch))
+        lkv.write(chunk, k, v, self._plan.get(branch), tokens)
         if layer == self.num_layers - 1:
             self._written.setdefault(branch, set()).add(int(chunk))
 
-    def visible(self, branch: int, layer: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V chunk attends to: [history | chunks first_live .. chunk], views [rows, L, C]."""
-        return self._layers[(branch, layer)].visible(chunk)
+    def visible(self, branch: int, layer: int, last: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of chunks first..last (chunk-causal: first 0, last the chunk itself), views
+        [rows, L, C]; a range from 0 includes the compressed history."""
+        return self._layers[(branch, layer)].visible(last, first)
 
     def maybe_compress(self, branch: int, layer: int, queries: torch.Tensor, heads: int) -> bool:
         """Squeeze the frozen front of (branch, layer) to the budget, scored by `queries`.

@@ -35,15 +35,17 @@ class StepRecord:
         return self.timesteps if self.timesteps is not None else self.frame_sigmas * 1000.0
 
 
-REPORT_KEY = "arcache_report"
-
-
-class RunReport:
-    """The sampler's report for one run, which caches add their numbers to.
-
-    An object and not a dict on purpose: ComfyUI copies nested dicts of transformer_options
-    for every model call, so a dict would collect nothing.
-    """
-
-    def __init__(self, **fields):
-        self.data: dict = dict(fields)
+def frame_timesteps(timestep: torch.Tensor, record: StepRecord | None, frames: int) -> torch.Tensor:
+    """Per-frame model timesteps [B, F] for a call: given per frame already, from the sampler's
+    record, or (a plain sampler) the call's scalar repeated. The one place they are computed."""
+    batch = timestep.shape[0]
+    if timestep.ndim == 2:
+        if timestep.shape[1] != frames:
+            raise RuntimeError(f"timestep has {timestep.shape[1]} frames, latent has {frames}")
+        return timestep
+    if record is not None:
+        if record.num_frames != frames:   # WanModel would silently misalign a wrong length
+            raise RuntimeError(f"record has {record.num_frames} frames, latent has {frames}")
+        t = record.frame_timesteps().to(device=timestep.device, dtype=timestep.dtype)
+        return t.unsqueeze(0).expand(batch, -1)
+    return timestep.reshape(batch, 1).expand(batch, frames)

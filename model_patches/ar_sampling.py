@@ -17,25 +17,10 @@ import comfy.sample
 import comfy.samplers
 
 from ..cache_core.errors import InputError
-from ..cache_core.df_schedule import (WindowPlan, flow_template, latent_frames, plan_windows, step_matrix,
-                                      window_rows)
+from ..cache_core.df_schedule import (DFSchedule, WindowPlan, flow_template, latent_frames, plan_windows,
+                                      step_matrix, window_rows)
 from ..cache_core.frame_solver import make_solver
 from ..cache_core.record import RECORD_KEY, StepRecord
-
-
-@dataclass(frozen=True)
-class DFSchedule:
-    """The diffusion-forcing knobs (ARCacheDFSchedule); defaults are SkyReels-V2's."""
-    window_frames: int = 97          # pixel frames per window, history included
-    overlap_frames: int = 17         # pixel frames of history carried into the next window
-    ar_step: int = 0                 # 0: synchronous; >0: block b starts ar_step rows after b-1
-    causal_block_size: int = 1       # latent frames per block (and per cache chunk)
-    addnoise_condition: int = 20     # history frames are re-noised to sigma = value/1000
-    solver: str = "unipc"            # unipc | unipc_upstream | euler
-    shift: float = 0.0               # 0: the model's own shift
-    fps: int = 24                    # fps conditioning (SkyReels-V2-DF-1.3B only)
-    prefix_mode: str = "auto"        # auto | reencode_pixels | latent
-    sigmas: torch.Tensor | None = None   # optional custom template (overrides steps/shift)
 
 
 @dataclass

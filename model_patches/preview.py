@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import torch
 
-import comfy.latent_formats
-
-FAMILIES = {"wan21": comfy.latent_formats.Wan21}   # SkyReels-V2-DF uses the Wan 2.1 latent space
+from .families import FAMILIES
 
 
 def latent_to_rgb(raw: torch.Tensor, family: str = "wan21") -> torch.Tensor:
     """Raw latent [B, C, F, h, w] -> frames [B*F, h, w, 3] in 0..1 (the sampler preview's colours)."""
-    fmt = FAMILIES[family]()
+    fmt = FAMILIES[family].latent_format()
     x = fmt.process_in(raw.float())
     factors = torch.tensor(fmt.latent_rgb_factors, dtype=x.dtype)          # [C, 3]
     bias = torch.tensor(fmt.latent_rgb_factors_bias or [0.0, 0.0, 0.0], dtype=x.dtype)

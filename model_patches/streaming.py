@@ -11,10 +11,12 @@ import comfy.sample
 import comfy.samplers
 
 from ..cache_core import flops as flop_count
-from ..cache_core.df_schedule import latent_frames, pixel_frames, plan_windows
-from . import wan
-from ..cache_core.record import REPORT_KEY, RunReport
-from .ar_sampling import DFSchedule, WindowJob, count_rows, df_window_sampler, template_sigmas
+from ..cache_core.df_schedule import DFSchedule, plan_windows
+from ..cache_core.run_report import REPORT_KEY, RunReport
+from . import families
+from .ar_sampling import WindowJob, count_rows, df_window_sampler, template_sigmas
+
+WINDOW_SAMPLERS = {DFSchedule: df_window_sampler}   # the sampler dispatches on the schedule type
 
 
 @dataclass
@@ -60,16 +62,19 @@ class StreamingRun:
 
     def __init__(self, model, req: VideoRequest, on_window=None, sink=None):
         self.req, self.on_window, self.sink = req, on_window, sink
-        self.dm = wan.wan_transformer(model)
+        self.family, self.dm = families.detect(model)
+        fam, sch = self.family, req.schedule
+        self.window_sampler = WINDOW_SAMPLERS.get(type(sch))
+        if self.window_sampler is None or fam.sampler_kind != "df":
+            raise families.wan.ModelFamilyError(f"{fam.title} models take a {fam.sampler_kind} schedule, "
+                                                f"not {type(sch).__name__}")
         self.model = model.clone()
-        wan.install_per_frame_timesteps(self.model)
-        sch = req.schedule
-        self.fps_source = wan.apply_fps_conditioning(self.model, sch.fps) if sch.fps else None
+        self.notes = fam.prepare_sampling(self.model, sch)
         self.template = template_sigmas(self.model, req.steps, sch)
         self.steps = len(self.template) - 1
-        self.lat_h, self.lat_w = req.height // 8, req.width // 8
-        self.window_lat = latent_frames(sch.window_frames)
-        self.overlap_lat = latent_frames(sch.overlap_frames) if sch.overlap_frames > 0 else 0
+        self.lat_h, self.lat_w = req.height // fam.spatial_stride, req.width // fam.spatial_stride
+        self.window_lat = fam.latent_frames(sch.window_frames)
+        self.overlap_lat = fam.latent_frames(sch.overlap_frames) if sch.overlap_frames > 0 else 0
         self.mode = sch.prefix_mode if sch.prefix_mode != "auto" else ("reencode_pixels" if req.vae else "latent")
 
         # The video starts with the start image (frame 0 of the output) or the extended video's tail.
@@ -85,7 +90,7 @@ class StreamingRun:
             if init_prefix is not None and self.mode == "reencode_pixels":
                 px = decode_latents(req.vae, self.head_latent)[-sch.overlap_frames:]
                 init_prefix = encode_frames(req.vae, px)
-        total_lat = latent_frames(req.length)
+        total_lat = fam.latent_frames(req.length)
         new_total = total_lat - (1 if req.start_image is not None else 0)
         self.init_prefix = init_prefix
         self.plans = plan_windows(new_total, self.window_lat, self.overlap_lat, sch.causal_block_size,
@@ -94,7 +99,7 @@ class StreamingRun:
         self.end_latent = None
         if req.end_image is not None:
             self.end_latent = encode_frames(req.vae, resize_image(req.end_image, req.width, req.height))[:, :, :1]
-        self.branches = 1 if req.cfg == 1.0 else 2
+        self.branches = fam.cfg_branches(req.cfg)
 
     @property
     def total_rows(self) -> int:
@@ -107,12 +112,12 @@ class StreamingRun:
         t0 = time.perf_counter()
         run_report = RunReport(windows=len(self.plans), model_calls=0, rows=self.rows, steps=self.steps,
                                latent_frames=0, first_window_seconds=None, transformer_flops=0.0,
-                               transformer_flops_vanilla=0.0, cache=None, fps_conditioning=self.fps_source,
-                               prefix_mode=self.mode)
+                               transformer_flops_vanilla=0.0, cache=None, **self.notes, prefix_mode=self.mode)
         report = run_report.data
         self.model.model_options["transformer_options"][REPORT_KEY] = run_report
-        shape = flop_count.DiTShape.from_model(self.dm)
-        tokens_per_frame = flop_count.tokens_per_frame(req.height, req.width)
+        fam = self.family
+        shape = fam.flop_shape(self.dm)
+        tokens_per_frame = fam.tokens_per_frame(self.lat_h, self.lat_w)
         generated = []                    # raw latents of new frames, window by window
         prefix = self.init_prefix
         rows_done = 0
@@ -123,7 +128,7 @@ class StreamingRun:
             tail = self.end_latent if (self.end_latent is not None and plan is self.plans[-1]) else None
             T = 0 if tail is None else 1
             F = P + G + T
-            latent = torch.zeros(1, 16, F, self.lat_h, self.lat_w)
+            latent = torch.zeros(1, fam.latent_channels, F, self.lat_h, self.lat_w)
             if P:
                 latent[:, :, :P] = prefix
             if T:
@@ -135,7 +140,7 @@ class StreamingRun:
             guider = comfy.samplers.CFGGuider(self.model)
             guider.set_conds(positive, req.negative)
             guider.set_cfg(req.cfg)
-            sampler = comfy.samplers.KSAMPLER(df_window_sampler, extra_options={"job": job})
+            sampler = comfy.samplers.KSAMPLER(self.window_sampler, extra_options={"job": job})
             out = guider.sample(noise, latent, sampler, self.template.clone(), disable_pbar=True,
                                 seed=req.seed + plan.index)
             out = out.to(comfy.model_management.intermediate_device(), torch.float32)
@@ -148,7 +153,7 @@ class StreamingRun:
             window_px = None
             if req.vae is not None and (self.sink is not None or self.mode == "reencode_pixels"):
                 window_px = decode_latents(req.vae, out[:, :, :P + plan.new_frames])
-                keep_from = pixel_frames(P) if P and not (plan.index == 0 and req.start_image is not None) else 0
+                keep_from = fam.pixel_frames(P) if P and not (plan.index == 0 and req.start_image is not None) else 0
                 if self.sink is not None:
                     self.sink(window_px[keep_from:], plan.index)
             if plan.index == 0:

@@ -2,7 +2,7 @@
 from comfy_api.latest import io
 
 from ..cache_core.flowcache_policy import FlowCacheConfig
-from ..model_patches.flowcache_patch import apply_flowcache
+from ..model_patches.ar_cache import apply_flowcache
 from .errors import named_errors
 
 

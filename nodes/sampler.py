@@ -9,7 +9,8 @@ from comfy_api.latest import io
 import folder_paths
 import latent_preview
 
-from ..model_patches.ar_sampling import DFSchedule
+from ..cache_core.df_schedule import DFSchedule
+from ..model_patches import families
 from ..model_patches.streaming import StreamingRun, VideoRequest
 from .errors import InputError, named_errors
 from .schedules import ARPrompts, ARSchedule
@@ -25,9 +26,6 @@ def progress_text(text: str, node_id) -> None:
         pass
 
 
-WAN_CHANNELS = 16   # SkyReels-V2-DF latents (Wan 2.1 VAE)
-
-
 def check_image(name: str, image) -> None:
     if image is None:
         return
@@ -37,24 +35,27 @@ def check_image(name: str, image) -> None:
         raise InputError(name, f"holds {image.shape[0]} images; give one (pick it with ImageFromBatch)")
 
 
-def check_prefix_latent(latent, width: int, height: int) -> None:
+def check_prefix_latent(latent, width: int, height: int, family: families.Family) -> None:
     if latent is None:
         return
+    c_want, s = family.latent_channels, family.spatial_stride
     if latent.ndim != 5:
         raise InputError("prefix_latent", f"is a {latent.ndim}-D latent {tuple(latent.shape)}; it needs a video "
-                         "latent [1, 16, frames, height/8, width/8] (VAEEncode of a video with the Wan 2.1 VAE)")
+                         f"latent [1, {c_want}, frames, height/{s}, width/{s}] (VAEEncode of a video with the "
+                         f"model's VAE)")
     b, c = latent.shape[:2]
-    if c != WAN_CHANNELS:
-        raise InputError("prefix_latent", f"has {c} channels; SkyReels-V2-DF latents have {WAN_CHANNELS} "
-                         "(Wan 2.1 VAE): encode the video with the Wan 2.1 VAE")
+    if c != c_want:
+        raise InputError("prefix_latent", f"has {c} channels; {family.title} latents have {c_want}: encode the "
+                         "video with the model's VAE")
     if b != 1:
         raise InputError("prefix_latent", f"holds a batch of {b} videos; the sampler extends one video at a time")
-    if latent.shape[-2:] != (height // 8, width // 8):
-        raise InputError("prefix_latent", f"is {latent.shape[-1] * 8}x{latent.shape[-2] * 8} pixels; "
+    if latent.shape[-2:] != (height // s, width // s):
+        raise InputError("prefix_latent", f"is {latent.shape[-1] * s}x{latent.shape[-2] * s} pixels; "
                          f"set width/height to match it (now {width}x{height})")
 
 
-def validate(width, height, length, schedule: DFSchedule, vae, start_image, prefix_latent, end_image):
+def validate(width, height, length, schedule: DFSchedule, vae, start_image, prefix_latent, end_image,
+             family: families.Family):
     """Everything that can be checked before the model runs (so a bad input costs nothing)."""
     if width % 16 or height % 16:
         raise InputError("width", f"width={width}, height={height}: both must be multiples of 16 (e.g. 960x544)")
@@ -68,7 +69,7 @@ def validate(width, height, length, schedule: DFSchedule, vae, start_image, pref
         raise InputError("schedule.prefix_mode", "reencode_pixels needs a vae: connect one, or use prefix_mode latent")
     if start_image is not None and prefix_latent is not None:
         raise InputError("start_image", "and prefix_latent: give one (image-to-video) or the other (extension), not both")
-    check_prefix_latent(prefix_latent, width, height)
+    check_prefix_latent(prefix_latent, width, height, family)
     if schedule.overlap_frames == 0 and prefix_latent is not None:
         raise InputError("prefix_latent", "needs schedule.overlap_frames > 0 to continue from it")
 
@@ -135,7 +136,8 @@ class StreamingSamplerNode(io.ComfyNode):
                 save_video=False, filename_prefix="ARCache/video") -> io.NodeOutput:
         schedule = schedule or DFSchedule()
         prefix = prefix_latent["samples"] if prefix_latent is not None else None
-        validate(width, height, length, schedule, vae, start_image, prefix, end_image)
+        family, _ = families.detect(model)                  # says what the model is, before anything runs
+        validate(width, height, length, schedule, vae, start_image, prefix, end_image, family)
         if save_video and vae is None:
             raise InputError("save_video", "needs a vae: connect the Wan 2.1 VAE")
         node_id = cls.hidden.unique_id

@@ -1,7 +1,7 @@
 """Schedule nodes: how a long video is cut into windows, and which prompt each window follows."""
 from comfy_api.latest import io
 
-from ..model_patches.ar_sampling import DFSchedule
+from ..cache_core.df_schedule import DFSchedule
 from .errors import InputError, named_errors
 
 ARSchedule = io.Custom("AR_SCHEDULE")

@@ -35,9 +35,12 @@ if "arcache_pack" not in sys.modules:
     _pkg = types.ModuleType("arcache_pack")
     _pkg.__path__ = [str(REPO)]
     sys.modules["arcache_pack"] = _pkg
-wc = importlib.import_module("arcache_pack.model_patches.wan_chunked")
+ar_cache = importlib.import_module("arcache_pack.model_patches.ar_cache")
+families = importlib.import_module("arcache_pack.model_patches.families")
+wan = importlib.import_module("arcache_pack.model_patches.wan")
 from arcache_pack.cache_core.flowcache_policy import FlowCacheConfig  # noqa: E402
-from arcache_pack.cache_core.record import RECORD_KEY, RunReport, StepRecord  # noqa: E402
+from arcache_pack.cache_core.record import RECORD_KEY, StepRecord  # noqa: E402
+from arcache_pack.cache_core.run_report import RunReport  # noqa: E402
 
 CF = 2                        # latent frames per chunk in these tests
 F, H, W = 5, 6, 4             # chunks of 2, 2, 1 frames; 3x2 = 6 tokens per frame
@@ -91,11 +94,21 @@ def opts(rec=None, cou=(0, 1)):
     return o
 
 
+def new_state(cfg=None, skip=True):
+    """The run state FlowCache makes per sampling run (its coefficients resolved for dim 256)."""
+    spec = ar_cache.flowcache_spec(cfg or FlowCacheConfig(), families.WAN21, types.SimpleNamespace(dim=256), skip)
+    return spec.new_run()
+
+
+def forward(dm, x, t, ctx, o, state):
+    return ar_cache.forward_chunkwise(state, wan.WanChunkAdapter(dm), x, t, ctx, o)
+
+
 def run(dm, state, x, ctx, rec=None, cou=(0, 1), t=None):
     if t is None:
         t = torch.full((x.shape[0],), 1000.0 * float(rec.frame_sigmas.max()))
     with torch.no_grad():
-        return wc.forward_chunked(dm, x, t, ctx, opts(rec, cou), state)
+        return forward(dm, x, t, ctx, opts(rec, cou), state)
 
 
 def block_causal_override(frames, chunk_frames, tpf):
@@ -117,7 +130,7 @@ SIGMAS = [0.9, 0.9, 0.6, 0.6, 0.3]     # uniform within each chunk, different ac
 def test_all_chunks_equal_block_causal_full_forward(dm):
     x, ctx = inputs()
     rec = record(SIGMAS, [True] * F)
-    out = run(dm, wc.WanChunkedState(FlowCacheConfig()), x, ctx, rec)
+    out = run(dm, new_state(FlowCacheConfig()), x, ctx, rec)
     t = (torch.tensor(SIGMAS) * 1000).expand(2, -1)
     with torch.no_grad():
         ref = dm(x, t, ctx, transformer_options={"optimized_attention_override": block_causal_override(F, CF, TPF)})
@@ -128,7 +141,7 @@ def test_all_chunks_equal_block_causal_full_forward(dm):
 
 def test_single_chunk_equals_normal_forward(dm):
     x, ctx = inputs(h=5, w=7)                     # odd sizes: padding path too
-    state = wc.WanChunkedState(FlowCacheConfig(chunk_frames=F))
+    state = new_state(FlowCacheConfig(chunk_frames=F))
     t = torch.tensor([700.0, 700.0])
     out = run(dm, state, x, ctx, t=t)
     with torch.no_grad():
@@ -137,7 +150,7 @@ def test_single_chunk_equals_normal_forward(dm):
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=1e-5)
     # per-frame timesteps given directly take the same path as the model's own [B, F] support
     tf = (torch.tensor(SIGMAS) * 1000).expand(2, -1)
-    out_f = run(dm, wc.WanChunkedState(FlowCacheConfig(chunk_frames=F)), x, ctx, t=tf)
+    out_f = run(dm, new_state(FlowCacheConfig(chunk_frames=F)), x, ctx, t=tf)
     with torch.no_grad():
         ref_f = dm(x, tf, ctx, transformer_options={})
     torch.testing.assert_close(out_f, ref_f, atol=ATOL, rtol=1e-5)
@@ -145,7 +158,7 @@ def test_single_chunk_equals_normal_forward(dm):
 
 def test_skip_reuses_residual_and_stale_kv(dm):
     cfg = FlowCacheConfig(rel_l1_thresh=1e9, warmup_steps=1, final_steps=0)
-    state = wc.WanChunkedState(cfg)
+    state = new_state(cfg)
     x1, ctx = inputs(seed=1)
     x2, _ = inputs(seed=2)
     # call 1: only chunk 0 has started; call 2: chunk 0 goes on (skipped), chunk 1 starts
@@ -171,7 +184,7 @@ def test_skip_reuses_residual_and_stale_kv(dm):
     x_mix = x2.clone()
     x_mix[:, :, :CF] = x1[:, :, :CF]
     rec_mix = record([0.9, 0.9, 0.9, 0.9, 1.0], [True, True, True, True, False])
-    out_mix = run(dm, wc.WanChunkedState(cfg), x_mix, ctx, rec_mix)
+    out_mix = run(dm, new_state(cfg), x_mix, ctx, rec_mix)
     torch.testing.assert_close(out2[:, :, CF:2 * CF], out_mix[:, :, CF:2 * CF], atol=1e-6, rtol=0)
     assert torch.count_nonzero(out2[:, :, 2 * CF:]) == 0          # chunk 2 not started: zeros
 
@@ -182,7 +195,7 @@ def test_history_chunk_is_computed_once_then_frozen(dm):
     sig = [0.02, 0.02, 0.9, 0.9, 0.9]
     outs = []
     for variant in (0, 1):
-        state = wc.WanChunkedState(FlowCacheConfig(rel_l1_thresh=0.0))
+        state = new_state(FlowCacheConfig(rel_l1_thresh=0.0))
         run(dm, state, x, ctx, record(sig, act, prefix=2, row=0))
         x2 = x.clone()
         if variant:
@@ -197,7 +210,7 @@ def test_indicator_is_the_first_active_frame_of_a_chunk(dm):
     # prefix of 1 frame inside a 2-frame chunk: the chunk's indicator must follow frame 1's t
     x, ctx = inputs(seed=7)
     sig = [0.02, 0.9, 0.9, 0.9, 0.9]
-    state = wc.WanChunkedState(FlowCacheConfig())
+    state = new_state(FlowCacheConfig())
     run(dm, state, x, ctx, record(sig, [False, True, True, True, True], prefix=1))
     with torch.no_grad():
         e0 = reference_modulation(dm, 900.0)
@@ -223,7 +236,7 @@ def test_indicator_is_built_in_float32_in_a_bf16_model(dm):
     bf = copy.deepcopy(dm).to(torch.bfloat16)
     bf.patch_embedding.float()                                    # ComfyUI keeps it in fp32
     x, ctx = inputs(seed=7)
-    state = wc.WanChunkedState(FlowCacheConfig())
+    state = new_state(FlowCacheConfig())
     run(bf, state, x.bfloat16(), ctx.bfloat16(), record([0.9] * F, [True] * F))
     ours = state.policy.state(0, 0).prev
     with torch.no_grad():
@@ -238,7 +251,7 @@ def test_indicator_is_built_in_float32_in_a_bf16_model(dm):
 def test_branches_batched_equal_separate_calls(dm):
     x, ctx = inputs(seed=4)
     cfg = FlowCacheConfig(rel_l1_thresh=0.15, warmup_steps=1, final_steps=0, coefficients="none")
-    together, apart, swapped = (wc.WanChunkedState(cfg) for _ in range(3))
+    together, apart, swapped = (new_state(cfg) for _ in range(3))
     for row in range(6):
         s = 0.9 - 0.0003 * row            # small steps: the random time embedding is very sensitive
         rec = record([s] * F, [True] * F, row=row)
@@ -255,7 +268,7 @@ def test_branches_batched_equal_separate_calls(dm):
 
 def test_compression_shrinks_kv_memory(dm):
     cfg = FlowCacheConfig(rel_l1_thresh=0.0, kv_compress=True, kv_budget_chunks=1)
-    state = wc.WanChunkedState(cfg)
+    state = new_state(cfg)
     x, ctx = inputs(seed=5)
     run(dm, state, x, ctx, record(SIGMAS, [True] * F, row=0))
     full = state.store.bytes_allocated()
@@ -271,7 +284,7 @@ def test_compression_shrinks_kv_memory(dm):
     k, _ = state.store.visible(0, 1, 2)
     assert k.shape[1] == CF * TPF + TPF            # budget (one chunk) + chunk 2 itself
     assert state.summary()["kv_bytes_peak"] == full
-    shape = state._shape
+    shape = wan.flop_shape(dm)
     from arcache_pack.cache_core.flops import chunk_causal_flops
     expect = chunk_causal_flops(shape, (12, 12, 6), [2], {2: 18}, frames=F, batch=1) * 2
     assert state.stats["transformer_flops"] - flops_before == expect
@@ -281,7 +294,7 @@ def test_a_chunk_is_compressed_right_after_its_last_step(dm):
     """As in the reference: a chunk that takes its last step in a call is frozen at once, so the
     next chunk of the same call already attends to the compressed history."""
     cfg = FlowCacheConfig(rel_l1_thresh=0.0, kv_compress=True, kv_budget_chunks=1)
-    state = wc.WanChunkedState(cfg)
+    state = new_state(cfg)
     x, ctx = inputs(seed=6)
     run(dm, state, x, ctx, record([0.9] * 4 + [1.0], [True] * 4 + [False], row=0, steps=2))
     assert state.store.history_chunks(0, 0) == 0
@@ -302,8 +315,64 @@ def test_model_and_options_are_left_untouched(dm):
     report = run_report.data
     o["arcache_report"] = run_report
     with torch.no_grad():
-        wc.forward_chunked(dm, x, torch.tensor([900.0, 900.0]), ctx, o, wc.WanChunkedState())
+        forward(dm, x, torch.tensor([900.0, 900.0]), ctx, o, new_state())
     assert set(vars(dm)) == before
     assert set(o) == keys | {"arcache_report"} and "optimized_attention_override" not in o
     assert report["transformer_flops"] > 0 and report["cache"]["calls"] == 1
-    assert wc.supports(dm)
+    assert wan.supports_chunks(dm)
+
+
+def test_block_bookkeeping_reaches_chained_overrides_and_double_block_patches(dm):
+    """Under the chunk executor other packs' per-block hooks see what the newest core's forward
+    gives them: block_index / total_blocks per block, and `patches["double_block"]` after each."""
+    seen_attn, seen_patch = [], []
+
+    def override(func, q, k, v, *args, **kwargs):
+        o = kwargs.get("transformer_options", {})
+        seen_attn.append((o.get("block_index"), o.get("total_blocks"), q.shape[1]))
+        return func(q, k, v, *args, **kwargs)
+
+    def after_block(args):
+        seen_patch.append((args["block_index"], args["img"].shape[1]))
+        return {"img": args["img"] * 1.0}
+
+    x, ctx = inputs(seed=8)
+    o = opts(record(SIGMAS, [True] * F))
+    o.update(optimized_attention_override=override, patches={"double_block": [after_block]})
+    with torch.no_grad():
+        forward(dm, x, torch.tensor([900.0, 900.0]), ctx, o, new_state())
+    # per branch (outer), per chunk of 12, 12, 6 tokens, per block: self- then cross-attention
+    assert seen_attn == [(i, 2, n) for _ in (0, 1) for n in (12, 12, 6) for i in range(2) for _ in range(2)]
+    assert seen_patch == [(i, n) for _ in (0, 1) for n in (12, 12, 6) for i in range(2)]
+    with torch.no_grad():                       # the plain model, where this core sets them too
+        seen_attn.clear()
+        dm(x, torch.tensor([900.0, 900.0]), ctx, transformer_options={"optimized_attention_override": override})
+    if seen_attn[0][0] is not None:
+        assert [a[0] for a in seen_attn] == [i for i in range(2) for _ in range(2)]
+
+
+def test_inputs_the_chunk_executor_cannot_serve_are_refused(dm):
+    x, ctx = inputs(seed=9)
+    with pytest.raises(wan.ModelFamilyError, match="context_latents"):
+        with torch.no_grad():
+            ar_cache.forward_chunkwise(new_state(), wan.WanChunkAdapter(dm), x, torch.tensor([900.0, 900.0]), ctx,
+                                       opts(), context_latents=[torch.zeros(1)])
+
+    class Executor:                              # what ComfyUI's WrapperExecutor gives a wrapper
+        class_obj = dm
+    o = opts()
+    o.update({ar_cache.STATE_KEY: new_state(), "multigpu_thread_device": "cuda:1"})
+    with pytest.raises(wan.ModelFamilyError, match="MultiGPU CFG Split"):
+        ar_cache.diffusion_model_wrapper(Executor(), x, torch.tensor([900.0, 900.0]), ctx, transformer_options=o)
+
+
+def test_wan_coefficients_by_name_and_size():
+    c = wan.COEFFICIENTS
+    assert wan.resolve_coefficients("auto", 1536) == c["1.3B"]
+    assert wan.resolve_coefficients("auto", 5120) == c["14B"]
+    assert wan.resolve_coefficients("auto", 256) == c["none"]
+    assert wan.resolve_coefficients("14b") == c["14B"]
+    assert wan.resolve_coefficients([2.0, 1.0]) == (2.0, 1.0)
+    assert c["1.3B"][-1] == pytest.approx(-0.0499875664)
+    with pytest.raises(ValueError, match="coefficients"):
+        wan.resolve_coefficients("7B")

@@ -2,11 +2,23 @@
 import pytest
 import torch
 
-from cache_core.flowcache_policy import (
-    COEFFICIENTS, FlowCacheConfig, FlowCachePolicy, polyval, resolve_coefficients,
-)
+from cache_core.chunk_executor import COMPUTE, SKIP
+from cache_core.flowcache_policy import IDENTITY, FlowCacheConfig, FlowCachePolicy, polyval
 
-RES = torch.zeros(1)  # any residual: the policy only needs to know one exists
+H = torch.zeros(1)  # any block input/output: the policy only needs to know a residual exists
+# TeaCache-Wan2.1 1.3B (use_ret_steps), as printed in specs/flowcache.md A2; the Wan family
+# resolves the names (tests/host/test_families.py)
+WAN_1_3B = (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02)
+
+
+def step(policy, branch, chunk, indicator, k, steps) -> bool:
+    """One decision as the executor takes it; True when computed."""
+    decision = policy.decide(branch, chunk, indicator, k, steps)
+    if decision is COMPUTE:
+        policy.observe(branch, chunk, H, H)
+    else:
+        policy.reuse(branch, chunk, H)
+    return decision is COMPUTE
 
 
 def ind(value: float) -> torch.Tensor:
@@ -17,31 +29,20 @@ def ind(value: float) -> torch.Tensor:
 def run_trace(policy, values, steps, branch=0, chunk=0):
     out = []
     for k, v in enumerate(values):
-        c = policy.decide(branch, chunk, ind(v), k, steps)
-        policy.record_step(branch, chunk, c, RES if c else None)
-        out.append(c)
+        out.append(step(policy, branch, chunk, ind(v), k, steps))
     return out
 
 
 def test_polynomial_1_3b_by_hand():
-    c = resolve_coefficients("1.3B")
     # -5.21862437 + 9.23041404 - 5.28275948 + 1.36987616 - 0.0499875664
-    assert polyval(c, 0.1) == pytest.approx(0.0489187836, abs=1e-9)
-    assert polyval(c, 0.0) == pytest.approx(-0.0499875664)
+    assert polyval(WAN_1_3B, 0.1) == pytest.approx(0.0489187836, abs=1e-9)
+    assert polyval(WAN_1_3B, 0.0) == pytest.approx(-0.0499875664)
     # negative P(d) must not shrink the accumulator
-    p = FlowCachePolicy(FlowCacheConfig(coefficients="1.3B"))
+    p = FlowCachePolicy(FlowCacheConfig(), WAN_1_3B)
     assert p.rescale(0.0) == 0.0
-
-
-def test_coefficient_resolution():
-    assert resolve_coefficients("auto", 1536) == COEFFICIENTS["1.3B"]
-    assert resolve_coefficients("auto", 5120) == COEFFICIENTS["14B"]
-    assert resolve_coefficients("auto", 256) == COEFFICIENTS["none"]
-    assert resolve_coefficients("14b") == COEFFICIENTS["14B"]
-    assert polyval(resolve_coefficients("none"), 0.37) == pytest.approx(0.37)
-    assert resolve_coefficients([2.0, 1.0]) == (2.0, 1.0)
+    assert polyval(IDENTITY, 0.37) == pytest.approx(0.37)
     with pytest.raises(ValueError):
-        resolve_coefficients("7B")
+        FlowCachePolicy(FlowCacheConfig(), ())
 
 
 def test_accumulator_warmup_and_final_identity():
@@ -58,13 +59,13 @@ def test_accumulator_with_1_3b_polynomial():
     # each compute: acc .0489 skip, .0978 skip, .1468 compute.
     cfg = FlowCacheConfig(rel_l1_thresh=0.1, warmup_steps=1, final_steps=0, coefficients="1.3B")
     values = [1.1 ** i for i in range(8)]
-    got = run_trace(FlowCachePolicy(cfg), values, steps=100)
+    got = run_trace(FlowCachePolicy(cfg, WAN_1_3B), values, steps=100)
     assert got == [True, False, False, True, False, False, True, False]
 
 
 def test_threshold_zero_always_computes():
     cfg = FlowCacheConfig(rel_l1_thresh=0.0, warmup_steps=1, final_steps=0, coefficients="1.3B")
-    assert all(run_trace(FlowCachePolicy(cfg), [1.0] * 6, steps=6))
+    assert all(run_trace(FlowCachePolicy(cfg, WAN_1_3B), [1.0] * 6, steps=6))
 
 
 def test_final_steps_reset_accumulator():
@@ -85,13 +86,11 @@ def test_per_branch_and_per_chunk_state_is_independent():
     trace = {(0, 0): [], (1, 0): [], (0, 1): []}
     for k in range(5):
         for (b, g), vals in (((0, 0), slow), ((1, 0), fast), ((0, 1), fast)):
-            c = p.decide(b, g, ind(vals[k]), k, 100)
-            p.record_step(b, g, c, RES if c else None)
-            trace[(b, g)].append(c)
+            trace[(b, g)].append(step(p, b, g, ind(vals[k]), k, 100))
     assert trace[(0, 0)] == [True, False, False, True, False]
     assert trace[(1, 0)] == [True] * 5
     assert trace[(0, 1)] == [True] * 5
-    assert p.state(0, 0).local_step == 5
+    assert p.state(0, 0).computed + p.state(0, 0).skipped == 5
     assert p.counts() == {"computed": 12, "skipped": 3}
     p.reset()
     assert p.states == {}
@@ -103,25 +102,24 @@ def test_prev_is_updated_on_skips_too():
     p = FlowCachePolicy(cfg)
     run_trace(p, [1.0, 1.2], steps=100)          # k1: d=.2, skip
     assert torch.equal(p.state(0, 0).prev, ind(1.2))
-    assert p.decide(0, 0, ind(1.44), 2, 100) is False   # d=.2 from 1.2 -> acc .4
+    assert p.decide(0, 0, ind(1.44), 2, 100) is SKIP    # d=.2 from 1.2 -> acc .4
     assert p.state(0, 0).acc == pytest.approx(0.4)
 
 
 def test_no_residual_forces_compute():
     cfg = FlowCacheConfig(rel_l1_thresh=10.0, warmup_steps=0, final_steps=0, coefficients="none")
     p = FlowCachePolicy(cfg)
-    assert p.decide(0, 0, ind(1.0), 0, 10) is True       # no prev
-    p.record_step(0, 0, True, None)                      # computed but nothing stored
-    assert p.decide(0, 0, ind(1.0), 1, 10) is True       # still no residual
-    p.record_step(0, 0, True, RES)
-    assert p.decide(0, 0, ind(1.0), 2, 10) is False
+    assert p.decide(0, 0, ind(1.0), 0, 10) is COMPUTE    # no prev
+    assert p.decide(0, 0, ind(1.0), 1, 10) is COMPUTE    # no residual observed yet
+    p.observe(0, 0, H, H)
+    assert p.decide(0, 0, ind(1.0), 2, 10) is SKIP
 
 
 def test_zero_previous_indicator_does_not_divide_by_zero():
     cfg = FlowCacheConfig(rel_l1_thresh=0.5, warmup_steps=1, final_steps=0, coefficients="none")
     p = FlowCachePolicy(cfg)
     run_trace(p, [0.0], steps=10)
-    assert p.decide(0, 0, ind(0.0), 1, 10) is False      # d = 0/eps = 0
+    assert p.decide(0, 0, ind(0.0), 1, 10) is SKIP       # d = 0/eps = 0
 
 
 def test_config_validation():

@@ -114,6 +114,33 @@ def test_store_write_visible_freeze():
     assert s16.bytes_allocated() == 2 * 4 * 4 * 2
 
 
+def test_token_indexed_writes_touch_only_those_tokens():
+    store = KVStore(ChunkLayout((4, 4)), num_layers=1)
+    store.write(0, 0, 0, *_chunk(0))
+    store.write(0, 0, 1, *_chunk(1))
+    idx = torch.tensor([1, 3])
+    store.write(0, 0, 1, torch.full((1, 2, 4), 9.0), torch.full((1, 2, 4), -9.0), tokens=idx)
+    k, v = store.visible(0, 0, 1)
+    assert k[0, 4:, 0].tolist() == [2.0, 9.0, 2.0, 9.0] and v[0, 4:, 0].tolist() == [-2.0, -9.0, -2.0, -9.0]
+    assert k[0, :4, 0].tolist() == [1.0] * 4                      # chunk 0 untouched
+    with pytest.raises(RuntimeError):                               # a chunk starts with all its tokens
+        KVStore(ChunkLayout((4,)), num_layers=1).write(0, 0, 0, *_chunk(0, tokens=2), tokens=idx)
+    with pytest.raises(ValueError):
+        store.write(0, 0, 1, *_chunk(1, tokens=3), tokens=idx)
+
+
+def test_visible_key_range_first_and_last_chunk():
+    store = KVStore(ChunkLayout((4, 4, 4)), num_layers=1)
+    for g in range(3):
+        store.write(0, 0, g, *_chunk(g))
+    k, _ = store.visible(0, 0, last=2, first=1)
+    assert k[0, :, 0].tolist() == [2.0] * 4 + [3.0] * 4
+    k, _ = store.visible(0, 0, last=0)                              # chunk-causal chunk 0
+    assert k[0, :, 0].tolist() == [1.0] * 4
+    k, _ = store.visible(0, 0, last=2)                              # chunk 0 seeing all (bidirectional)
+    assert k.shape[1] == 12
+
+
 def test_compression_keeps_budget_and_frees_memory():
     torch.manual_seed(2)
     heads, d, T = 2, 3, 4

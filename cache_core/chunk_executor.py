@@ -1,0 +1,335 @@
+"""The chunk executor: one AR window run chunk by chunk, for any model family and any cache.
+
+Plain torch, no ComfyUI. It knows chunks, CFG branches, K/V and accounting, and no model:
+a *family adapter* (model_patches/) provides the model operations and a *policy* (one file per
+caching method) answers, per chunk and call, COMPUTE, SKIP or SUBSET(tokens).
+
+One call (`ChunkExecutor.forward`):
+
+- the adapter has embedded the whole window (`ChunkCall`: tokens [B, L, dim], per-frame
+  timesteps, what its blocks and head need);
+- the window is split into chunks of `chunk_frames` latent frames (the last may be shorter).
+  A chunk is *active* when the sampler steps any of its frames in this call. Per CFG branch,
+  chunks are walked in ascending order up to the last active one:
+  - an active chunk asks the policy: COMPUTE runs the blocks on the chunk, SKIP reuses the
+    policy's residual (no block runs; its K/V stay as last written), SUBSET runs the blocks on
+    some of its tokens only (their K/V are rewritten, the others' kept);
+  - an inactive chunk never written in this segment (history) is computed once, so later
+    chunks can attend to it; an inactive written chunk is finished: frozen, not forwarded;
+  - chunks after the last active one have not started and are not forwarded;
+- a chunk is frozen right after its last step (its `steps`-th active call), so the next chunk
+  of the same call already attends to its final, possibly compressed, K/V; a history chunk is
+  frozen from the call after the one that wrote it;
+- the head runs on all tokens; tokens of chunks that were not forwarded come back as exact
+  zeros (velocity 0: a frame that is not stepped does not move).
+
+Self-attention goes through `KVAttention`: each chunk writes its K/V into the KV store and
+attends to the keys of chunks first..last (chunk-causal: 0..itself). Branch rows follow the
+caller's `branches` ({branch id: rows}), so cond and uncond batched together or called
+separately behave the same. The executor is also the run state: one object per sampling run,
+`reset()` at its end; a new AR window (or a new shape) starts a new segment by itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+from . import flops as flop_count
+from .kv_store import ChunkLayout, CompressSettings, KVStore
+from .record import StepRecord
+
+
+# --- decisions and policies ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Decision:
+    kind: str                               # "compute" | "skip" | "subset"
+    tokens: Optional[torch.Tensor] = None   # SUBSET: token indices within the chunk (int64)
+
+
+COMPUTE = Decision("compute")
+SKIP = Decision("skip")
+
+
+def subset(tokens: torch.Tensor) -> Decision:
+    return Decision("subset", tokens.to(torch.int64))
+
+
+class ChunkPolicy:
+    """A caching method, asked once per active chunk and call. This base computes everything:
+    the chunk-causal restructuring alone ("chunk_causal")."""
+
+    method = "chunk_causal"
+    needs_indicator = False     # True: decide() gets the adapter's indicator of the chunk
+
+    def reset(self) -> None:
+        """A new segment (AR window) starts."""
+
+    def reset_branch(self, branch: int) -> None:
+        """One branch restarts (its rows or its chunks' activity changed)."""
+
+    def decide(self, branch: int, chunk: int, indicator, local_step: int, steps: int) -> Decision:
+        return COMPUTE
+
+    def observe(self, branch: int, chunk: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        """After COMPUTE or SUBSET of an active chunk: its block-stack input and output."""
+
+    def reuse(self, branch: int, chunk: int, h_in: torch.Tensor, tokens=None) -> torch.Tensor:
+        """SKIP (tokens None) or the tokens a SUBSET leaves out: the output without running."""
+        raise NotImplementedError(f"{type(self).__name__} never skips")
+
+
+# --- what a model family provides -------------------------------------------------------------
+
+@dataclass
+class ChunkCall:
+    """One model call, embedded by the adapter. `extra` is the adapter's own (modulation,
+    context, RoPE cache, ...); the executor never looks inside."""
+    tokens: torch.Tensor          # [B, L, dim] embedded input tokens, frame-major
+    timesteps: torch.Tensor       # [B, F] per-frame model timesteps
+    tokens_per_frame: int
+    shape_key: tuple              # changes when the latent's shape changes (a new segment)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def frames(self) -> int:
+        return int(self.timesteps.shape[1])
+
+
+class ChunkAdapter(Protocol):
+    """The few model operations the executor needs (one implementation per model family)."""
+    flop_shape: flop_count.DiTShape
+    num_layers: int
+
+    def indicators(self, call: ChunkCall, frames: Sequence[int]) -> torch.Tensor:
+        """Policy indicators [B, len(frames), ...] (float32) of the given frames."""
+
+    def run_blocks(self, call: ChunkCall, rows, frames: tuple[int, int], h: torch.Tensor,
+                   attention: "KVAttention", tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The blocks on the tokens of frames [f0, f1) (or their subset `tokens`), with
+        self-attention through `attention(layer, q, k, v, heads, attend)`."""
+
+    def head(self, call: ChunkCall, h: torch.Tensor) -> torch.Tensor:
+        """Head on all tokens: [B, L, dim] -> [B, L, out] (token space)."""
+
+    def finish(self, call: ChunkCall, out: torch.Tensor) -> torch.Tensor:
+        """Token-space output -> the model's output tensor."""
+
+
+class KVAttention:
+    """Self-attention of one chunk forward through the KV store: squeeze the finished history
+    (with compression on), write this chunk's K/V (all its tokens or `tokens`), attend to the
+    keys of chunks first..last."""
+
+    def __init__(self, store: KVStore, branch: int, chunk: int, first: int = 0, last: Optional[int] = None,
+                 tokens: Optional[torch.Tensor] = None):
+        self.store, self.branch, self.chunk, self.tokens = store, branch, chunk, tokens
+        self.first, self.last = first, chunk if last is None else last
+        self.key_len: Optional[int] = None   # keys seen at layer 0 (for FLOPs)
+
+    def __call__(self, layer: int, q, k, v, heads: int, attend):
+        self.store.maybe_compress(self.branch, layer, q, heads)
+        self.store.write(self.branch, layer, self.chunk, k, v, self.tokens)
+        k, v = self.store.visible(self.branch, layer, self.last, self.first)
+        if layer == 0:
+            self.key_len = k.shape[1]
+        return attend(q, k, v)
+
+
+def branch_rows(cond_or_uncond: Optional[Sequence[int]], batch: int) -> dict:
+    """{branch id: rows} from ComfyUI's cond_or_uncond (each entry covers batch/len rows)."""
+    if not cond_or_uncond:
+        return {0: slice(0, batch)}
+    if batch % len(cond_or_uncond):
+        raise ValueError(f"batch {batch} is not a multiple of cond_or_uncond {list(cond_or_uncond)}")
+    per = batch // len(cond_or_uncond)
+    rows: dict = {}
+    for i, b in enumerate(cond_or_uncond):
+        rows.setdefault(int(b), []).extend(range(i * per, (i + 1) * per))
+    out = {}
+    for b, r in rows.items():   # contiguous rows index as a view
+        out[b] = slice(r[0], r[-1] + 1) if r == list(range(r[0], r[-1] + 1)) else torch.tensor(r)
+    return out
+
+
+# --- the executor, which is also the run state -------------------------------------------------------
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """K/V compression of the finished history (see kv_compress)."""
+    budget_chunks: int = 1
+    lam: float = 0.07
+    kernel: int = 7
+    max_queries: int = 256
+
+
+class ChunkExecutor:
+    """Chunk-by-chunk execution of one sampling run, with a policy and a KV store.
+
+    chunk_frames: latent frames per chunk when the sampler publishes no record (with one, the
+        record's causal block size). compress: squeeze finished chunks' K/V to a budget.
+    """
+
+    def __init__(self, policy: ChunkPolicy, chunk_frames: int = 5, compress: Optional[CompressConfig] = None):
+        self.policy, self.chunk_frames, self.compress = policy, int(chunk_frames), compress
+        self.reset()
+
+    @property
+    def method(self) -> str:
+        return self.policy.method
+
+    def reset(self) -> None:
+        """Forget everything (K/V buffers freed); statistics restart too."""
+        self.policy.reset()
+        self.store: Optional[KVStore] = None
+        self.stats = {"calls": 0, "segments": 0, "chunks_computed": 0, "chunks_skipped": 0,
+                      "chunks_history": 0, "chunks_frozen": 0, "transformer_flops": 0.0,
+                      "transformer_flops_chunk_causal": 0.0, "transformer_flops_vanilla": 0.0, "kv_bytes_peak": 0}
+        self._segment = None
+        self._last_row = -1
+        self._last_t: Optional[float] = None
+        self._local_steps: dict = {}      # (branch, chunk) -> active calls so far in this segment
+        self._reported: dict = {}         # summary at the last merge into the run report
+
+    def summary(self) -> dict:
+        """Statistics so far, with the K/V peak."""
+        out = dict(self.stats)
+        if self.store is not None:
+            out["kv_bytes_peak"] = max(out["kv_bytes_peak"], self.store.peak_bytes)
+        return out
+
+    # -- segments ----------------------------------------------------------------------------------
+    def _begin_call(self, call: ChunkCall, layout: ChunkLayout, record: Optional[StepRecord], num_layers: int):
+        key = (None if record is None else record.window_index, call.shape_key, layout)
+        new = key != self._segment
+        if record is not None:
+            new = new or record.row < self._last_row
+            self._last_row = record.row
+        else:  # a plain sampler: a rising timestep means a new run through the same shapes
+            t_max = float(call.timesteps.max())
+            new = new or (self._last_t is not None and t_max > self._last_t + 1e-3)
+            self._last_t = t_max
+        if not new:
+            return
+        self._segment = key
+        self.policy.reset()
+        self._local_steps.clear()
+        settings = None
+        if self.compress is not None:
+            c = self.compress
+            settings = CompressSettings(budget_tokens=c.budget_chunks * max(layout.chunk_tokens), lam=c.lam,
+                                        kernel=c.kernel, max_queries=c.max_queries)
+        if self.store is not None:
+            self.stats["kv_bytes_peak"] = max(self.stats["kv_bytes_peak"], self.store.peak_bytes)
+            self.store.reset()
+        self.store = KVStore(layout, num_layers=num_layers, compress=settings)
+        self.stats["segments"] += 1
+
+    def _reset_branch(self, branch: int) -> None:
+        self.store.reset_branch(branch)
+        self.policy.reset_branch(branch)
+        for key in [k for k in self._local_steps if k[0] == branch]:
+            del self._local_steps[key]
+
+    # -- one model call ------------------------------------------------------------------------------
+    def forward(self, adapter: ChunkAdapter, call: ChunkCall, record: Optional[StepRecord], branches: dict,
+                steps: int, report=None) -> torch.Tensor:
+        """One chunk-wise call: the model's output for `call` (see the module docstring).
+
+        record: the sampler's StepRecord (None: every chunk active, chunks of chunk_frames);
+        branches: {branch id: batch rows}; steps: denoising steps every chunk walks (its last one
+        freezes it); report: the sampler's RunReport, if one is running."""
+        bs, f = call.tokens.shape[0], call.frames
+        chunk_frames = int(record.chunk_frames) if record is not None else self.chunk_frames
+        layout = ChunkLayout.from_frames(f, chunk_frames, call.tokens_per_frame)
+        n_chunks = layout.num_chunks
+        act = record.active.detach().bool().cpu().tolist() if record is not None else [True] * f
+        active = [any(act[g * chunk_frames:(g + 1) * chunk_frames]) for g in range(n_chunks)]
+        # a chunk's indicator frame is its first active one: a chunk that starts with history
+        # frames (a prefix that is not a multiple of the chunk) must not measure their constant t
+        probe = [next((i for i in range(g * chunk_frames, min((g + 1) * chunk_frames, f)) if act[i]),
+                      g * chunk_frames) for g in range(n_chunks)]
+        indicators = adapter.indicators(call, probe) if self.policy.needs_indicator else None
+        self._begin_call(call, layout, record, adapter.num_layers)
+        store, policy, shape = self.store, self.policy, adapter.flop_shape
+
+        out_h = torch.zeros_like(call.tokens)
+        forwarded = {}                       # branch -> (rows, chunks forwarded this call)
+        call_flops = noskip_flops = 0.0
+        for branch, rows in branches.items():
+            n_rows = len(range(bs)[rows]) if isinstance(rows, slice) else len(rows)
+            if store.rows(branch) not in (None, n_rows) or any(
+                    active[g] and store.is_frozen(branch, g) for g in range(n_chunks)):
+                self._reset_branch(branch)
+            for g in range(n_chunks):        # finished chunks are never written again
+                if not active[g] and store.is_written(branch, g) and not store.is_frozen(branch, g):
+                    store.freeze(branch, g)
+            last = max((g for g in range(n_chunks) if active[g]), default=-1)
+            store.plan(branch, last)         # chunks <= last are all written below: grow K/V once
+            done, computed, skipped, key_lengths, query_tokens = set(), [], [], {}, {}
+            for g in range(last + 1):
+                s, e_tok = layout.start(g), layout.end(g)
+                f0, f1 = g * chunk_frames, min((g + 1) * chunk_frames, f)
+                h_in = call.tokens[rows, s:e_tok]
+                if active[g]:
+                    local = self._local_steps.get((branch, g), 0)
+                    ind = None if indicators is None else indicators[rows, g]
+                    decision = policy.decide(branch, g, ind, local, steps)
+                elif not store.is_written(branch, g):
+                    decision, local = COMPUTE, None          # history chunk: K/V once per segment
+                else:
+                    self.stats["chunks_frozen"] += 1
+                    continue
+                if decision.kind == "skip":
+                    h_out = policy.reuse(branch, g, h_in)
+                    skipped.append(g)
+                    self.stats["chunks_skipped"] += 1
+                else:
+                    tokens = decision.tokens if decision.kind == "subset" else None
+                    attention = KVAttention(store, branch, g, tokens=tokens)
+                    x_in = h_in if tokens is None else h_in[:, tokens]
+                    h_new = adapter.run_blocks(call, rows, (f0, f1), x_in, attention, tokens)
+                    if tokens is None:
+                        h_out = h_new
+                    else:                    # the others as the policy says, selected ones fresh
+                        h_out = policy.reuse(branch, g, h_in, tokens).clone()
+                        h_out[:, tokens] = h_new
+                        query_tokens[g] = int(tokens.numel())
+                    computed.append(g)
+                    key_lengths[g] = attention.key_len if attention.key_len is not None else layout.end(g)
+                    if local is not None:
+                        policy.observe(branch, g, h_in, h_out)
+                        self.stats["chunks_computed"] += 1
+                    else:
+                        self.stats["chunks_history"] += 1
+                if local is not None:
+                    self._local_steps[(branch, g)] = local + 1
+                    if local + 1 >= steps:   # its last step: frozen before the next chunk attends
+                        store.freeze(branch, g)
+                out_h[rows, s:e_tok] = h_out
+                done.add(g)
+            forwarded[branch] = (rows, done)
+            call_flops += flop_count.chunk_causal_flops(shape, layout.chunk_tokens, computed, key_lengths,
+                                                        frames=f, batch=n_rows, query_tokens=query_tokens)
+            noskip_flops += flop_count.chunk_causal_flops(shape, layout.chunk_tokens, computed + skipped,
+                                                          key_lengths, frames=f, batch=n_rows)
+
+        out = adapter.head(call, out_h)
+        for rows, done in forwarded.values():
+            for g in range(n_chunks):
+                if g not in done:
+                    out[rows, layout.start(g):layout.end(g)] = 0
+        out = adapter.finish(call, out)
+        self._account(report, call_flops, noskip_flops, shape, layout.total, f, bs)
+        return out
+
+    def _account(self, report, call_flops, noskip_flops, shape, tokens, frames, batch) -> None:
+        self.stats["calls"] += 1
+        self.stats["transformer_flops"] += call_flops
+        self.stats["transformer_flops_chunk_causal"] += noskip_flops
+        self.stats["transformer_flops_vanilla"] += flop_count.window_flops(shape, tokens, frames, batch)
+        if report is not None:
+            report.add_forward(call_flops)
+            self._reported = report.merge_cache(self.method, self.summary(), self._reported)
