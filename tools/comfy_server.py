@@ -40,9 +40,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def copy_pack(dest: Path) -> None:
+    """Copy the pack's files (tracked, and new ones git does not ignore: what a clone or the
+    Registry's archive holds, never .host/ or out/) to dest."""
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
 class ComfyServer:
     def __init__(self, base_dir: Path, comfy_dir: Path | None = None, python: str | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), install: str = "link"):
+        """install: "link" (a symlink to this checkout: edits are live) or "copy" (the pack's
+        tracked files copied, as ComfyUI-Manager or a signed-node policy would have it)."""
+        if install not in ("link", "copy"):
+            raise ValueError(f"install must be link or copy, got {install!r}")
+        self.install = install
         default_comfy, default_python = host_paths()
         self.comfy_dir = Path(comfy_dir or default_comfy)
         self.python = python or default_python
@@ -57,11 +74,15 @@ class ComfyServer:
     # --- lifecycle -------------------------------------------------------------------------
     def prepare(self) -> "ComfyServer":
         """Make the private folders and link this pack into custom_nodes."""
-        for sub in ("models/diffusion_models", "models/vae", "custom_nodes", "input", "output", "temp", "user"):
+        for sub in ("models/diffusion_models", "models/vae", "models/loras", "custom_nodes", "input", "output",
+                    "temp", "user"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
-        link = self.base_dir / "custom_nodes" / PACK_NAME
-        if not link.exists():
-            link.symlink_to(REPO, target_is_directory=True)
+        dest = self.base_dir / "custom_nodes" / PACK_NAME
+        if not dest.exists():
+            if self.install == "link":
+                dest.symlink_to(REPO, target_is_directory=True)
+            else:
+                copy_pack(dest)
         return self
 
     def start(self, timeout: float = 180.0) -> "ComfyServer":

@@ -5,14 +5,20 @@
 
 The frontend stores widget values positionally (`widgets_values`), including the hidden
 `control_after_generate` companion ("fixed", "randomize", ...) after each seed-like input, so
-conversion walks the node's inputs in /object_info order.
+conversion walks the node's inputs in /object_info order. A dynamic combo (newer cores'
+COMFY_DYNAMICCOMBO_V3, e.g. SaveVideo's `format`) is one widget followed by the chosen option's
+own widgets, recursively; in the API prompt they are flat dotted keys ("format", "format.codec").
+An input of a type this module does not know is a socket, unless the server marks it
+`socketless`: then it is a widget whose value is passed through unchecked (`unknown_widgets`
+names them).
 """
 from __future__ import annotations
 
 import json
 import sys
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", DYNAMIC_COMBO}
 SKIP_TYPES = {"Note", "MarkdownNote"}
 MUTED, BYPASSED = 2, 4
 
@@ -21,16 +27,50 @@ class WorkflowError(ValueError):
     pass
 
 
-def _specs(info: dict) -> list[tuple[str, str, dict, bool]]:
-    """(name, type, options, required) for every input of a node type, in the frontend's order."""
+def _specs(inputs: dict, order: dict | None = None) -> list[tuple[str, str, dict, bool]]:
+    """(name, type, options, required) for every input of an input dict ({"required": ..,
+    "optional": ..}), in the frontend's order."""
     out = []
-    order = info.get("input_order") or {g: list(info["input"].get(g, {})) for g in ("required", "optional")}
+    order = order or {g: list(inputs.get(g, {})) for g in ("required", "optional")}
     for group in ("required", "optional"):
         for name in order.get(group, []):
-            spec = info["input"][group][name]
+            spec = inputs[group][name]
             kind = spec[0]
             opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            out.append((name, "COMBO" if isinstance(kind, list) else kind, opts, group == "required"))
+            if isinstance(kind, list):            # a V1 combo: the options are the type
+                kind, opts = "COMBO", dict(opts, options=kind)
+            out.append((name, kind, opts, group == "required"))
+    return out
+
+
+def node_specs(info: dict) -> list[tuple[str, str, dict, bool]]:
+    return _specs(info["input"], info.get("input_order"))
+
+
+def is_widget(kind: str, opts: dict) -> bool:
+    return (kind in WIDGET_TYPES or bool(opts.get("socketless"))) and not opts.get("forceInput")
+
+
+def dynamic_option(opts: dict, key) -> dict | None:
+    """The option of a dynamic combo whose key is `key`."""
+    return next((o for o in opts.get("options", []) if o.get("key") == key), None)
+
+
+def widget_specs(info: dict, values: dict) -> list[tuple[str, str, dict, bool]]:
+    """Every widget input of a node with its dotted name, dynamic combos expanded by the values
+    chosen (sub-inputs of an unchosen option do not exist)."""
+    out = []
+
+    def walk(specs, prefix):
+        for name, kind, opts, required in specs:
+            if not is_widget(kind, opts):
+                continue
+            out.append((prefix + name, kind, opts, required))
+            if kind == DYNAMIC_COMBO:
+                option = dynamic_option(opts, values.get(prefix + name))
+                if option is not None:
+                    walk(_specs(option.get("inputs", {})), prefix + name + ".")
+    walk(node_specs(info), "")
     return out
 
 
@@ -42,7 +82,16 @@ def combo_options(info: dict, name: str) -> list | None:
                 return spec[0]
             if spec[0] == "COMBO":
                 return (spec[1] if len(spec) > 1 else {}).get("options", [])
+            if spec[0] == DYNAMIC_COMBO:
+                return [o.get("key") for o in (spec[1] if len(spec) > 1 else {}).get("options", [])]
     return None
+
+
+UPLOAD_VALUES = ("image", "video", "audio")
+
+
+def _has_upload(opts: dict) -> bool:
+    return any(opts.get(k) for k in ("image_upload", "video_upload", "audio_upload"))
 
 
 def _has_control(name: str, kind: str, opts: dict) -> bool:
@@ -50,21 +99,43 @@ def _has_control(name: str, kind: str, opts: dict) -> bool:
 
 
 def widget_values(node: dict, info: dict) -> dict:
-    """Map a UI node's positional widgets_values to input names."""
+    """Map a UI node's positional widgets_values to (dotted) input names."""
     values = node.get("widgets_values") or []
     if isinstance(values, dict):          # some nodes (e.g. VHS) store them by name
         return dict(values)
-    out, i = {}, 0
-    for name, kind, opts, _ in _specs(info):
-        if kind not in WIDGET_TYPES or opts.get("forceInput"):
-            continue
-        if i >= len(values):
-            break
-        out[name] = values[i]
-        i += 1
-        if _has_control(name, kind, opts) and i < len(values) and values[i] in (
-                "fixed", "increment", "decrement", "randomize"):
-            i += 1
+    out, pos = {}, [0]
+
+    def walk(specs, prefix) -> bool:
+        for name, kind, opts, _ in specs:
+            if not is_widget(kind, opts):
+                continue
+            if pos[0] >= len(values):
+                return False
+            out[prefix + name] = value = values[pos[0]]
+            pos[0] += 1
+            if _has_control(name, kind, opts) and pos[0] < len(values) and values[pos[0]] in (
+                    "fixed", "increment", "decrement", "randomize"):
+                pos[0] += 1
+            if _has_upload(opts) and pos[0] < len(values) and values[pos[0]] in UPLOAD_VALUES:
+                pos[0] += 1                 # the frontend's upload button stores a value too
+            if kind == DYNAMIC_COMBO:       # the chosen option's widgets follow their parent
+                option = dynamic_option(opts, value)
+                if option is not None and not walk(_specs(option.get("inputs", {})), prefix + name + "."):
+                    return False
+        return True
+    walk(node_specs(info), "")
+    return out
+
+
+def unknown_widgets(workflow: dict, object_info: dict) -> list[str]:
+    """"node type.input (TYPE)" for every widget of a type this module cannot check."""
+    out = []
+    for node in workflow.get("nodes", []):
+        info = object_info.get(node["type"])
+        if info:
+            values = widget_values(node, info)
+            out += [f"{node['type']}.{name} ({kind})" for name, kind, opts, _ in widget_specs(info, values)
+                    if kind not in WIDGET_TYPES and name in values]
     return out
 
 
@@ -156,20 +227,20 @@ def validate(workflow: dict, object_info: dict, allow_missing_files: bool = Fals
         info = object_info[kind]
         values = widget_values(node, info)
         linked = {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
-        for name, t, opts, required in _specs(info):
+        for name, t, opts, required in node_specs(info):
+            if required and name not in linked and not is_widget(t, opts):
+                problems.append(f"node {nid} ({kind}): required input '{name}' ({t}) is not connected")
+        for name, t, opts, required in widget_specs(info, values):
             if name in linked:
-                continue
-            if t not in WIDGET_TYPES or opts.get("forceInput"):
-                if required:
-                    problems.append(f"node {nid} ({kind}): required input '{name}' ({t}) is not connected")
                 continue
             if name not in values:
                 if required:
                     problems.append(f"node {nid} ({kind}): widget '{name}' has no value")
                 continue
             v = values[name]
-            if t == "COMBO":
-                opts_list = combo_options(info, name) or []
+            if t in ("COMBO", DYNAMIC_COMBO):
+                opts_list = ([o.get("key") for o in opts.get("options", [])] if t == DYNAMIC_COMBO
+                             else opts.get("options", []))
                 if v not in opts_list and not (allow_missing_files and is_file_value(v)):
                     problems.append(f"node {nid} ({kind}): {name}={v!r} not in {opts_list[:8]}")
             elif t in ("INT", "FLOAT"):
@@ -234,6 +305,8 @@ def main(argv=None) -> int:
             print(f"{path}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
             continue
         prompt = to_api(wf, info)
+        for widget in unknown_widgets(wf, info):
+            print(f"{path}: {widget}: a widget type this tool does not know; its value is passed through unchecked")
         if a.command == "convert":
             print(json.dumps(prompt, indent=1))
         elif a.command == "run":
