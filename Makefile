@@ -4,7 +4,7 @@
 HOST_PY := $(if $(COMFYUI_PATH),$(or $(COMFYUI_PYTHON),python3),$(CURDIR)/.host/venv/bin/python)
 PYTEST  := $(HOST_PY) -m pytest -c tests/pytest.ini --rootdir=tests
 
-.PHONY: host test test-unit demo bench checkpoints clean-host
+.PHONY: host test test-unit demo bench docs checkpoints clean-host
 
 host:
 	@bash scripts/setup_host.sh >/dev/null
@@ -20,6 +20,9 @@ demo: host
 
 bench: host
 	$(HOST_PY) bench/run.py
+
+docs: host
+	$(HOST_PY) scripts/make_docs.py
 
 checkpoints: host
 	$(HOST_PY) scripts/make_tiny_checkpoints.py --out out/tiny_models

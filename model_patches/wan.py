@@ -65,6 +65,11 @@ def wan_transformer(model_patcher) -> comfy.ldm.wan.model.WanModel:
     serves = ("the pack serves SkyReels-V2-DF: Wan 2.1 text-to-video transformers with 16 latent "
               "channels, loaded with UNETLoader. Load a SkyReels-V2-DF checkpoint, or use KSampler "
               "for other models.")
+    if "Causal" in type(dm).__name__ or "Causal" in type(base).__name__:   # newer core's own AR Wan
+        raise ModelFamilyError(f"this is {describe_model(base)}, core's causal Wan for Self-Forcing / "
+                               "Causal-Forcing weights: generate it with core's SamplerARVideo (and "
+                               "EmptyARVideoLatent); the Streaming AR Sampler and the AR caches serve "
+                               "SkyReels-V2-DF diffusion forcing")
     if (not isinstance(base, comfy.model_base.WAN21) or type(dm) is not comfy.ldm.wan.model.WanModel
             or getattr(dm, "model_type", "t2v") != "t2v" or base.latent_format.latent_channels != 16):
         raise ModelFamilyError(f"this is {describe_model(base)}; {serves}")
