@@ -37,8 +37,14 @@ from typing import Optional, Protocol, Sequence
 import torch
 
 from . import flops as flop_count
+from .errors import InputError
 from .kv_store import ChunkLayout, CompressSettings, KVStore
 from .record import StepRecord
+
+# chunk_causal: the papers' restructuring, chunk g attends to chunks 0..g, finished chunks frozen.
+# bidirectional: the window attends as in the uncached model (every chunk forwarded each call);
+# a skipped chunk's or reused token's K/V are the last ones computed.
+ATTENTION_MODES = ("chunk_causal", "bidirectional")
 
 
 # --- decisions and policies ----------------------------------------------------------------------
@@ -57,6 +63,16 @@ def subset(tokens: torch.Tensor) -> Decision:
     return Decision("subset", tokens.to(torch.int64))
 
 
+@dataclass
+class ChunkView:
+    """What a policy may look at for one active chunk in one call (given to `see` first)."""
+    frames: tuple                       # (f0, f1) latent frames of the chunk in the window
+    tokens: int                         # its tokens
+    local_step: int                     # its denoising steps so far
+    latents: Optional[torch.Tensor] = None          # [rows, tokens, C*p] patchified input latent
+    latents_before: Optional[torch.Tensor] = None   # [rows, HW, C*p] the window's frame before f0
+
+
 class ChunkPolicy:
     """A caching method, asked once per active chunk and call. This base computes everything:
     the chunk-causal restructuring alone ("chunk_causal")."""
@@ -70,11 +86,14 @@ class ChunkPolicy:
     def reset_branch(self, branch: int) -> None:
         """One branch restarts (its rows or its chunks' activity changed)."""
 
+    def see(self, branch: int, chunk: int, view: ChunkView) -> None:
+        """Before `decide`: the chunk's frames, tokens and latents (for policies that want them)."""
+
     def decide(self, branch: int, chunk: int, indicator, local_step: int, steps: int) -> Decision:
         return COMPUTE
 
-    def observe(self, branch: int, chunk: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
-        """After COMPUTE or SUBSET of an active chunk: its block-stack input and output."""
+    def observe(self, branch: int, chunk: int, h_in: torch.Tensor, h_out: torch.Tensor, tokens=None) -> None:
+        """After COMPUTE or SUBSET (`tokens`) of an active chunk: its block-stack input and output."""
 
     def reuse(self, branch: int, chunk: int, h_in: torch.Tensor, tokens=None) -> torch.Tensor:
         """SKIP (tokens None) or the tokens a SUBSET leaves out: the output without running."""
@@ -92,6 +111,7 @@ class ChunkCall:
     tokens_per_frame: int
     shape_key: tuple              # changes when the latent's shape changes (a new segment)
     extra: dict = field(default_factory=dict)
+    latents: Optional[torch.Tensor] = None   # [B, L, C*p] the input latent on the token grid
 
     @property
     def frames(self) -> int:
@@ -172,8 +192,15 @@ class ChunkExecutor:
         record's causal block size). compress: squeeze finished chunks' K/V to a budget.
     """
 
-    def __init__(self, policy: ChunkPolicy, chunk_frames: int = 5, compress: Optional[CompressConfig] = None):
+    def __init__(self, policy: ChunkPolicy, chunk_frames: int = 5, compress: Optional[CompressConfig] = None,
+                 attention: str = "chunk_causal"):
+        if attention not in ATTENTION_MODES:
+            raise InputError("attention", f"{attention!r}: choose one of {', '.join(ATTENTION_MODES)}")
+        if attention == "bidirectional" and compress is not None:
+            raise InputError("kv_compress", "compresses finished chunks' K/V, which exist only with attention "
+                                            "chunk_causal: switch kv_compress off or use chunk_causal")
         self.policy, self.chunk_frames, self.compress = policy, int(chunk_frames), compress
+        self.bidirectional = attention == "bidirectional"
         self.reset()
 
     @property
@@ -186,7 +213,8 @@ class ChunkExecutor:
         self.store: Optional[KVStore] = None
         self.stats = {"calls": 0, "segments": 0, "chunks_computed": 0, "chunks_skipped": 0,
                       "chunks_history": 0, "chunks_frozen": 0, "transformer_flops": 0.0,
-                      "transformer_flops_chunk_causal": 0.0, "transformer_flops_vanilla": 0.0, "kv_bytes_peak": 0}
+                      "transformer_flops_chunk_causal": 0.0, "transformer_flops_vanilla": 0.0, "kv_bytes_peak": 0,
+                      "tokens_active": 0, "tokens_computed": 0}
         self._segment = None
         self._last_row = -1
         self._last_t: Optional[float] = None
@@ -224,7 +252,9 @@ class ChunkExecutor:
         if self.store is not None:
             self.stats["kv_bytes_peak"] = max(self.stats["kv_bytes_peak"], self.store.peak_bytes)
             self.store.reset()
-        self.store = KVStore(layout, num_layers=num_layers, compress=settings)
+        # bidirectional: one slot for the whole window, written token by token
+        store_layout = ChunkLayout((layout.total,)) if self.bidirectional else layout
+        self.store = KVStore(store_layout, num_layers=num_layers, compress=settings)
         self.stats["segments"] += 1
 
     def _reset_branch(self, branch: int) -> None:
@@ -232,6 +262,26 @@ class ChunkExecutor:
         self.policy.reset_branch(branch)
         for key in [k for k in self._local_steps if k[0] == branch]:
             del self._local_steps[key]
+
+    def _view(self, call: ChunkCall, rows, layout: ChunkLayout, g: int, frames, local: int) -> ChunkView:
+        s, e = layout.start(g), layout.end(g)
+        lat = before = None
+        if call.latents is not None:
+            lat = call.latents[rows, s:e]
+            if s > 0:
+                before = call.latents[rows, s - call.tokens_per_frame:s]
+        return ChunkView(frames=frames, tokens=e - s, local_step=local, latents=lat, latents_before=before)
+
+    def _decide(self, call, rows, branch: int, g: int, active: bool, layout, frames, indicators, steps):
+        """(decision, local step) for chunk g, or (None, None) when it is finished and frozen."""
+        if active:
+            local = self._local_steps.get((branch, g), 0)
+            self.policy.see(branch, g, self._view(call, rows, layout, g, frames, local))
+            ind = None if indicators is None else indicators[rows, g]
+            return self.policy.decide(branch, g, ind, local, steps), local
+        if self.bidirectional or not self.store.is_written(branch, g):
+            return COMPUTE, None   # history (chunk-causal: once per segment); bidirectional: every call
+        return None, None
 
     # -- one model call ------------------------------------------------------------------------------
     def forward(self, adapter: ChunkAdapter, call: ChunkCall, record: Optional[StepRecord], branches: dict,
@@ -260,6 +310,14 @@ class ChunkExecutor:
         call_flops = noskip_flops = 0.0
         for branch, rows in branches.items():
             n_rows = len(range(bs)[rows]) if isinstance(rows, slice) else len(rows)
+            if self.bidirectional:
+                if store.rows(branch) not in (None, n_rows):
+                    self._reset_branch(branch)
+                flops, noskip = self._window_pass(adapter, call, rows, branch, layout, chunk_frames, active,
+                                                  indicators, steps, out_h, n_rows)
+                call_flops, noskip_flops = call_flops + flops, noskip_flops + noskip
+                forwarded[branch] = (rows, set(range(n_chunks)))
+                continue
             if store.rows(branch) not in (None, n_rows) or any(
                     active[g] and store.is_frozen(branch, g) for g in range(n_chunks)):
                 self._reset_branch(branch)
@@ -273,15 +331,12 @@ class ChunkExecutor:
                 s, e_tok = layout.start(g), layout.end(g)
                 f0, f1 = g * chunk_frames, min((g + 1) * chunk_frames, f)
                 h_in = call.tokens[rows, s:e_tok]
-                if active[g]:
-                    local = self._local_steps.get((branch, g), 0)
-                    ind = None if indicators is None else indicators[rows, g]
-                    decision = policy.decide(branch, g, ind, local, steps)
-                elif not store.is_written(branch, g):
-                    decision, local = COMPUTE, None          # history chunk: K/V once per segment
-                else:
+                decision, local = self._decide(call, rows, branch, g, active[g], layout, (f0, f1), indicators, steps)
+                if decision is None:
                     self.stats["chunks_frozen"] += 1
                     continue
+                if local is not None:
+                    self._count_tokens(decision, e_tok - s)
                 if decision.kind == "skip":
                     h_out = policy.reuse(branch, g, h_in)
                     skipped.append(g)
@@ -300,7 +355,7 @@ class ChunkExecutor:
                     computed.append(g)
                     key_lengths[g] = attention.key_len if attention.key_len is not None else layout.end(g)
                     if local is not None:
-                        policy.observe(branch, g, h_in, h_out)
+                        policy.observe(branch, g, h_in, h_out, tokens)
                         self.stats["chunks_computed"] += 1
                     else:
                         self.stats["chunks_history"] += 1
@@ -324,6 +379,60 @@ class ChunkExecutor:
         out = adapter.finish(call, out)
         self._account(report, call_flops, noskip_flops, shape, layout.total, f, bs)
         return out
+
+    def _count_tokens(self, decision: Decision, n: int) -> None:
+        """Token-steps of active chunks, and how many of them ran the blocks."""
+        self.stats["tokens_active"] += n
+        self.stats["tokens_computed"] += (n if decision.kind == "compute" else
+                                          int(decision.tokens.numel()) if decision.kind == "subset" else 0)
+
+    def _window_pass(self, adapter, call, rows, branch, layout, chunk_frames, active, indicators, steps,
+                     out_h, n_rows) -> tuple[float, float]:
+        """Bidirectional attention: every token the decisions select runs through the blocks in one
+        pass over the window, attending to all of it (the others through their last K/V)."""
+        f, total, policy = call.frames, layout.total, self.policy
+        decisions, parts = {}, []
+        for g in range(layout.num_chunks):
+            frames = (g * chunk_frames, min((g + 1) * chunk_frames, f))
+            decisions[g] = self._decide(call, rows, branch, g, active[g], layout, frames, indicators, steps)
+            d, s = decisions[g][0], layout.start(g)
+            if d.kind == "compute":
+                parts.append(torch.arange(s, layout.end(g)))
+            elif d.kind == "subset":
+                parts.append(s + d.tokens.cpu())
+        tokens = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        h_all = call.tokens[rows]
+        new = None
+        if tokens.numel():
+            whole = tokens.numel() == total
+            index = None if whole else tokens.to(h_all.device)
+            attention = KVAttention(self.store, branch, 0, tokens=index)
+            h_sel = adapter.run_blocks(call, rows, (0, f), h_all if whole else h_all[:, index], attention, index)
+            new = h_sel if whole else h_all.new_zeros(h_all.shape).index_copy_(1, index, h_sel)
+        for g, (d, local) in decisions.items():
+            s, e = layout.start(g), layout.end(g)
+            h_in = h_all[:, s:e]
+            if local is not None:
+                self._count_tokens(d, e - s)
+            if d.kind == "skip":
+                h_out = policy.reuse(branch, g, h_in)
+                self.stats["chunks_skipped"] += 1
+            else:
+                h_out = new[:, s:e]
+                if d.kind == "subset":
+                    h_out = policy.reuse(branch, g, h_in, d.tokens).clone()
+                    h_out[:, d.tokens] = new[:, s:e][:, d.tokens]
+                if local is not None:
+                    policy.observe(branch, g, h_in, h_out, d.tokens)
+                self.stats["chunks_computed" if local is not None else "chunks_history"] += 1
+            if local is not None:
+                self._local_steps[(branch, g)] = local + 1
+            out_h[rows, s:e] = h_out
+        shape = adapter.flop_shape
+        flops = flop_count.chunk_causal_flops(shape, (total,), [0] if tokens.numel() else [], {0: total}, frames=f,
+                                              batch=n_rows, query_tokens={0: int(tokens.numel())})
+        noskip = flop_count.chunk_causal_flops(shape, (total,), [0], {0: total}, frames=f, batch=n_rows)
+        return flops, noskip
 
     def _account(self, report, call_flops, noskip_flops, shape, tokens, frames, batch) -> None:
         self.stats["calls"] += 1

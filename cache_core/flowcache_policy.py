@@ -156,7 +156,7 @@ class FlowCachePolicy(ChunkPolicy):
             return COMPUTE
         return SKIP
 
-    def observe(self, branch: int, chunk: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+    def observe(self, branch: int, chunk: int, h_in: torch.Tensor, h_out: torch.Tensor, tokens=None) -> None:
         st = self.state(branch, chunk)
         st.computed += 1
         st.residual = h_out - h_in

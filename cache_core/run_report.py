@@ -43,4 +43,6 @@ class RunReport:
         cache["chunk_steps_skipped"] = cache["chunks_skipped"]
         cache["flops_saved_restructure"] = cache["transformer_flops_vanilla"] - cache["transformer_flops_chunk_causal"]
         cache["flops_saved_skipping"] = cache["transformer_flops_chunk_causal"] - cache["transformer_flops"]
+        if cache.get("tokens_active"):
+            cache["token_fraction_computed"] = cache["tokens_computed"] / cache["tokens_active"]
         return dict(summary)

@@ -16,6 +16,7 @@ import comfy.patcher_extension
 
 from ..cache_core.chunk_executor import ChunkExecutor, ChunkPolicy, CompressConfig, branch_rows
 from ..cache_core.flowcache_policy import FlowCacheConfig, FlowCachePolicy
+from ..cache_core.motioncache_policy import MotionCacheConfig, MotionCachePolicy
 from ..cache_core.record import RECORD_KEY
 from ..cache_core.run_report import REPORT_KEY
 from . import families
@@ -33,9 +34,10 @@ class CacheSpec:
     make_policy: Callable[[], ChunkPolicy]
     chunk_frames: int = 5
     compress: Optional[CompressConfig] = None
+    attention: str = "chunk_causal"
 
     def new_run(self) -> ChunkExecutor:
-        return ChunkExecutor(self.make_policy(), self.chunk_frames, self.compress)
+        return ChunkExecutor(self.make_policy(), self.chunk_frames, self.compress, self.attention)
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
@@ -103,17 +105,32 @@ def apply_ar_cache(model, spec: CacheSpec):
     return m
 
 
-def flowcache_spec(config: FlowCacheConfig, family: families.Family, dm, skip: bool = True) -> CacheSpec:
-    """FlowCache (skip=False: the chunk-causal restructuring alone, every active chunk computed)."""
+def flowcache_spec(config: FlowCacheConfig, family: families.Family, dm, skip: bool = True,
+                   attention: str = "chunk_causal") -> CacheSpec:
+    """FlowCache (skip=False: the chunk restructuring alone, every active chunk computed)."""
     coefficients = family.coefficients(config.coefficients, dm)     # refused here when unknown
     make_policy = (lambda: FlowCachePolicy(config, coefficients)) if skip else ChunkPolicy
     compress = None
     if config.kv_compress:
         compress = CompressConfig(budget_chunks=config.kv_budget_chunks, lam=config.kv_lambda,
                                   kernel=config.kv_pool_kernel, max_queries=config.max_score_queries)
-    return CacheSpec(make_policy, config.chunk_frames, compress)
+    spec = CacheSpec(make_policy, config.chunk_frames, compress, attention)
+    spec.new_run()                   # refuses settings that do not fit the attention mode, now
+    return spec
 
 
-def apply_flowcache(model, config: FlowCacheConfig, skip: bool = True):
+def apply_flowcache(model, config: FlowCacheConfig, skip: bool = True, attention: str = "chunk_causal"):
     family, dm = families.detect(model)
-    return apply_ar_cache(model, flowcache_spec(config, family, dm, skip))
+    return apply_ar_cache(model, flowcache_spec(config, family, dm, skip, attention))
+
+
+def motioncache_spec(config: MotionCacheConfig, family: families.Family, dm, attention: str = "chunk_causal"):
+    coefficients = family.coefficients(config.coefficients, dm)
+    spec = CacheSpec(lambda: MotionCachePolicy(config, coefficients), config.chunk_frames, None, attention)
+    spec.new_run()
+    return spec
+
+
+def apply_motioncache(model, config: MotionCacheConfig, attention: str = "chunk_causal"):
+    family, dm = families.detect(model)
+    return apply_ar_cache(model, motioncache_spec(config, family, dm, attention))

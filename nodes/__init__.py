@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .conditioning import EmptyConditioningNode
 from .flowcache import FlowCacheNode
+from .motioncache import MotionCacheNode
 from .preview import LatentPreviewNode
 from .sampler import StreamingSamplerNode
 from .schedules import DFScheduleNode, PromptScheduleNode
@@ -16,6 +17,7 @@ class ARCacheExtension(ComfyExtension):
             DFScheduleNode,
             PromptScheduleNode,
             FlowCacheNode,
+            MotionCacheNode,
             LatentPreviewNode,
         ]
 

@@ -4,6 +4,7 @@ from comfy_api.latest import io
 from ..cache_core.flowcache_policy import FlowCacheConfig
 from ..model_patches.ar_cache import apply_flowcache
 from .errors import named_errors
+from .motioncache import ATTENTION_MODES, ATTENTION_TOOLTIP
 
 
 class FlowCacheNode(io.ComfyNode):
@@ -43,6 +44,8 @@ class FlowCacheNode(io.ComfyNode):
                              tooltip="At most this many queries score the history when compressing (bounds its cost)."),
                 io.Boolean.Input("skip_redundant_steps", default=True, optional=True,
                                  tooltip="Off: chunk-causal restructuring only, every active chunk computed (for measuring what skipping adds)."),
+                io.Combo.Input("attention", options=list(ATTENTION_MODES), default="chunk_causal", optional=True,
+                               tooltip=ATTENTION_TOOLTIP),
             ],
             outputs=[io.Model.Output(tooltip="The model with FlowCache; bypass this node to get the original model back.")],
         )
@@ -51,9 +54,9 @@ class FlowCacheNode(io.ComfyNode):
     @named_errors("FlowCache")
     def execute(cls, model, rel_l1_thresh, warmup_steps, final_steps=1, coefficients="auto", chunk_frames=5,
                 kv_compress=False, kv_budget_chunks=1, kv_lambda=0.07, max_score_queries=256,
-                skip_redundant_steps=True) -> io.NodeOutput:
+                skip_redundant_steps=True, attention="chunk_causal") -> io.NodeOutput:
         config = FlowCacheConfig(rel_l1_thresh=rel_l1_thresh, warmup_steps=warmup_steps, final_steps=final_steps,
                                  coefficients=coefficients, chunk_frames=chunk_frames, kv_compress=kv_compress,
                                  kv_budget_chunks=kv_budget_chunks, kv_lambda=kv_lambda,
                                  max_score_queries=max_score_queries)
-        return io.NodeOutput(apply_flowcache(model, config, skip=skip_redundant_steps))
+        return io.NodeOutput(apply_flowcache(model, config, skip=skip_redundant_steps, attention=attention))

@@ -85,7 +85,7 @@ class Residuals(ChunkPolicy):
     def decide(self, branch, chunk, indicator, local_step, steps):
         return self._decide(chunk, local_step)
 
-    def observe(self, branch, chunk, h_in, h_out):
+    def observe(self, branch, chunk, h_in, h_out, tokens=None):
         self.res[(branch, chunk)] = h_out - h_in
 
     def reuse(self, branch, chunk, h_in, tokens=None):
@@ -184,3 +184,40 @@ def test_a_chunk_is_frozen_after_its_last_step_and_reset_clears_everything(toy):
     assert all(run.store.is_frozen(b, g) for b in (0, 1) for g in range(3))
     run.reset()
     assert run.store is None and run.stats["calls"] == 0
+
+
+def test_bidirectional_computing_everything_equals_the_unmasked_forward(toy):
+    x, t = inputs(seed=9)
+    run = ChunkExecutor(ChunkPolicy(), attention="bidirectional")
+    out = call_once(run, toy, x, t, record([True, True, False, False, False], 0))
+    full = toy.reference(x, torch.ones(15, 15, dtype=torch.bool))
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)       # every chunk forwarded, all attend
+    assert run.stats["chunks_computed"] == 2 and run.stats["chunks_history"] == 4
+
+
+def test_bidirectional_subset_and_skip_keep_the_last_kv(toy):
+    x, t = inputs(seed=10)
+    picked = torch.tensor([1, 4])
+    decide = lambda g, k: COMPUTE if k == 0 else (SKIP if g == 0 else subset(picked) if g == 1 else COMPUTE)  # noqa: E731
+    run = ChunkExecutor(Residuals(decide), attention="bidirectional")
+    first = call_once(run, toy, x, t, record([True] * FRAMES, 0))
+    again = call_once(run, toy, x, t, record([True] * FRAMES, 1))
+    # same input, the others' K/V fresh from call 1: every row equals the full forward
+    torch.testing.assert_close(again, first, atol=1e-5, rtol=1e-5)
+    x2, _ = inputs(seed=11)
+    k_before = run.store.visible(0, 1, 0)[0].clone()          # layer 1, branch 0, the whole window
+    call_once(run, toy, x2, t, record([True] * FRAMES, 2))
+    k_after = run.store.visible(0, 1, 0)[0]
+    n0 = CF * TPF
+    kept = torch.ones(15, dtype=torch.bool)
+    kept[n0 + picked] = False
+    kept[2 * n0:] = False
+    assert torch.equal(k_after[:, kept], k_before[:, kept])       # chunk 0 (skipped), chunk 1's others
+    assert not torch.allclose(k_after[:, n0 + picked], k_before[:, n0 + picked])   # recomputed
+    assert not torch.allclose(k_after[:, 2 * n0:], k_before[:, 2 * n0:])
+
+
+def test_bidirectional_refuses_compression():
+    from cache_core.chunk_executor import CompressConfig
+    with pytest.raises(ValueError, match="kv_compress"):
+        ChunkExecutor(ChunkPolicy(), compress=CompressConfig(), attention="bidirectional")

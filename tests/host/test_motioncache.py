@@ -1,0 +1,90 @@
+"""MotionCache (and both caches' attention modes) inside a real ComfyUI on tiny models."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import torch
+
+from tools.comfy_server import ComfyError
+from tools.graphs import streaming_graph
+
+UNET = "tiny_skyreels_df_1.3b_layout.safetensors"
+ASYNC = dict(window_frames=21, overlap_frames=9, ar_step=1, causal_block_size=3)
+MC = dict(class_type="ARCacheMotionCache", warmup_steps=1, phase1_updates=1, coefficients="none", vote=0.0,
+          min_update_ratio=0.0)
+FC = dict(class_type="ARCacheFlowCache", warmup_steps=2, coefficients="none")
+
+
+def run(comfy, cache=None, seed=1, steps=10, cfg=2.0, length=33, **extra):
+    g, sid = streaming_graph(UNET, length=length, steps=steps, cfg=cfg, seed=seed, schedule=ASYNC, cache=cache,
+                             save_prefix=f"latents/{uuid.uuid4().hex[:8]}", sampler_extra=extra or None)
+    entry = comfy.run(g.prompt)
+    save = next(k for k, v in g.prompt.items() if v["class_type"] == "SaveLatent")
+    return comfy.saved_latent(entry, save), json.loads(entry["outputs"][sid]["text"][0])
+
+
+@pytest.mark.parametrize("attention", ["chunk_causal", "bidirectional"])
+def test_threshold_zero_equals_the_no_skip_run(comfy, attention):
+    mc, rm = run(comfy, dict(MC, threshold=0.0, attention=attention))
+    restructured, _ = run(comfy, dict(FC, rel_l1_thresh=0.0, skip_redundant_steps=False, attention=attention))
+    assert rm["cache"]["method"] == "motioncache" and rm["cache"]["chunk_steps_skipped"] == 0
+    assert rm["cache"]["token_fraction_computed"] == 1.0
+    assert torch.equal(mc, restructured)
+
+
+@pytest.mark.parametrize("cache", [dict(MC, threshold=0.0), dict(FC, rel_l1_thresh=0.0)], ids=["motioncache", "flowcache"])
+def test_bidirectional_with_nothing_skipped_equals_the_uncached_sampler(comfy, cache):
+    uncached, r0 = run(comfy, None, seed=2)
+    cached, r1 = run(comfy, dict(cache, attention="bidirectional"), seed=2)
+    torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
+    assert r1["cache"]["flops_saved_restructure"] == pytest.approx(0.0, abs=1e-6 * r1["transformer_flops"])
+
+
+@pytest.mark.parametrize("attention", ["chunk_causal", "bidirectional"])
+def test_loose_threshold_spends_fewer_flops_token_wise(comfy, attention):
+    tight, rt = run(comfy, dict(MC, threshold=0.0, attention=attention), seed=3)
+    loose, rl = run(comfy, dict(MC, threshold=3.0, attention=attention), seed=3)
+    assert rl["transformer_flops"] < rt["transformer_flops"]
+    assert 0 < rl["cache"]["token_fraction_computed"] < 1
+    assert torch.isfinite(loose).all() and not torch.equal(tight, loose)
+
+
+def test_no_state_leaks_between_runs_and_interrupt_leaves_the_next_run_clean(comfy):
+    cache = dict(MC, threshold=0.3)
+    before, _ = run(comfy, cache, seed=9)
+    again, _ = run(comfy, cache, seed=9, filename_prefix="again")
+    assert torch.equal(before, again)
+    g, _ = streaming_graph(UNET, length=401, steps=20, cfg=2.0, seed=9, schedule=ASYNC, cache=cache,
+                           save_prefix=f"latents/{uuid.uuid4().hex[:8]}")
+    pid = comfy.queue(g.prompt)
+    time.sleep(1.5)
+    comfy.interrupt()
+    with pytest.raises(ComfyError, match="interrupt"):
+        comfy.wait(pid, timeout=120)
+    after, _ = run(comfy, cache, seed=9, filename_prefix="after")
+    assert torch.equal(before, after)
+    plain, _ = run(comfy, None, seed=9)
+    plain_again, _ = run(comfy, None, seed=9, filename_prefix="plain")
+    assert torch.equal(plain, plain_again)
+
+
+def test_cfg_one_short_video_and_latent_motion_work(comfy):
+    lat, report = run(comfy, dict(MC, threshold=0.3, motion_source="latents"), cfg=1.0, length=17)
+    assert torch.isfinite(lat).all() and report["cache"]["method"] == "motioncache"
+
+
+def test_bad_inputs_are_refused_clearly(comfy):
+    with pytest.raises(ComfyError, match="MotionCache, threshold: is nan"):
+        run(comfy, dict(MC, threshold=float("nan")))
+    with pytest.raises(ComfyError, match="FlowCache, kv_compress: .*chunk_causal"):
+        run(comfy, dict(FC, rel_l1_thresh=0.1, kv_compress=True, attention="bidirectional"))
+    g, _ = streaming_graph(UNET, length=17, steps=2, schedule=ASYNC, cache=dict(FC, rel_l1_thresh=0.1))
+    first = next(k for k, v in g.prompt.items() if v["class_type"] == "ARCacheFlowCache")
+    second = g.add("ARCacheMotionCache", model=g.out(first), threshold=0.1, warmup_steps=2)
+    sampler = next(k for k, v in g.prompt.items() if v["class_type"] == "ARCacheStreamingSampler")
+    g.prompt[sampler]["inputs"]["model"] = g.out(second)
+    with pytest.raises(ComfyError, match="already applied"):
+        comfy.run(g.prompt)
