@@ -306,6 +306,7 @@ class ChunkExecutor:
         store, policy, shape = self.store, self.policy, adapter.flop_shape
 
         out_h = torch.zeros_like(call.tokens)
+        heat = torch.zeros(layout.total)     # token-steps computed this call, per window token
         forwarded = {}                       # branch -> (rows, chunks forwarded this call)
         call_flops = noskip_flops = 0.0
         for branch, rows in branches.items():
@@ -314,7 +315,7 @@ class ChunkExecutor:
                 if store.rows(branch) not in (None, n_rows):
                     self._reset_branch(branch)
                 flops, noskip = self._window_pass(adapter, call, rows, branch, layout, chunk_frames, active,
-                                                  indicators, steps, out_h, n_rows)
+                                                  indicators, steps, out_h, n_rows, heat)
                 call_flops, noskip_flops = call_flops + flops, noskip_flops + noskip
                 forwarded[branch] = (rows, set(range(n_chunks)))
                 continue
@@ -336,7 +337,7 @@ class ChunkExecutor:
                     self.stats["chunks_frozen"] += 1
                     continue
                 if local is not None:
-                    self._count_tokens(decision, e_tok - s)
+                    self._count_tokens(decision, s, e_tok, heat)
                 if decision.kind == "skip":
                     h_out = policy.reuse(branch, g, h_in)
                     skipped.append(g)
@@ -378,16 +379,22 @@ class ChunkExecutor:
                     out[rows, layout.start(g):layout.end(g)] = 0
         out = adapter.finish(call, out)
         self._account(report, call_flops, noskip_flops, shape, layout.total, f, bs)
+        if report is not None:
+            report.add_heat(0 if record is None else record.window_index, heat, call.tokens_per_frame)
         return out
 
-    def _count_tokens(self, decision: Decision, n: int) -> None:
-        """Token-steps of active chunks, and how many of them ran the blocks."""
-        self.stats["tokens_active"] += n
-        self.stats["tokens_computed"] += (n if decision.kind == "compute" else
-                                          int(decision.tokens.numel()) if decision.kind == "subset" else 0)
+    def _count_tokens(self, decision: Decision, start: int, end: int, heat: torch.Tensor) -> None:
+        """Token-steps of active chunks, how many of them ran the blocks, and where (heat)."""
+        self.stats["tokens_active"] += end - start
+        if decision.kind == "compute":
+            self.stats["tokens_computed"] += end - start
+            heat[start:end] += 1
+        elif decision.kind == "subset":
+            self.stats["tokens_computed"] += int(decision.tokens.numel())
+            heat[start + decision.tokens.cpu()] += 1
 
     def _window_pass(self, adapter, call, rows, branch, layout, chunk_frames, active, indicators, steps,
-                     out_h, n_rows) -> tuple[float, float]:
+                     out_h, n_rows, heat) -> tuple[float, float]:
         """Bidirectional attention: every token the decisions select runs through the blocks in one
         pass over the window, attending to all of it (the others through their last K/V)."""
         f, total, policy = call.frames, layout.total, self.policy
@@ -413,7 +420,7 @@ class ChunkExecutor:
             s, e = layout.start(g), layout.end(g)
             h_in = h_all[:, s:e]
             if local is not None:
-                self._count_tokens(d, e - s)
+                self._count_tokens(d, s, e, heat)
             if d.kind == "skip":
                 h_out = policy.reuse(branch, g, h_in)
                 self.stats["chunks_skipped"] += 1

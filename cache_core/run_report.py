@@ -21,6 +21,13 @@ class RunReport:
         self.data.setdefault("transformer_flops", 0.0)
         self.data.setdefault("cache", None)
         self.forwards = 0            # transformer forwards counted so far
+        self.heat: dict = {}         # window -> [frames, tokens per frame] token-steps computed
+
+    def add_heat(self, window: int, counts, tokens_per_frame: int) -> None:
+        """Where a cache ran the blocks in one call: counts per window token (frame-major)."""
+        counts = counts.reshape(-1, tokens_per_frame)
+        old = self.heat.get(window)
+        self.heat[window] = counts.clone() if old is None or old.shape != counts.shape else old + counts
 
     def add_forward(self, flops: float) -> None:
         self.data["transformer_flops"] += flops

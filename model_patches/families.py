@@ -29,6 +29,7 @@ class Family:
     supports_chunks: Callable        # diffusion model -> bool (a cache can run it chunk-wise)
     flop_shape: Callable             # diffusion model -> DiTShape
     tokens_per_frame: Callable       # (latent h, latent w) -> transformer tokens per latent frame
+    token_grid: Callable             # (latent h, latent w) -> (token rows, token columns) of a frame
     coefficients: Callable           # (name or list, diffusion model) -> FlowCache polynomial
     prepare_sampling: Callable       # (model clone, schedule) -> report notes; per-frame timesteps etc.
 
@@ -55,6 +56,7 @@ WAN21 = Family(
     latent_format=comfy.latent_formats.Wan21, sampler_kind="df",
     transformer=wan.wan_transformer, chunk_adapter=wan.WanChunkAdapter, supports_chunks=wan.supports_chunks,
     flop_shape=wan.flop_shape, tokens_per_frame=wan.tokens_per_frame,
+    token_grid=lambda h, w: (-(-h // 2), -(-w // 2)),
     coefficients=lambda name, dm: wan.resolve_coefficients(name, dm.dim), prepare_sampling=_wan_prepare)
 
 FAMILIES: dict[str, Family] = {WAN21.name: WAN21}

@@ -119,6 +119,8 @@ class StreamingRun:
         shape = fam.flop_shape(self.dm)
         tokens_per_frame = fam.tokens_per_frame(self.lat_h, self.lat_w)
         generated = []                    # raw latents of new frames, window by window
+        head_len = 0 if self.head_latent is None else self.head_latent.shape[2]
+        heat = torch.zeros(head_len + sum(p.new_frames for p in self.plans), tokens_per_frame)
         prefix = self.init_prefix
         rows_done = 0
         for plan, rows in zip(self.plans, self.rows):
@@ -150,6 +152,10 @@ class StreamingRun:
                 shape, F * tokens_per_frame, F, batch=self.branches)
             new = out[:, :, P:P + plan.new_frames]
             generated.append(new)
+            window_heat = run_report.heat.pop(plan.index, None)   # where a cache spent compute
+            if window_heat is not None:
+                at = head_len + plan.start - P                     # the window's frame 0 in the video
+                heat[at:at + P + plan.new_frames] += window_heat[:P + plan.new_frames]
             window_px = None
             if req.vae is not None and (self.sink is not None or self.mode == "reencode_pixels"):
                 window_px = decode_latents(req.vae, out[:, :, :P + plan.new_frames])
@@ -168,6 +174,7 @@ class StreamingRun:
                     prefix = torch.cat(([self.head_latent] if self.head_latent is not None else []) + generated,
                                        dim=2)[:, :, -self.overlap_lat:]
         video = torch.cat(([self.head_latent] if self.head_latent is not None else []) + generated, dim=2)
+        self.heat = heat.reshape(heat.shape[0], *fam.token_grid(self.lat_h, self.lat_w)) if report["cache"] else None
         report["latent_frames"] = int(video.shape[2])
         report["seconds"] = time.perf_counter() - t0
         self.model.model_options["transformer_options"].pop(REPORT_KEY, None)

@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .conditioning import EmptyConditioningNode
 from .flowcache import FlowCacheNode
+from .heatmap import ComputeHeatmapNode
 from .motioncache import MotionCacheNode
 from .preview import LatentPreviewNode
 from .sampler import StreamingSamplerNode
@@ -19,6 +20,7 @@ class ARCacheExtension(ComfyExtension):
             FlowCacheNode,
             MotionCacheNode,
             LatentPreviewNode,
+            ComputeHeatmapNode,
         ]
 
 

@@ -13,6 +13,7 @@ from ..cache_core.df_schedule import DFSchedule
 from ..model_patches import families
 from ..model_patches.streaming import StreamingRun, VideoRequest
 from .errors import InputError, named_errors
+from .heatmap import HEAT_KEY
 from .schedules import ARPrompts, ARSchedule
 from .video_stream import StreamingVideoWriter
 
@@ -166,4 +167,7 @@ class StreamingSamplerNode(io.ComfyNode):
                 writer.abort()
             raise
         text = json.dumps(report, indent=1)
-        return io.NodeOutput({"samples": video}, text, ui={"text": [text]})
+        latent = {"samples": video}
+        if run.heat is not None:                   # for ARCacheComputeHeatmap: where the cache spent compute
+            latent[HEAT_KEY] = run.heat
+        return io.NodeOutput(latent, text, ui={"text": [text]})

@@ -88,3 +88,33 @@ def test_bad_inputs_are_refused_clearly(comfy):
     g.prompt[sampler]["inputs"]["model"] = g.out(second)
     with pytest.raises(ComfyError, match="already applied"):
         comfy.run(g.prompt)
+
+
+@pytest.mark.parametrize("cache", [dict(MC, threshold=3.0), dict(FC, rel_l1_thresh=0.3)], ids=["motioncache", "flowcache"])
+def test_heatmap_renders_and_sums_to_the_reports_counts(comfy, cache):
+    g, sid = streaming_graph(UNET, length=33, steps=10, cfg=2.0, seed=5, schedule=ASYNC, cache=cache,
+                             save_prefix=f"latents/{uuid.uuid4().hex[:8]}")
+    heat = g.add("ARCacheComputeHeatmap", samples=g.out(sid), node_id="heat")
+    g.add("SaveImage", images=g.out(heat), filename_prefix="ARCache/heat", node_id="img")
+    entry = comfy.run(g.prompt)
+    report = json.loads(entry["outputs"][sid]["text"][0])
+    summary = json.loads(entry["outputs"]["heat"]["text"][0])
+    assert summary["token_steps_computed"] == report["cache"]["tokens_computed"]
+    assert summary["latent_frames"] == report["latent_frames"] == 9
+    images = entry["outputs"]["img"]["images"]
+    assert len(images) == 33                      # one per pixel frame (4 per latent frame after the first)
+    from PIL import Image
+    frames = [Image.open(comfy.output_path(i)) for i in images]
+    assert frames[-1].size == (64, 64)
+    per_frame = [len(im.getcolors(maxcolors=1 << 16)) for im in frames]
+    if cache["class_type"] == "ARCacheFlowCache":
+        assert set(per_frame) == {1}              # whole chunks are recomputed or reused
+    else:
+        assert max(per_frame) > 1                 # single tokens: some recomputed more than others
+
+
+def test_heatmap_without_a_cache_is_refused(comfy):
+    g, sid = streaming_graph(UNET, length=17, steps=2, schedule=ASYNC, save_prefix=f"latents/{uuid.uuid4().hex[:8]}")
+    g.add("ARCacheComputeHeatmap", samples=g.out(sid))
+    with pytest.raises(ComfyError, match="Compute Heatmap, samples: carries no compute heatmap"):
+        comfy.run(g.prompt)

@@ -1,0 +1,67 @@
+"""Where the cache spent its compute: a heatmap video of how often each token was recomputed."""
+from __future__ import annotations
+
+import json
+
+import torch
+from comfy_api.latest import io
+
+from .errors import InputError, named_errors
+
+HEAT_KEY = "arcache_heat"     # [latent frames, token rows, token cols] in the sampler's LATENT
+PIXELS_PER_TOKEN = 16         # Wan 2.1: 8x VAE, 2x2 patches
+FRAMES_PER_LATENT = 4         # pixel frames per latent frame after the first
+
+
+def colormap(v: torch.Tensor) -> torch.Tensor:
+    """0..1 -> RGB: dark blue (reused) through magenta to yellow (recomputed every step)."""
+    stops = torch.tensor([[0.05, 0.05, 0.35], [0.75, 0.1, 0.55], [1.0, 0.85, 0.1]])
+    x = v.clamp(0, 1) * (len(stops) - 1)
+    i = x.floor().long().clamp(max=len(stops) - 2)
+    t = (x - i)[..., None]
+    return stops[i] * (1 - t) + stops[i + 1] * t
+
+
+class ComputeHeatmapNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ARCacheComputeHeatmap",
+            display_name="Compute Heatmap (where the cache worked)",
+            category="ARCache/preview",
+            description=(
+                "Shows where FlowCache or MotionCache spent transformer compute: for every token, how many "
+                "denoising steps recomputed it (yellow: every step, blue: reused), as a video aligned with "
+                "the decoded frames. FlowCache recomputes whole chunks; MotionCache single tokens. Give the "
+                "decoded frames to overlay it on the video."),
+            inputs=[
+                io.Latent.Input("samples", tooltip="The Streaming AR Sampler's LATENT from a run with FlowCache or MotionCache."),
+                io.Image.Input("images", optional=True, tooltip="The decoded video (VAEDecode of the same LATENT): the heatmap is blended over it."),
+                io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="How strongly the heatmap covers the frames (with images)."),
+            ],
+            outputs=[io.Image.Output(tooltip="One frame per video frame: the recompute heatmap (over the video with images).")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    @named_errors("Compute Heatmap")
+    def execute(cls, samples, images=None, opacity=0.6) -> io.NodeOutput:
+        heat = samples.get(HEAT_KEY)
+        if heat is None:
+            raise InputError("samples", "carries no compute heatmap: connect the Streaming AR Sampler's LATENT "
+                                        "from a run whose model went through FlowCache or MotionCache")
+        total = float(heat.sum())
+        norm = heat.float() / max(float(heat.max()), 1.0)
+        rgb = colormap(norm)                                        # [F, gh, gw, 3]
+        rgb = rgb.repeat_interleave(PIXELS_PER_TOKEN, 1).repeat_interleave(PIXELS_PER_TOKEN, 2)
+        frames = torch.cat([rgb[:1], rgb[1:].repeat_interleave(FRAMES_PER_LATENT, 0)])   # causal VAE timing
+        if images is not None:
+            if images.shape[0] != frames.shape[0]:
+                raise InputError("images", f"has {images.shape[0]} frames; the heatmap's video has "
+                                           f"{frames.shape[0]}: decode the same LATENT")
+            frames = frames[:, :images.shape[1], :images.shape[2]]
+            frames = (1 - opacity) * images[..., :3].float().cpu() + opacity * frames
+        summary = {"token_steps_computed": total, "latent_frames": int(heat.shape[0]),
+                   "max_per_token": float(heat.max())}
+        return io.NodeOutput(frames.contiguous(), ui={"text": [json.dumps(summary)]})
