@@ -39,11 +39,15 @@ streaming = pack("model_patches.streaming")
 ar = pack("model_patches.ar_sampling")
 flowcache_patch = pack("model_patches.ar_cache")
 policy_mod = pack("cache_core.flowcache_policy")
+motion_mod = pack("cache_core.motioncache_policy")
 record_mod = pack("cache_core.record")
 
 TOY = REPO / "toy_world" / "weights" / "toy_world_df.safetensors"
 METHODS = [("uncached", None), ("chunk_causal", None),
            *[("flowcache", t) for t in (0.05, 0.1, 0.2, 0.4)],
+           *[("flowcache_bidir", t) for t in (0.1, 0.2, 0.4)],
+           *[("motioncache", t) for t in (0.1, 0.2, 0.4)],
+           *[("motioncache_bidir", t) for t in (0.1, 0.2, 0.4)],
            *[("easycache", t) for t in (0.05, 0.1, 0.2)],
            *[("teacache_window", t) for t in (0.1, 0.2, 0.4)]]
 
@@ -64,6 +68,13 @@ def with_method(model, method: str, thr: float | None):
         return model
     if method == "easycache":
         return EasyCacheNode.execute(model, thr, 0.15, 0.95, False).result[0]
+    attention = "bidirectional" if method.endswith("_bidir") else "chunk_causal"
+    if method.startswith("motioncache"):      # 12 steps: warm-up and phase 1 scaled down from 50
+        cfg = motion_mod.MotionCacheConfig(threshold=thr, warmup_steps=1, phase1_updates=2, coefficients="none")
+        return flowcache_patch.apply_motioncache(model, cfg, attention)
+    if method == "flowcache_bidir":
+        cfg = policy_mod.FlowCacheConfig(rel_l1_thresh=thr, warmup_steps=2, coefficients="none")
+        return flowcache_patch.apply_flowcache(model, cfg, attention=attention)
     cfg = policy_mod.FlowCacheConfig(rel_l1_thresh=thr or 0.0, warmup_steps=2 if method != "teacache_window" else 4,
                                      coefficients="none")
     m = flowcache_patch.apply_flowcache(model, cfg, skip=method != "chunk_causal")
@@ -122,7 +133,8 @@ def bench_model(name: str, model, job: dict, repeats: int) -> list[dict]:
         if method == "chunk_causal":
             causal = video
         # FlowCache's skipping alone, apart from the chunk-causal restructuring it runs on
-        psnr_causal = video_fidelity(video, causal)[0] if method == "flowcache" and causal is not None else None
+        psnr_causal = (video_fidelity(video, causal)[0] if method in ("flowcache", "motioncache") and causal is not None
+                       else None)
         cache = report["cache"] or {}
         rows.append({
             "model": name, "method": method, "setting": "-" if thr is None else f"thr={thr}",
@@ -132,6 +144,7 @@ def bench_model(name: str, model, job: dict, repeats: int) -> list[dict]:
             "psnr_vs_chunk_causal_db": psnr_causal, "peak_rss_mb": rss,
             "first_window_s": report["first_window_seconds"], "wall_s": statistics.median(walls),
             "chunk_steps_skipped": cache.get("chunk_steps_skipped"), "kv_bytes_peak": cache.get("kv_bytes_peak"),
+            "token_fraction": cache.get("token_fraction_computed"),
             "model_calls": report["model_calls"], "windows": report["windows"],
         })
         print(f"{name:8s} {method:16s} {rows[-1]['setting']:9s} flops {rows[-1]['flops_ratio']:.3f} "
@@ -175,6 +188,7 @@ def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     cols = ["model", "method", "setting", "flops_ratio", "wall_ratio", "psnr_db", "ssim", "psnr_first_window_db",
+            "token_fraction",
             "psnr_vs_chunk_causal_db", "kv_bytes_peak", "peak_rss_mb", "first_window_s"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -206,10 +220,11 @@ def plot(rows: list[dict], path: Path) -> None:
     colour per method, one panel per model."""
     from PIL import Image, ImageDraw
     colours = {"uncached": (0, 0, 0), "chunk_causal": (120, 120, 120), "flowcache": (220, 40, 40),
+               "flowcache_bidir": (240, 150, 40), "motioncache": (150, 40, 200), "motioncache_bidir": (230, 90, 200),
                "easycache": (40, 90, 220), "teacache_window": (40, 160, 60)}
     models = sorted({r["model"] for r in rows})
     W, H, pad = 420, 320, 40
-    img = Image.new("RGB", (W * len(models), H + 30), "white")
+    img = Image.new("RGB", (W * len(models), H + 50), "white")
     d = ImageDraw.Draw(img)
     for i, m in enumerate(models):
         pts = [(1 / r["flops_ratio"], min(r["psnr_first_window_db"], 40.0), r["method"]) for r in rows if r["model"] == m]
@@ -227,8 +242,9 @@ def plot(rows: list[dict], path: Path) -> None:
             py = H - pad - (y - y0) / max(y1 - y0, 1e-9) * (H - 2 * pad)
             d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colours[meth])
     for j, (meth, c) in enumerate(colours.items()):
-        d.rectangle([10 + 150 * j, H + 10, 20 + 150 * j, H + 20], fill=c)
-        d.text((24 + 150 * j, H + 8), meth, fill="black")
+        x, y = 10 + 200 * (j % 4), H + 8 + 18 * (j // 4)
+        d.rectangle([x, y + 2, x + 10, y + 12], fill=c)
+        d.text((x + 14, y), meth, fill="black")
     img.save(path)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tools.workflow import WIDGET_TYPES, _has_control, _specs  # noqa: E402
+from tools.workflow import WIDGET_TYPES, _has_control, node_specs  # noqa: E402
 
 # Model files as users download them (see README "Where the model files go").
 DF_13B = "Wan2_1-SkyReels-V2-DF-1_3B-540P_fp32.safetensors"
@@ -54,6 +54,18 @@ def flowcache(model_from: str) -> dict:
     return {"flowcache": ("ARCacheFlowCache", dict(rel_l1_thresh=0.1, warmup_steps=5), {"model": (model_from, 0)})}
 
 
+def motioncache(model_from: str) -> dict:
+    return {"motioncache": ("ARCacheMotionCache", dict(threshold=0.1, warmup_steps=4), {"model": (model_from, 0)})}
+
+
+def heatmap() -> dict:
+    """Where the cache spent compute, over the decoded video, saved as a second video."""
+    return {"heat": ("ARCacheComputeHeatmap", dict(opacity=0.6), {"samples": ("sampler", 0), "images": ("decode", 0)}),
+            "heat_video": ("CreateVideo", dict(fps=24.0), {"images": ("heat", 0)}),
+            "heat_save": ("SaveVideo", dict(filename_prefix="video/ARCache_heatmap", format="auto", codec="auto"),
+                          {"video": ("heat_video", 0)})}
+
+
 def workflows(info: dict) -> dict[str, dict]:
     unet13 = {"unet": ("UNETLoader", dict(unet_name=DF_13B, weight_dtype="default"), {})}
     image = {"image": ("LoadImage", dict(image="example.png"), {})}
@@ -69,9 +81,12 @@ def workflows(info: dict) -> dict[str, dict]:
     }
     if "ARCacheFlowCache" in info:
         out["skyreels_df_t2v_flowcache"] = {**unet13, **flowcache("unet"),
-                                            **sampler_nodes("flowcache", length=737, async_mode=True)}
+                                            **sampler_nodes("flowcache", length=737, async_mode=True), **heatmap()}
         out["skyreels_df_i2v_flowcache"] = {**unet13, **image, **flowcache("unet"), **sampler_nodes(
-            "flowcache", length=257, async_mode=True, extra_inputs={"start_image": ("image", 0)})}
+            "flowcache", length=257, async_mode=True, extra_inputs={"start_image": ("image", 0)}), **heatmap()}
+    if "ARCacheMotionCache" in info:
+        out["skyreels_df_t2v_motioncache"] = {**unet13, **motioncache("unet"),
+                                              **sampler_nodes("motioncache", length=737, async_mode=True), **heatmap()}
     return out
 
 
@@ -82,7 +97,7 @@ def to_ui(graph: dict, info: dict) -> dict:
     for key, (kind, widgets, inputs) in graph.items():
         spec = info[kind]
         node_inputs, values = [], []
-        for name, t, opts, _ in _specs(spec):
+        for name, t, opts, _ in node_specs(spec):
             if t in WIDGET_TYPES and not opts.get("forceInput"):
                 if name in widgets:
                     values.append(widgets[name])

@@ -18,7 +18,8 @@ from tools.comfy_server import ComfyServer  # noqa: E402
 from tools.frontend import Frontend  # noqa: E402
 from tools.node_reference import render  # noqa: E402
 
-SHOTS = ("skyreels_df_t2v_flowcache", "skyreels_df_i2v_flowcache", "skyreels_df_extend_video")
+SHOTS = ("skyreels_df_t2v_flowcache", "skyreels_df_t2v_motioncache", "skyreels_df_i2v_flowcache",
+         "skyreels_df_extend_video")
 FIT = """() => {
     let x0 = 1e9, y0 = 1e9, x1 = -1e9, y1 = -1e9;
     for (const n of app.graph._nodes) {
