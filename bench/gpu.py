@@ -365,6 +365,7 @@ class Bench:
             "chunk_causal": self.st_restructure,
             "flowcache": self.st_flowcache,
             "kv_async": self.st_kv_async,
+            "subset": self.st_subset,
         }
         for name in plan:
             if name == "check" and not equivalence:
@@ -385,10 +386,71 @@ class Bench:
         if u is None:
             u = c.get("t_call_pred", 1.0)
         per = {"uncached": 2 * u, "check": 0.1 * u + 1, "chunk_causal": 1.6 * u,
-               "flowcache": 2.5 * u, "kv_async": 2.0 * u}
+               "flowcache": 2.5 * u, "kv_async": 2.0 * u, "subset": 1.5 * u}
         return per.get(name, u)
 
     # --- stages -----------------------------------------------------------------------------------
+    def st_subset(self, c):
+        """MotionCache's token-subset forward: the last chunk recomputes 0/25/50/75/100% of its tokens
+        (the others skip, K/V and residuals from a first full call). The chunk's block time at each
+        share against the ideal (its FLOP share), and what gathering/scattering costs beyond it."""
+        torch, ex = self.torch, self.executor
+        dm, x, ctx, t = c["dm"], c["x"], c["ctx"], c["t"]
+        n_chunks, last = c["n_chunks"], c["n_chunks"] - 1
+        chunk_tokens = c["res"]["chunk_tokens"]
+        share = [1.0]
+
+        class Fixed(ex.ChunkPolicy):
+            def __init__(self):
+                self.res = {}
+
+            def decide(self, branch, chunk, indicator, local_step, steps):
+                if local_step == 0 or (chunk == last and share[0] == 1.0):
+                    return ex.COMPUTE
+                if chunk != last or share[0] == 0.0:
+                    return ex.SKIP
+                n = max(1, int(round(share[0] * chunk_tokens)))
+                return ex.subset(torch.linspace(0, chunk_tokens - 1, n).round().long().to(x.device))
+
+            def observe(self, branch, chunk, h_in, h_out, tokens=None):
+                self.res[(branch, chunk)] = h_out - h_in
+
+            def reuse(self, branch, chunk, h_in, tokens=None):
+                return h_in + self.res[(branch, chunk)]
+
+        state = ex.ChunkExecutor(Fixed(), CHUNK_FRAMES)
+        row = [0]
+
+        def call():
+            r = self.record(c["frames"], range(n_chunks), row[0])
+            row[0] += 1
+            return self.chunked(dm, state, x, t, ctx, r, c["cou"])
+        cold, y = self.timed(call)                  # writes every chunk's K/V and residual
+        del y
+        times, flops = {}, {}
+        for frac in (0.0, 1.0, 0.25, 0.5, 0.75):
+            share[0] = frac
+            f0 = state.stats["transformer_flops"]
+            ts = self.repeat(call, c["reps"], cold)
+            if not ts:
+                break
+            times[frac], flops[frac] = median(ts), (state.stats["transformer_flops"] - f0) / len(ts)
+        out = {"cold_s": cold, "chunk_tokens": chunk_tokens, "shares": []}
+        if 0.0 in times and 1.0 in times:
+            base, full = times[0.0], times[1.0] - times[0.0]        # floor (all skip) and one chunk's blocks
+            fbase, ffull = flops[0.0], flops[1.0] - flops[0.0]
+            for frac in (0.25, 0.5, 0.75):
+                if frac in times:
+                    real = times[frac] - base
+                    ideal = full * (flops[frac] - fbase) / ffull
+                    out["shares"].append({"share": frac, "chunk_s": real, "ideal_chunk_s": ideal,
+                                          "speedup_realised": full / real if real > 0 else None,
+                                          "speedup_ideal": ffull / (flops[frac] - fbase),
+                                          "gather_scatter_overhead_s": real - ideal})
+            out.update(all_skip_call_s=base, full_chunk_s=full)
+        state.reset()
+        return out
+
     def st_uncached(self, c):
         dm, x, ctx, t = c["dm"], c["x"], c["ctx"], c["t"]
         base = self.mem_base()
@@ -839,7 +901,7 @@ def main(argv=None) -> int:
 
     # ---- 1.3B, everything ------------------------------------------------------------------------
     small = b.bench_model("1.3B", sizes["1.3B"], FRAMES, 2, lat,
-                          ["uncached", "check", "chunk_causal", "flowcache", "kv_async"],
+                          ["uncached", "check", "chunk_causal", "flowcache", "kv_async", "subset"],
                           args.reps, PATTERNS_TINY if args.tiny else PATTERNS, equivalence=not args.no_check)
     b.write()
 

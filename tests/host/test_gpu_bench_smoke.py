@@ -90,3 +90,12 @@ def test_model_numbers(result, tag):
 def test_equivalence_check(result):
     chk = result["models"]["1.3B"]["check"]
     assert chk["ok"] and chk["finite"], chk
+
+
+def test_token_subset_stage(result):
+    sub = result["models"]["1.3B"]["subset"]
+    assert "error" not in sub, sub
+    assert [s["share"] for s in sub["shares"]] == [0.25, 0.5, 0.75]
+    ideal = [s["speedup_ideal"] for s in sub["shares"]]
+    assert ideal[0] > ideal[1] > ideal[2] > 1.0        # fewer query tokens, fewer FLOPs
+    assert all(s["chunk_s"] is not None for s in sub["shares"])
