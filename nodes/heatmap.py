@@ -36,7 +36,7 @@ class ComputeHeatmapNode(io.ComfyNode):
                 "decoded frames to overlay it on the video."),
             inputs=[
                 io.Latent.Input("samples", tooltip="The Streaming AR Sampler's LATENT from a run with FlowCache or MotionCache."),
-                io.Image.Input("images", optional=True, tooltip="The decoded video (VAEDecode of the same LATENT): the heatmap is blended over it."),
+                io.Image.Input("images", optional=True, tooltip="The decoded video (VAEDecode of the same LATENT, or Latent Preview's one image per latent frame): the heatmap is blended over it."),
                 io.Float.Input("opacity", default=0.6, min=0.0, max=1.0, step=0.05, optional=True,
                                tooltip="How strongly the heatmap covers the frames (with images)."),
             ],
@@ -57,9 +57,11 @@ class ComputeHeatmapNode(io.ComfyNode):
         rgb = rgb.repeat_interleave(PIXELS_PER_TOKEN, 1).repeat_interleave(PIXELS_PER_TOKEN, 2)
         frames = torch.cat([rgb[:1], rgb[1:].repeat_interleave(FRAMES_PER_LATENT, 0)])   # causal VAE timing
         if images is not None:
-            if images.shape[0] != frames.shape[0]:
-                raise InputError("images", f"has {images.shape[0]} frames; the heatmap's video has "
-                                           f"{frames.shape[0]}: decode the same LATENT")
+            if images.shape[0] == heat.shape[0]:              # one image per latent frame (Latent Preview)
+                frames = rgb
+            elif images.shape[0] != frames.shape[0]:
+                raise InputError("images", f"has {images.shape[0]} frames; the video has {frames.shape[0]} "
+                                           f"({heat.shape[0]} latent frames): decode the same LATENT")
             frames = frames[:, :images.shape[1], :images.shape[2]]
             frames = (1 - opacity) * images[..., :3].float().cpu() + opacity * frames
         summary = {"token_steps_computed": total, "latent_frames": int(heat.shape[0]),

@@ -118,3 +118,12 @@ def test_heatmap_without_a_cache_is_refused(comfy):
     g.add("ARCacheComputeHeatmap", samples=g.out(sid))
     with pytest.raises(ComfyError, match="Compute Heatmap, samples: carries no compute heatmap"):
         comfy.run(g.prompt)
+
+
+def test_heatmap_over_latent_preview_frames(comfy):
+    g, sid = streaming_graph(UNET, length=33, steps=6, cfg=1.0, seed=6, schedule=ASYNC, cache=dict(MC, threshold=3.0),
+                             save_prefix=f"latents/{uuid.uuid4().hex[:8]}")
+    preview = g.add("ARCacheLatentPreview", samples=g.out(sid), family="wan21", upscale=8)
+    heat = g.add("ARCacheComputeHeatmap", samples=g.out(sid), images=g.out(preview), opacity=0.5)
+    g.add("SaveImage", images=g.out(heat), filename_prefix="ARCache/heat_preview", node_id="img")
+    assert len(comfy.run(g.prompt)["outputs"]["img"]["images"]) == 9     # one per latent frame
