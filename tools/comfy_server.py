@@ -186,6 +186,17 @@ class ComfyServer:
     def interrupt(self) -> None:
         self.post("/interrupt")
 
+    def run_interrupted(self, prompt: dict, after_s: float = 1.5, timeout: float = 120) -> str:
+        """Queue a prompt, interrupt it after `after_s` seconds; return how it ended (the error)."""
+        pid = self.queue(prompt)
+        time.sleep(after_s)
+        self.interrupt()
+        try:
+            self.wait(pid, timeout=timeout)
+        except ComfyError as e:
+            return str(e)
+        return "finished before the interrupt"
+
     def saved_latent(self, entry: dict, node_id: str):
         """The tensor a SaveLatent node wrote in a finished prompt's history entry."""
         import safetensors.torch

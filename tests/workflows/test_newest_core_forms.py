@@ -8,7 +8,6 @@ The pack's own entries come from the live server.
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
