@@ -3,7 +3,9 @@
 
 - docs/nodes.md: the node reference, from the live /object_info (tools/node_reference.py);
 - docs/screenshots/<workflow>.png: the main shipped workflows as ComfyUI's real web frontend
-  draws them (Debian's Chromium, as in the frontend tests), the whole graph in view.
+  draws them (Debian's Chromium, as in the frontend tests), the whole graph in view;
+- docs/screenshots/heatmap.png: MotionCache's compute heatmap over a toy-world video (every
+  second latent frame of the first windows: preview colours on top, heatmap below).
 """
 from __future__ import annotations
 
@@ -16,7 +18,32 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tools.comfy_server import ComfyServer  # noqa: E402
 from tools.frontend import Frontend  # noqa: E402
+from tools.graphs import streaming_graph  # noqa: E402
 from tools.node_reference import render  # noqa: E402
+
+TOY = REPO / "toy_world" / "weights" / "toy_world_df.safetensors"
+
+
+def heatmap_sheet(server: ComfyServer, path: Path) -> None:
+    """A toy-world video with MotionCache: preview frames above, the heatmap over them below."""
+    from PIL import Image
+    server.add_model(TOY, "diffusion_models")
+    sch = dict(window_frames=29, overlap_frames=5, ar_step=2, causal_block_size=2, prefix_mode="latent")
+    cache = dict(class_type="ARCacheMotionCache", threshold=0.2, warmup_steps=1, phase1_updates=2, coefficients="none")
+    g, sid = streaming_graph(TOY.name, width=128, height=128, length=53, steps=12, cfg=1.0, seed=3, schedule=sch,
+                             cache=cache, save_prefix="latents/docs_heatmap")
+    preview = g.add("ARCacheLatentPreview", samples=g.out(sid), family="wan21", upscale=8)
+    heat = g.add("ARCacheComputeHeatmap", samples=g.out(sid), images=g.out(preview), opacity=0.65)
+    g.add("SaveImage", images=g.out(preview), filename_prefix="docs/preview", node_id="pre")
+    g.add("SaveImage", images=g.out(heat), filename_prefix="docs/heat", node_id="heat")
+    entry = server.run(g.prompt, timeout=1800)
+    rows = [[Image.open(server.output_path(i)) for i in entry["outputs"][k]["images"]][::2] for k in ("pre", "heat")]
+    w, h = rows[0][0].size
+    sheet = Image.new("RGB", (w * len(rows[0]), 2 * h), "white")
+    for r, images in enumerate(rows):
+        for c, im in enumerate(images):
+            sheet.paste(im.convert("RGB"), (c * w, r * h))
+    sheet.save(path)
 
 SHOTS = ("skyreels_df_t2v_flowcache", "skyreels_df_t2v_motioncache", "skyreels_df_i2v_flowcache",
          "skyreels_df_extend_video")
@@ -43,6 +70,8 @@ def main() -> int:
         (out / "nodes.md").write_text(render(server.object_info()))
         print(f"wrote {out / 'nodes.md'}")
         with Frontend(server.url) as fe:
+            heatmap_sheet(server, out / "screenshots" / "heatmap.png")
+            print(f"wrote {out / 'screenshots' / 'heatmap.png'}")
             for name in SHOTS:
                 wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
                 fe.load(wf, f"{name}.json")
