@@ -31,8 +31,9 @@ separately behave the same. The executor is also the run state: one object per s
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
@@ -79,6 +80,7 @@ class ChunkPolicy:
 
     method = "chunk_causal"
     needs_indicator = False     # True: decide() gets the adapter's indicator of the chunk
+    needs_view = False          # True: see() gets the chunk's ChunkView before decide()
 
     def reset(self) -> None:
         """A new segment (AR window) starts."""
@@ -111,11 +113,16 @@ class ChunkCall:
     tokens_per_frame: int
     shape_key: tuple              # changes when the latent's shape changes (a new segment)
     extra: dict = field(default_factory=dict)
-    latents: Optional[torch.Tensor] = None   # [B, L, C*p] the input latent on the token grid
+    make_latents: Optional[Callable] = None  # () -> [B, L, C*p] the input latent on the token grid
 
     @property
     def frames(self) -> int:
         return int(self.timesteps.shape[1])
+
+    @functools.cached_property
+    def latents(self) -> Optional[torch.Tensor]:
+        """Built on first use only: most policies never look at the latent."""
+        return None if self.make_latents is None else self.make_latents()
 
 
 class ChunkAdapter(Protocol):
@@ -276,7 +283,8 @@ class ChunkExecutor:
         """(decision, local step) for chunk g, or (None, None) when it is finished and frozen."""
         if active:
             local = self._local_steps.get((branch, g), 0)
-            self.policy.see(branch, g, self._view(call, rows, layout, g, frames, local))
+            if self.policy.needs_view:
+                self.policy.see(branch, g, self._view(call, rows, layout, g, frames, local))
             ind = None if indicators is None else indicators[rows, g]
             return self.policy.decide(branch, g, ind, local, steps), local
         if self.bidirectional or not self.store.is_written(branch, g):
@@ -306,7 +314,7 @@ class ChunkExecutor:
         store, policy, shape = self.store, self.policy, adapter.flop_shape
 
         out_h = torch.zeros_like(call.tokens)
-        heat = torch.zeros(layout.total)     # token-steps computed this call, per window token
+        heat = torch.zeros(layout.total if report is not None else 0)   # token-steps computed, per token
         forwarded = {}                       # branch -> (rows, chunks forwarded this call)
         call_flops = noskip_flops = 0.0
         for branch, rows in branches.items():
@@ -384,14 +392,17 @@ class ChunkExecutor:
         return out
 
     def _count_tokens(self, decision: Decision, start: int, end: int, heat: torch.Tensor) -> None:
-        """Token-steps of active chunks, how many of them ran the blocks, and where (heat)."""
+        """Token-steps of active chunks, how many of them ran the blocks, and where (heat, when a
+        run report collects it)."""
         self.stats["tokens_active"] += end - start
         if decision.kind == "compute":
             self.stats["tokens_computed"] += end - start
-            heat[start:end] += 1
+            if heat.numel():
+                heat[start:end] += 1
         elif decision.kind == "subset":
             self.stats["tokens_computed"] += int(decision.tokens.numel())
-            heat[start + decision.tokens.cpu()] += 1
+            if heat.numel():
+                heat[start + decision.tokens.cpu()] += 1
 
     def _window_pass(self, adapter, call, rows, branch, layout, chunk_frames, active, indicators, steps,
                      out_h, n_rows, heat) -> tuple[float, float]:

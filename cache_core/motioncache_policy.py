@@ -148,6 +148,7 @@ class MotionCachePolicy(ChunkPolicy):
 
     method = "motioncache"
     needs_indicator = True
+    needs_view = True
 
     def __init__(self, config: MotionCacheConfig, coefficients: Sequence[float] = IDENTITY):
         self.config = config

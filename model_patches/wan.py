@@ -274,13 +274,14 @@ class WanChunkAdapter:
             if dm.img_emb is not None:
                 ctx = torch.concat([dm.img_emb(clip_fea), ctx], dim=1)
             context_img_len = clip_fea.shape[-2]
-        p1, p2 = dm.patch_size[1:]       # the input latent on the token grid, for motion measures
-        c = x.shape[1]
-        latents = x.reshape(bs, c, f, grid[1], p1, grid[2], p2).permute(0, 2, 3, 5, 1, 4, 6)
-        latents = latents.reshape(bs, f * grid[1] * grid[2], c * p1 * p2)
+        p1, p2 = dm.patch_size[1:]
+
+        def token_grid_latents(x=x, c=x.shape[1]):       # the input latent on the token grid
+            lat = x.reshape(bs, c, f, grid[1], p1, grid[2], p2).permute(0, 2, 3, 5, 1, 4, 6)
+            return lat.reshape(bs, f * grid[1] * grid[2], c * p1 * p2)
         return ChunkCall(tokens=xe, timesteps=t, tokens_per_frame=grid[1] * grid[2], shape_key=tuple(x.shape[1:]),
                          extra=dict(e=e, e0=e0, ctx=ctx, context_img_len=context_img_len, grid=grid, hw=(h, w),
-                                    options=transformer_options, freqs={}), latents=latents)
+                                    options=transformer_options, freqs={}), make_latents=token_grid_latents)
 
     def indicators(self, call: ChunkCall, frames) -> torch.Tensor:
         """FlowCache's indicator, the 6-way modulation e0 of the given frames [B, n, 6, dim],
