@@ -101,3 +101,46 @@ def tokens_per_frame(height: int, width: int, patch=(1, 2, 2), vae_stride: int =
     h = -(-height // vae_stride)
     w = -(-width // vae_stride)
     return -(-h // patch[1]) * -(-w // patch[2])
+
+
+@dataclass(frozen=True)
+class MagiShape:
+    """Sizes that fix the FLOPs of a MAGI-1 DiT (parallel self/cross attention, GQA)."""
+    hidden: int
+    ffn: int
+    num_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    gated: bool = False
+    caption_channels: int = 4096
+    in_channels: int = 16
+    patch: int = 2
+
+    @classmethod
+    def magi_4_5b(cls) -> "MagiShape":
+        return cls(hidden=3072, ffn=12288, num_layers=34, heads=24, kv_heads=8, head_dim=128)
+
+    @classmethod
+    def magi_24b(cls) -> "MagiShape":
+        return cls(hidden=6144, ffn=16384, num_layers=48, heads=48, kv_heads=8, head_dim=128, gated=True, in_channels=32)
+
+
+def magi_chunk_flops(s: MagiShape, lq: int, lk: int, lt: int) -> int:
+    """One chunk through every layer: lq queries, lk self-attention keys, lt text tokens.
+
+    Per query token and layer: q and qx (2 * 2 d hq), k and v (2 * 2 d hk), the output
+    projection from both halves (2 * 2 hq d), the MLP (2 * d f * (2 if gated) + 2 * f d);
+    per chunk: the text's cross-attention k/v (2 * lt * d * 2 hk) and its projection into the
+    model (2 * lt * c * d); attention scores and sums 4 lq lk hq and 4 lq lt hq.
+    """
+    d, hq, hk = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
+    per_token = 2 * (2 * d * hq + 2 * d * hk + 2 * hq * d + d * s.ffn * (2 if s.gated else 1) + s.ffn * d)
+    per_layer = lq * per_token + 2 * lt * d * 2 * hk + 4 * lq * lk * hq + 4 * lq * lt * hq
+    embed_head = 2 * lq * s.in_channels * s.patch ** 2 * d * 2 + 2 * lt * s.caption_channels * d
+    return s.num_layers * per_layer + embed_head
+
+
+def magi_call_flops(s: MagiShape, chunk_tokens: int, key_tokens: Sequence[int], text_tokens: Sequence[int]) -> int:
+    """One chunk-wise forward: every chunk has chunk_tokens queries and its own key and text lengths."""
+    return sum(magi_chunk_flops(s, chunk_tokens, lk, lt) for lk, lt in zip(key_tokens, text_tokens))

@@ -12,7 +12,11 @@ from typing import Callable
 import comfy.latent_formats
 
 from ..cache_core import df_schedule
+from ..cache_core import flops as flop_count
 from . import wan
+from .magi_loader import MagiLatentFormat
+from .magi_model import MagiDiT
+from .wan import ModelFamilyError
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class Family:
     spatial_stride: int              # pixels per latent pixel
     temporal_stride: int             # pixel frames per latent frame after the first (causal VAE)
     latent_format: type              # ComfyUI latent format (preview factors, process_in/out)
-    sampler_kind: str                # the schedule type its AR sampler runs ("df")
+    sampler_kind: str                # the schedule type its AR sampler runs ("df" or "magi")
     transformer: Callable            # model_patcher -> its diffusion model, or ModelFamilyError
     chunk_adapter: Callable          # diffusion model -> chunk adapter for the executor
     supports_chunks: Callable        # diffusion model -> bool (a cache can run it chunk-wise)
@@ -32,11 +36,16 @@ class Family:
     token_grid: Callable             # (latent h, latent w) -> (token rows, token columns) of a frame
     coefficients: Callable           # (name or list, diffusion model) -> FlowCache polynomial
     prepare_sampling: Callable       # (model clone, schedule) -> report notes; per-frame timesteps etc.
+    causal_vae: bool = True          # 4k+1 pixel frames per k+1 latents (Wan); else 4k per k (MAGI-1)
 
     def latent_frames(self, pixel_frames: int) -> int:
+        if not self.causal_vae:
+            return pixel_frames // self.temporal_stride
         return df_schedule.latent_frames(pixel_frames, self.temporal_stride)
 
     def pixel_frames(self, latent_frames: int) -> int:
+        if not self.causal_vae:
+            return latent_frames * self.temporal_stride
         return df_schedule.pixel_frames(latent_frames, self.temporal_stride)
 
     @staticmethod
@@ -59,20 +68,51 @@ WAN21 = Family(
     token_grid=lambda h, w: (-(-h // 2), -(-w // 2)),
     coefficients=lambda name, dm: wan.resolve_coefficients(name, dm.dim), prepare_sampling=_wan_prepare)
 
-FAMILIES: dict[str, Family] = {WAN21.name: WAN21}
+def magi_transformer(model_patcher) -> MagiDiT:
+    dm = getattr(model_patcher.model, "diffusion_model", None)
+    if not isinstance(dm, MagiDiT):
+        raise ModelFamilyError(f"this is {wan.describe_model(model_patcher.model)}, not MAGI-1")
+    return dm
+
+
+def _magi_flop_shape(dm) -> flop_count.MagiShape:
+    c = dm.config
+    return flop_count.MagiShape(hidden=c.hidden, ffn=c.ffn, num_layers=c.num_layers, heads=c.heads,
+                                kv_heads=c.kv_heads, head_dim=c.head_dim, gated=c.gated,
+                                caption_channels=c.caption_channels, in_channels=c.in_channels, patch=c.patch)
+
+
+def _magi_no_cache_coefficients(name, dm):
+    raise ModelFamilyError("FlowCache and MotionCache do not run on MAGI-1 yet; connect the MAGI-1 model "
+                           "straight to the Streaming AR Sampler")
+
+
+MAGI1 = Family(
+    name="magi1", title="MAGI-1", latent_channels=16, spatial_stride=8, temporal_stride=4,
+    latent_format=MagiLatentFormat, sampler_kind="magi", transformer=magi_transformer,
+    chunk_adapter=None, supports_chunks=lambda dm: False, flop_shape=_magi_flop_shape,
+    tokens_per_frame=lambda h, w: (h // 2) * (w // 2), token_grid=lambda h, w: (h // 2, w // 2),
+    coefficients=_magi_no_cache_coefficients, prepare_sampling=lambda model_patcher, schedule: {},
+    causal_vae=False)
+
+FAMILIES: dict[str, Family] = {WAN21.name: WAN21, MAGI1.name: MAGI1}
 
 
 def detect(model_patcher) -> tuple[Family, object]:
-    """(family, diffusion model) of a MODEL, or a ModelFamilyError that says what it is instead."""
-    errors = []
+    """(family, diffusion model) of a MODEL, or a ModelFamilyError that says what it is instead.
+
+    A model one family nearly serves (a causal Wan, a Wan 2.2) gets that family's own message."""
+    errors = {}
     for family in FAMILIES.values():
         try:
             return family, family.transformer(model_patcher)
-        except wan.ModelFamilyError as e:
-            errors.append(e)
-    raise errors[0] if len(errors) == 1 else wan.ModelFamilyError(
-        f"this is {wan.describe_model(model_patcher.model)}; the pack serves: "
-        + ", ".join(f.title for f in FAMILIES.values()))
+        except ModelFamilyError as e:
+            errors[family.name] = e
+    dm = getattr(model_patcher.model, "diffusion_model", None)
+    if type(dm).__module__.startswith("comfy.ldm.wan"):
+        raise errors[WAN21.name]
+    raise ModelFamilyError(f"this is {wan.describe_model(model_patcher.model)}; the pack serves: "
+                           + ", ".join(f.title for f in FAMILIES.values()))
 
 
 def family_of(diffusion_model):

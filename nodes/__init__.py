@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 from .conditioning import EmptyConditioningNode
 from .flowcache import FlowCacheNode
 from .heatmap import ComputeHeatmapNode
+from .magi import MagiModelLoaderNode, MagiScheduleNode, MagiTextEncodeNode, MagiVAELoaderNode
 from .motioncache import MotionCacheNode
 from .preview import LatentPreviewNode
 from .sampler import StreamingSamplerNode
@@ -21,6 +22,10 @@ class ARCacheExtension(ComfyExtension):
             MotionCacheNode,
             LatentPreviewNode,
             ComputeHeatmapNode,
+            MagiModelLoaderNode,
+            MagiVAELoaderNode,
+            MagiTextEncodeNode,
+            MagiScheduleNode,
         ]
 
 

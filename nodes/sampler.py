@@ -10,7 +10,9 @@ import folder_paths
 import latent_preview
 
 from ..cache_core.df_schedule import DFSchedule
+from ..cache_core.magi_schedule import MagiSchedule
 from ..model_patches import families
+from ..model_patches.magi_sampling import MagiRun
 from ..model_patches.streaming import StreamingRun, VideoRequest
 from .errors import InputError, named_errors
 from .heatmap import HEAT_KEY
@@ -55,11 +57,27 @@ def check_prefix_latent(latent, width: int, height: int, family: families.Family
                          f"set width/height to match it (now {width}x{height})")
 
 
-def validate(width, height, length, schedule: DFSchedule, vae, start_image, prefix_latent, end_image,
+SCHEDULES = {"df": (DFSchedule, "Diffusion Forcing Schedule (ARCacheDFSchedule)"),
+             "magi": (MagiSchedule, "MAGI-1 Schedule (ARCacheMagiSchedule)")}
+
+
+def check_schedule(schedule, family: families.Family):
+    kind, node = SCHEDULES[family.sampler_kind]
+    if schedule is None:
+        return kind()
+    if not isinstance(schedule, kind):
+        raise InputError("schedule", f"is a {type(schedule).__name__}, but {family.title} models take the {node}")
+    return schedule
+
+
+def validate(width, height, length, schedule, vae, start_image, prefix_latent, end_image,
              family: families.Family):
     """Everything that can be checked before the model runs (so a bad input costs nothing)."""
     if width % 16 or height % 16:
         raise InputError("width", f"width={width}, height={height}: both must be multiples of 16 (e.g. 960x544)")
+    if family.sampler_kind == "magi":
+        validate_magi(length, vae, start_image, prefix_latent, end_image, family, width, height)
+        return
     if (length - 1) % 4:
         raise InputError("length", f"{length}: must be of the form 4k+1 pixel frames (e.g. 97, 257, 737)")
     for name, image in (("start_image", start_image), ("end_image", end_image)):
@@ -73,6 +91,20 @@ def validate(width, height, length, schedule: DFSchedule, vae, start_image, pref
     check_prefix_latent(prefix_latent, width, height, family)
     if schedule.overlap_frames == 0 and prefix_latent is not None:
         raise InputError("prefix_latent", "needs schedule.overlap_frames > 0 to continue from it")
+
+
+def validate_magi(length, vae, start_image, prefix_latent, end_image, family, width, height):
+    if length < 4:
+        raise InputError("length", f"{length}: MAGI-1 makes 4 video frames per latent frame; ask for at least 4")
+    if end_image is not None:
+        raise InputError("end_image", "is not supported with MAGI-1 (it has no end-frame conditioning); disconnect it")
+    if start_image is not None:
+        if vae is None:
+            raise InputError("start_image", "needs a vae: connect the MAGI-1 VAE (MAGI-1 VAE Loader)")
+        check_image("start_image", start_image)
+    if start_image is not None and prefix_latent is not None:
+        raise InputError("start_image", "and prefix_latent: give one (image-to-video) or the other (video-to-video)")
+    check_prefix_latent(prefix_latent, width, height, family)
 
 
 def video_path(filename_prefix: str, width: int, height: int) -> str:
@@ -135,12 +167,12 @@ class StreamingSamplerNode(io.ComfyNode):
     def execute(cls, model, positive, negative, width, height, length, seed, steps, cfg, schedule=None,
                 prompt_schedule=None, vae=None, start_image=None, prefix_latent=None, end_image=None,
                 save_video=False, filename_prefix="ARCache/video") -> io.NodeOutput:
-        schedule = schedule or DFSchedule()
         prefix = prefix_latent["samples"] if prefix_latent is not None else None
         family, _ = families.detect(model)                  # says what the model is, before anything runs
+        schedule = check_schedule(schedule, family)
         validate(width, height, length, schedule, vae, start_image, prefix, end_image, family)
         if save_video and vae is None:
-            raise InputError("save_video", "needs a vae: connect the Wan 2.1 VAE")
+            raise InputError("save_video", "needs a vae: connect the model's VAE")
         node_id = cls.hidden.unique_id
         req = VideoRequest(width=width, height=height, length=length, seed=seed, steps=steps, cfg=cfg,
                            schedule=schedule, positives=list(prompt_schedule or [positive]), negative=negative,
@@ -154,7 +186,7 @@ class StreamingSamplerNode(io.ComfyNode):
 
         sink = (lambda frames, i: writer.write(frames)) if writer else None
         try:
-            run = StreamingRun(model, req, on_window=on_window, sink=sink)
+            run = (MagiRun if family.sampler_kind == "magi" else StreamingRun)(model, req, on_window=on_window, sink=sink)
             total = run.total_rows
             preview = latent_preview.prepare_callback(run.model, total)
             progress_text(f"{len(run.plans)} windows, {total} model calls", node_id)

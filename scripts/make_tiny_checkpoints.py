@@ -8,6 +8,14 @@ demo run on these. ComfyUI's UNETLoader / VAELoader detect them exactly as the r
                                                          fps_projection keys of SkyReels-V2-DF-1.3B
   diffusion_models/tiny_skyreels_df_14b_layout.safetensors   the same without fps keys (14B layout)
   vae/tiny_wan21_vae.safetensors                          Wan 2.1 VAE (base dim 8)
+  magi1/tiny_magi1_4.5b_layout/inference_weight/          MAGI-1 DiT, 4.5B layout (GELU, 16 channels), 3 layers,
+        model.safetensors.index.json + 2 shards            sharded with an index JSON as upstream ships it
+  magi1/tiny_magi1_24b_layout.safetensors                 MAGI-1 DiT, 24B layout (SwiGLU, 32 input channels)
+  magi1/tiny_magi1_vae.safetensors (+ config.json)        MAGI-1 ViT VAE (width 64, 2+2 blocks)
+  magi1/special_tokens.npz                                random stand-in for MAGI-1's special_tokens.npz
+
+The MAGI-1 DiT key table is written out here from the spec (specs/magi1.md 1.5), not taken
+from the pack's own schema, so strict loading of these files checks the pack's layout.
 
 ComfyUI reads the DiT's sizes from tensor shapes and fixes the head dim at 128, so the smallest
 DiT is dim 128; we use dim 256 (2 heads). The VAE layout is taken from ComfyUI's own WanVAE class
@@ -110,6 +118,111 @@ def tiny_vae_tensors(comfyui: str | None, seed: int, base_dim: int = 8) -> dict[
     return random_tensors({k: tuple(v.shape) for k, v in vae.state_dict().items()}, seed)
 
 
+# A MAGI-1 DiT small enough for CPU tests (specs/magi1.md 7.5): hidden = heads * head_dim,
+# head_dim % 8 == 0 (RoPE bands = head_dim/8), heads*head_dim % 8 == 0 (the 8-way interleave).
+TINY_MAGI = dict(layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, cond=16, caption=32, caption_len=64)
+
+
+def magi_dit_shapes(layers=3, hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, cond=16, caption=32,
+                    caption_len=64, gated=False, channels=16) -> dict[str, tuple]:
+    """Key -> shape of an official MAGI-1 DiT checkpoint (spec table 1.5; no packed QKV)."""
+    hq, hk, out = heads * head_dim, kv_heads * head_dim, 2 * 2 * channels
+    s = {"x_embedder.weight": (hidden, channels, 1, 2, 2),
+         "t_embedder.mlp.0.weight": (cond, 256), "t_embedder.mlp.0.bias": (cond,),
+         "t_embedder.mlp.2.weight": (cond, cond), "t_embedder.mlp.2.bias": (cond,),
+         "y_embedder.y_proj_xattn.0.weight": (hidden, caption), "y_embedder.y_proj_xattn.0.bias": (hidden,),
+         "y_embedder.y_proj_adaln.0.weight": (cond, caption), "y_embedder.y_proj_adaln.0.bias": (cond,),
+         "y_embedder.null_caption_embedding": (caption_len, caption),
+         "rope.bands": (head_dim // 8,),
+         "videodit_blocks.final_layernorm.weight": (hidden,), "videodit_blocks.final_layernorm.bias": (hidden,),
+         "final_linear.linear.weight": (out, hidden)}
+    for i in range(layers):
+        p = f"videodit_blocks.layers.{i}."
+        s[p + "ada_modulate_layer.proj.0.weight"] = (2 * hidden, cond)
+        s[p + "ada_modulate_layer.proj.0.bias"] = (2 * hidden,)
+        a = p + "self_attention."
+        s[a + "linear_qkv.layer_norm.weight"] = s[a + "linear_qkv.layer_norm.bias"] = (hidden,)
+        s[a + "linear_qkv.q.weight"] = s[a + "linear_qkv.qx.weight"] = (hq, hidden)
+        s[a + "linear_qkv.k.weight"] = s[a + "linear_qkv.v.weight"] = (hk, hidden)
+        s[a + "linear_kv_xattn.weight"] = (2 * hk, hidden)
+        s[a + "linear_proj.weight"] = (hidden, 2 * hq)
+        for n in ("q_layernorm", "k_layernorm", "q_layernorm_xattn", "k_layernorm_xattn"):
+            s[a + n + ".weight"] = s[a + n + ".bias"] = (head_dim,)
+        for n in ("self_attn_post_norm", "mlp_post_norm", "mlp.layer_norm"):
+            s[p + n + ".weight"] = s[p + n + ".bias"] = (hidden,)
+        s[p + "mlp.linear_fc1.weight"] = ((2 if gated else 1) * ffn, hidden)
+        s[p + "mlp.linear_fc2.weight"] = (hidden, ffn)
+    return s
+
+
+def magi_tensors(shapes: dict[str, tuple], seed: int) -> dict[str, torch.Tensor]:
+    """Random MAGI-1 weights. The "+1" norms (QK, post, final) get gammas near 0, so a loader
+    that forgot the +1 gives near-zero outputs; the two plain pre-norms get gammas near 1."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if name == "rope.bands":     # upstream's initial bands 1/10000^(k/n), slightly perturbed (learned)
+            n = shape[0]
+            t = (1.0 / 10000 ** (torch.arange(n) / n)) * (1 + 0.1 * torch.rand(shape, generator=g))
+        elif "layer_norm." in name and ("linear_qkv" in name or "mlp.layer_norm" in name):
+            t = (1.0 if name.endswith("weight") else 0.0) + 0.05 * torch.randn(shape, generator=g)
+        elif "norm" in name:
+            t = 0.1 * torch.randn(shape, generator=g)
+        elif name.endswith(".bias"):
+            t = 0.02 * torch.randn(shape, generator=g)
+        elif name == "y_embedder.null_caption_embedding":
+            t = torch.randn(shape, generator=g)
+        else:
+            t = torch.randn(shape, generator=g) * math.prod(shape[1:]) ** -0.5
+        out[name] = t.contiguous()
+    return out
+
+
+def save_sharded(sd: dict[str, torch.Tensor], folder: str, shards: int = 2) -> str:
+    """upstream's layout: model-0000k-of-0000n.safetensors + model.safetensors.index.json."""
+    import json
+    os.makedirs(folder, exist_ok=True)
+    names = sorted(sd)
+    weight_map = {}
+    for k in range(shards):
+        part = names[k::shards]
+        fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: sd[n] for n in part}, os.path.join(folder, fname))
+        weight_map.update({n: fname for n in part})
+    index = os.path.join(folder, "model.safetensors.index.json")
+    with open(index, "w") as f:
+        json.dump({"metadata": {"total_size": sum(t.numel() * t.element_size() for t in sd.values())},
+                   "weight_map": weight_map}, f, indent=1)
+    return index
+
+
+def write_magi(out_dir: str, seed: int = 0, comfyui: str | None = None) -> dict[str, str]:
+    import json
+    import numpy as np
+    magi = os.path.join(out_dir, "magi1")
+    os.makedirs(magi, exist_ok=True)
+    paths = {"magi_4.5b": save_sharded(magi_tensors(magi_dit_shapes(**TINY_MAGI), seed + 10),
+                                       os.path.join(magi, "tiny_magi1_4.5b_layout", "inference_weight"))}
+    paths["magi_24b"] = os.path.join(magi, "tiny_magi1_24b_layout.safetensors")
+    save_file(magi_tensors(magi_dit_shapes(**TINY_MAGI, gated=True, channels=32), seed + 11), paths["magi_24b"])
+    g = np.random.default_rng(seed + 12)
+    width = TINY_MAGI["caption"]
+    paths["magi_special_tokens"] = os.path.join(magi, "special_tokens.npz")
+    np.savez(paths["magi_special_tokens"], caption_token=g.standard_normal((1, width)),
+             logo_token=g.standard_normal((1, width)), other_tokens=g.standard_normal((100, width)))
+    import_comfy(comfyui)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from tools.inprocess import pack   # the VAE's key layout is the pack's (checked against upstream's names in its tests)
+    magi_vae = pack("model_patches.magi_vae")
+    cfg = magi_vae.tiny_vae_config()
+    paths["magi_vae"] = os.path.join(magi, "tiny_magi1_vae.safetensors")
+    save_file(random_tensors(magi_vae.expected_vae_keys(cfg), seed + 13), paths["magi_vae"])
+    with open(os.path.join(magi, "config.json"), "w") as f:
+        json.dump(magi_vae.config_json(cfg), f, indent=1)
+    return paths
+
+
 def write_all(out_dir: str, seed: int = 0, comfyui: str | None = None) -> dict[str, str]:
     paths = {}
     os.makedirs(os.path.join(out_dir, "diffusion_models"), exist_ok=True)
@@ -120,6 +233,7 @@ def write_all(out_dir: str, seed: int = 0, comfyui: str | None = None) -> dict[s
         save_file(sd, paths[layout])
     paths["vae"] = os.path.join(out_dir, "vae", VAE_FILE)
     save_file(tiny_vae_tensors(comfyui, seed + 1), paths["vae"])
+    paths.update(write_magi(out_dir, seed, comfyui))
     return paths
 
 

@@ -28,6 +28,8 @@ def comfy(tmp_path_factory, tiny_models) -> ComfyServer:
     server.add_model(tiny_models["1.3b"], "diffusion_models")
     server.add_model(tiny_models["14b"], "diffusion_models")
     server.add_model(tiny_models["vae"], "vae")
+    server.add_model_tree(Path(tiny_models["magi_special_tokens"]).parent, "magi1")
+    server.add_custom_node(REPO / "tests" / "fixtures" / "arcache_testkit")
     server.start()
     yield server
     server.stop()

@@ -40,6 +40,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
 def copy_pack(dest: Path) -> None:
     """Copy the pack's files (tracked, and new ones git does not ignore: what a clone or the
     Registry's archive holds, never .host/ or out/) to dest."""
@@ -129,6 +137,18 @@ class ComfyServer:
         except OSError:
             return "(no server log)"
         return "--- ComfyUI log tail ---\n" + "\n".join(text[-lines:])
+
+    def add_custom_node(self, src: str | Path) -> None:
+        """Link another custom-node package (e.g. the tests' testkit) into custom_nodes."""
+        src = Path(src)
+        dst = self.base_dir / "custom_nodes" / src.name
+        (self.base_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            dst.symlink_to(src.resolve(), target_is_directory=True)
+
+    def add_model_tree(self, src: str | Path, folder: str) -> None:
+        """Copy a folder of model files (a sharded checkpoint, MAGI-1's models/magi1) into models/<folder>."""
+        shutil.copytree(src, self.base_dir / "models" / folder, dirs_exist_ok=True, copy_function=_link_or_copy)
 
     def add_model(self, src: str | Path, folder: str) -> str:
         """Copy (hard-link where possible) a model file into models/<folder>; return its name."""
