@@ -203,7 +203,7 @@ class KVCache:
             k, v = k.to("cpu", copy=True), v.to("cpu", copy=True)
         store[chunk] = (k, v)
         if self.keep is not None:
-            for old in [c for c in store if c <= chunk - self.keep - 1]:
+            for old in [c for c in store if c <= chunk - self.keep]:
                 del store[old]
 
     def read(self, layer: int, first: int, last: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -194,6 +194,8 @@ class MagiRun:
             xs = x_in[:, :, a:]
             new = xs + v * dts.repeat_interleave(cw).view(1, 1, -1, 1, 1)
             x[:, :, step.start * cw: step.end * cw] = new
+            if P > step.start * cw:   # the given frames stay exactly as given (upstream leaves them one Euler step off)
+                x[:, :, step.start * cw:P] = prefix[:, :, step.start * cw:P]
             if on_row is not None:
                 x0 = xs + v * (1 - ts).repeat_interleave(cw).view(1, 1, -1, 1, 1)
                 preview = x.clone()

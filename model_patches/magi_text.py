@@ -55,15 +55,20 @@ def load_special_tokens(path: str, width: int | None = None) -> dict:
 
 
 def t5_states(clip, text: str) -> torch.Tensor:
-    """Valid T5 hidden-state rows [n, 4096] of a cleaned prompt (EOS kept, padding dropped)."""
+    """Valid T5 hidden-state rows [n, width] of a cleaned prompt (EOS kept).
+
+    Upstream pads to 800 tokens and masks the padding; here the padding is cut from the tokens
+    before encoding, so the result is the same whatever padding the CLIPLoader type adds."""
     tokens = clip.tokenize(text)
     key = next((k for k in tokens if "t5" in k), None)
     if key is None:
         raise InputError("clip", f"is not a T5 text encoder (its tokenizers: {', '.join(tokens) or 'none'}). Load "
-                         "t5xxl (e.g. t5xxl_fp16.safetensors) with CLIPLoader, type ltxv or sd3")
-    ids = [tok[0] if isinstance(tok[0], int) else -1 for tok in tokens[key][0]]
+                         "t5xxl (e.g. t5xxl_fp16.safetensors) with CLIPLoader, type pixart")
+    batch = tokens[key][0]
+    ids = [tok[0] if isinstance(tok[0], int) else -1 for tok in batch]
     valid = ids.index(T5_EOS) + 1 if T5_EOS in ids else len([i for i in ids if i != T5_PAD])
-    cond = clip.encode_from_tokens({key: tokens[key]}, return_pooled=False)
+    tokens = {**tokens, key: [batch[:valid]]}
+    cond = clip.encode_from_tokens(tokens, return_pooled=False)
     if isinstance(cond, tuple):
         cond = cond[0]
     return cond[0, :valid].float().cpu()

@@ -129,7 +129,7 @@ class MagiTextEncodeNode(io.ComfyNode):
             category="ARCache/MAGI-1",
             description=(
                 "Encodes a prompt for MAGI-1: the caption is cleaned (lower case, no URLs or HTML) and run "
-                "through the T5-XXL from CLIPLoader (t5xxl, type ltxv or sd3); the sampler then prepends "
+                "through the T5-XXL from CLIPLoader (t5xxl, type pixart); the sampler then prepends "
                 "MAGI's learned HQ and per-chunk DURATION embeddings from special_tokens.npz and cuts "
                 "the text to the model's 800 tokens."),
             inputs=[

@@ -22,6 +22,9 @@ DF_13B = "Wan2_1-SkyReels-V2-DF-1_3B-540P_fp32.safetensors"
 DF_14B = "Wan2_1-SkyReels-V2-DF-14B-540P_fp16.safetensors"
 UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 WAN_VAE = "wan_2.1_vae.safetensors"
+MAGI_DIT = "4.5B_distill/inference_weight.distill/model.safetensors.index.json"
+MAGI_VAE = "vae/diffusion_pytorch_model.safetensors"
+T5XXL = "t5xxl_fp16.safetensors"
 NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
             "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
@@ -66,6 +69,28 @@ def heatmap() -> dict:
                           {"video": ("heat_video", 0)})}
 
 
+def magi_nodes(*, length: int, extra_inputs: dict | None = None, text: str | None = None) -> dict:
+    """The shared body of every MAGI-1 workflow (4.5B distill, 720x720, upstream's defaults)."""
+    return {
+        "magi": ("ARCacheMagiModelLoader", dict(model_name=MAGI_DIT, variant="auto", weight_dtype="default"), {}),
+        "clip": ("CLIPLoader", dict(clip_name=T5XXL, type="pixart", device="default"), {}),
+        "pos": ("ARCacheMagiTextEncode", dict(text=text or "A red kite dances over a green hill under a clear blue "
+                                              "sky, the camera slowly tracking it, cinematic, detailed.",
+                                              special_tokens="special_tokens.npz"), {"clip": ("clip", 0)}),
+        "vae": ("ARCacheMagiVAELoader", dict(vae_name=MAGI_VAE), {}),
+        "schedule": ("ARCacheMagiSchedule", {}, {}),
+        "sampler": ("ARCacheStreamingSampler",
+                    dict(width=720, height=720, length=length, seed=42, steps=16, cfg=7.5, save_video=False,
+                         filename_prefix="ARCache/magi1"),
+                    {"model": ("magi", 0), "positive": ("pos", 0), "negative": ("pos", 0),
+                     "schedule": ("schedule", 0), "vae": ("vae", 0), **(extra_inputs or {})}),
+        "decode": ("VAEDecode", {}, {"samples": ("sampler", 0), "vae": ("vae", 0)}),
+        "video": ("CreateVideo", dict(fps=24.0), {"images": ("decode", 0)}),
+        "save": ("SaveVideo", dict(filename_prefix="video/ARCache_magi1", format="auto", codec="auto"),
+                 {"video": ("video", 0)}),
+    }
+
+
 def workflows(info: dict) -> dict[str, dict]:
     unet13 = {"unet": ("UNETLoader", dict(unet_name=DF_13B, weight_dtype="default"), {})}
     image = {"image": ("LoadImage", dict(image="example.png"), {})}
@@ -79,6 +104,10 @@ def workflows(info: dict) -> dict[str, dict]:
         "skyreels_df_extend_video": {**unet13, **extend_src, **sampler_nodes(
             "unet", length=257, async_mode=False, extra_inputs={"prefix_latent": ("encode", 0)})},
     }
+    if "ARCacheMagiModelLoader" in info:
+        out["magi1_t2v"] = magi_nodes(length=241)
+        out["magi1_i2v"] = {**image, **magi_nodes(length=241, extra_inputs={"start_image": ("image", 0)})}
+        out["magi1_v2v"] = {**extend_src, **magi_nodes(length=241, extra_inputs={"prefix_latent": ("encode", 0)})}
     if "ARCacheFlowCache" in info:
         out["skyreels_df_t2v_flowcache"] = {**unet13, **flowcache("unet"),
                                             **sampler_nodes("flowcache", length=737, async_mode=True), **heatmap()}

@@ -219,7 +219,7 @@ def write_magi(out_dir: str, seed: int = 0, comfyui: str | None = None) -> dict[
     paths["magi_vae"] = os.path.join(magi, "tiny_magi1_vae.safetensors")
     save_file(random_tensors(magi_vae.expected_vae_keys(cfg), seed + 13), paths["magi_vae"])
     with open(os.path.join(magi, "config.json"), "w") as f:
-        json.dump(magi_vae.config_json(cfg), f, indent=1)
+        json.dump(magi_vae.vae_config_json(cfg), f, indent=1)
     return paths
 
 

@@ -48,3 +48,37 @@ def streaming_graph(unet: str, *, width=64, height=64, length=17, seed=0, steps=
                     width=width, height=height, length=length, seed=seed, steps=steps, cfg=cfg, **extra)
     g.add("SaveLatent", samples=g.out(sampler), filename_prefix=save_prefix)
     return g, sampler
+
+
+MAGI_SCHEDULE_DEFAULTS = dict(window_size=4, shift=3.0, distill="auto", history_scale=1.5, guidance_until=0.3,
+                              nearly_clean_threshold=0.3, nearly_clean_weight=0.7, kv_range="5,4,3,2",
+                              kv_on_cpu=False, fps=24)
+TINY_MAGI = "tiny_magi1_4.5b_layout/inference_weight/model.safetensors.index.json"
+
+
+def magi_graph(model: str = TINY_MAGI, *, width=64, height=64, length=33, seed=0, steps=4, cfg=7.5,
+               variant="auto", schedule: dict | None = None, vae: str | None = None, text="a red ball rolls",
+               start_image: str | None = None, prefix_video: str | None = None, save_prefix="latents/magi",
+               sampler_extra: dict | None = None, positive_node: tuple | None = None) -> tuple[Graph, str]:
+    """MAGI-1 loaders -> ARCacheStreamingSampler (MAGI-1 schedule) -> SaveLatent; the tests' tiny
+    T5 (testkit) stands in for T5-XXL. Returns (graph, sampler id)."""
+    g = Graph()
+    model_out = g.out(g.add("ARCacheMagiModelLoader", model_name=model, variant=variant, weight_dtype="default"))
+    if positive_node is None:
+        clip = g.add("ARCacheTestTinyT5Loader", seed=0)
+        pos = g.add("ARCacheMagiTextEncode", clip=g.out(clip), text=text, special_tokens="special_tokens.npz")
+    else:
+        pos = g.add(positive_node[0], **positive_node[1])
+    extra = dict(sampler_extra or {})
+    extra["schedule"] = g.out(g.add("ARCacheMagiSchedule", **dict(MAGI_SCHEDULE_DEFAULTS, **(schedule or {}))))
+    if vae or start_image or prefix_video:
+        extra["vae"] = g.out(g.add("ARCacheMagiVAELoader", vae_name=vae or "tiny_magi1_vae.safetensors"))
+    if start_image:
+        extra["start_image"] = g.out(g.add("LoadImage", image=start_image))
+    if prefix_video:
+        frames = g.add("GetVideoComponents", video=g.out(g.add("LoadVideo", file=prefix_video)))
+        extra["prefix_latent"] = g.out(g.add("VAEEncode", pixels=g.out(frames), vae=extra["vae"]))
+    sampler = g.add("ARCacheStreamingSampler", model=model_out, positive=g.out(pos), negative=g.out(pos),
+                    width=width, height=height, length=length, seed=seed, steps=steps, cfg=cfg, **extra)
+    g.add("SaveLatent", samples=g.out(sampler), filename_prefix=save_prefix)
+    return g, sampler

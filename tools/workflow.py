@@ -180,7 +180,7 @@ def to_api(workflow: dict, object_info: dict) -> dict:
 
 
 FILE_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".pt", ".pth", ".ckpt", ".bin", ".png", ".jpg", ".jpeg",
-                   ".webp", ".mp4", ".webm", ".mov", ".latent")
+                   ".webp", ".mp4", ".webm", ".mov", ".latent", ".index.json", ".npz")
 
 
 def is_file_value(value) -> bool:
@@ -258,16 +258,31 @@ def validate(workflow: dict, object_info: dict, allow_missing_files: bool = Fals
 
 
 def retarget(prompt: dict, unet: str, vae: str, width=64, height=64, length=33, steps=2,
-             window_frames=21, overlap_frames=9, seed: int | None = None) -> dict:
+             window_frames=21, overlap_frames=9, seed: int | None = None,
+             magi_model: str = "tiny_magi1_4.5b_layout/inference_weight/model.safetensors.index.json",
+             magi_vae: str = "tiny_magi1_vae.safetensors") -> dict:
     """Point an API prompt at small local models and shrink the video, for tests and the demo.
+
+    MAGI-1 graphs get the tiny MAGI-1 files and the tests' tiny T5 (testkit) for T5-XXL, and
+    4 steps (MAGI-1 needs a multiple of 4 and of the window size).
 
     Each CLIPTextEncode becomes ARCacheEmptyConditioning (no tiny umt5 can exist: ComfyUI builds
     the 5.7B model from a fixed config). The defaults give 6-latent windows with 3 of history,
     so causal blocks of 3 fit; larger blocks are cut to 3 and ar_step to 1.
     """
+    magi_clips = {v[0] for node in prompt.values() if node["class_type"] == "ARCacheMagiTextEncode"
+                  for v in [node["inputs"].get("clip")] if isinstance(v, list)}
     for nid, node in list(prompt.items()):
         kind, inp = node["class_type"], node["inputs"]
-        if kind == "UNETLoader":
+        if kind == "ARCacheMagiModelLoader":
+            inp["model_name"] = magi_model
+        elif kind == "ARCacheMagiVAELoader":
+            inp["vae_name"] = magi_vae
+        elif kind == "CLIPLoader" and nid in magi_clips:   # no tiny T5-XXL can go through CLIPLoader
+            prompt[nid] = {"class_type": "ARCacheTestTinyT5Loader", "inputs": {"seed": 0}}
+        elif kind == "ARCacheMagiSchedule":
+            inp.update(window_size=min(inp["window_size"], 4))
+        elif kind == "UNETLoader":
             inp["unet_name"] = unet
         elif kind == "VAELoader":
             inp["vae_name"] = vae
@@ -276,7 +291,8 @@ def retarget(prompt: dict, unet: str, vae: str, width=64, height=64, length=33, 
         elif kind == "CLIPLoader":
             del prompt[nid]
         elif kind == "ARCacheStreamingSampler":
-            inp.update(width=width, height=height, length=length, steps=steps)
+            magi = any(n["class_type"] == "ARCacheMagiSchedule" for n in prompt.values())
+            inp.update(width=width, height=height, length=length, steps=4 if magi else steps)
             if seed is not None:
                 inp["seed"] = seed
         elif kind == "ARCacheDFSchedule":
