@@ -114,6 +114,20 @@ def latent_length(pixel_frames: int, prefix_latent_frames: int, chunk_width: int
     return chunk_width * math.ceil((pixel_frames // stride + prefix_latent_frames) / chunk_width)
 
 
-def chunks_kept(schedule: MagiSchedule) -> int | None:
-    """Finished chunks any later key range can still reach (None: all of them)."""
-    return max(schedule.kv_range) - 1 if schedule.kv_range else None
+def cached_chunks_needed(plan: list[ForwardStep], steps: int, kv_range: tuple) -> int | None:
+    """How many finished chunks before a forward's first chunk any key range of the run reaches
+    (None: all of them, for full-history attention). The K/V cache keeps that many behind its
+    newest chunk (a refresh writes its chunk before the later chunks of the same forward read).
+
+    Upstream keeps the whole video's K/V (in pinned CPU memory). With its defaults (window 4,
+    kv_range 5,4,3,2) every range starts one chunk before the window, so one chunk is enough;
+    smaller windows or longer ranges reach further back, up to max(kv_range) - 1 chunks.
+    """
+    if not kv_range:
+        return None
+    need = 0
+    for step in plan:
+        lo = step.start if step.refresh is None else step.refresh
+        firsts = [first_key_chunk(c, j, steps, kv_range) for c, j in zip(step.chunks, step.step_of)]
+        need = max(need, lo - min(firsts))
+    return need

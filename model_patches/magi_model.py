@@ -144,7 +144,7 @@ def timestep_sinusoid(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
     """Upstream's embedding: t*1000 against exp(-ln(1e4) k/half), [cos, sin], rounded to bf16."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * 1000 * freqs[None]
+    args = t.float()[:, None] * freqs[None] * 1000        # upstream's order: (t * f) * 1000, then bf16
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(torch.bfloat16).float()
 
 
@@ -158,9 +158,9 @@ def rope_table(bands: torch.Tensor, frames: int, frame_offset: int, h: int, w: i
     total = frame_offset + frames
     r = math.sqrt(h * w / 256)
     axes = []
-    for n, ref in ((total, total), (h, h / r), (w, w / r)):
+    for axis, (n, ref) in enumerate(((total, total), (h, h / r), (w, w / r))):
         x = torch.arange(n, dtype=torch.float32, device=bands.device)
-        if n is not total:
+        if axis:                                    # H and W centred, time counted from the first frame
             x = x - (n - 1) / 2
         if n > 1:
             x = x / (n - 1) * (ref - 1)
@@ -178,19 +178,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
+WORK_ELEMENTS = 1 << 28   # largest temporary (attention scores, MLP hidden) per piece: 1 GiB in fp32
+
+
 def attend(q, k, v):
-    """SDPA with GQA: query head h uses KV head h // (Hq/Hkv), as flash-attn maps them."""
+    """SDPA with GQA: query head h uses KV head h // (Hq/Hkv), as flash-attn maps them.
+
+    Queries go in row blocks when the score matrix would be large (SDPA's math path, e.g. on
+    CPU, materialises it: a 720p MAGI-1 chunk against 5 chunks of keys would need 70 GB)."""
     if k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-    return F.scaled_dot_product_attention(q, k, v)
+    rows = max(1, WORK_ELEMENTS // (q.shape[-3] * k.shape[-2]))
+    if q.shape[-2] <= rows:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(q[..., i:i + rows, :], k, v)
+                      for i in range(0, q.shape[-2], rows)], dim=-2)
 
 
 class KVCache:
     """Clean chunks' self-attention K/V per layer, by absolute chunk index.
 
-    `keep` bounds how many finished chunks are held (older ones can no longer be in any key
-    range); `offload` keeps them in CPU memory and moves each to the compute device when read.
+    `keep`: how far behind the newest written chunk a key range can still reach (older chunks
+    are dropped; keep + 1 chunks are held); `offload` keeps them in CPU memory and moves each to
+    the compute device when read.
     """
 
     def __init__(self, num_layers: int, keep: int | None = None, offload: bool = False):
@@ -203,7 +214,7 @@ class KVCache:
             k, v = k.to("cpu", copy=True), v.to("cpu", copy=True)
         store[chunk] = (k, v)
         if self.keep is not None:
-            for old in [c for c in store if c <= chunk - self.keep]:
+            for old in [c for c in store if c < chunk - self.keep]:
                 del store[old]
 
     def read(self, layer: int, first: int, last: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -306,14 +317,18 @@ class MagiLayer(nn.Module):
         g_msa, g_mlp = gate.chunk(2, dim=-1)
         # gate, then the "+1" post-norm, then the residual add (upstream's order), in fp32
         x = (x.float() + self.self_attn_post_norm(attn * g_msa)).to(x.dtype)
+        rows = max(1, WORK_ELEMENTS // self.mlp.linear_fc1.out_features)   # token blocks bound the MLP hidden
+        m = torch.cat([self.feed_forward(x[:, i:i + rows]) for i in range(0, x.shape[1], rows)], dim=1)
+        return (x.float() + self.mlp_post_norm(m.float() * g_mlp)).to(x.dtype)
+
+    def feed_forward(self, x):
         m = self.mlp.linear_fc1(self.mlp.layer_norm(x))
-        if c.gated:
+        if self.c.gated:
             a, b = m.chunk(2, dim=-1)
             m = F.silu(a) * b
         else:
             m = F.gelu(m)
-        m = self.mlp.linear_fc2(m)
-        return (x.float() + self.mlp_post_norm(m.float() * g_mlp)).to(x.dtype)
+        return self.mlp.linear_fc2(m)
 
 
 class MagiDiT(nn.Module):

@@ -20,7 +20,7 @@ import comfy.utils
 
 from ..cache_core import flops as flop_count
 from ..cache_core.errors import InputError
-from ..cache_core.magi_schedule import (MagiSchedule, chunks_kept, distill_dt, first_key_chunk, latent_length,
+from ..cache_core.magi_schedule import (MagiSchedule, cached_chunks_needed, distill_dt, first_key_chunk, latent_length,
                                         plan_steps, time_grid)
 from ..cache_core.run_report import REPORT_KEY, RunReport
 from . import families
@@ -119,7 +119,7 @@ class MagiRun:
         prefix = None if self.prefix is None else fmt.process_in(self.prefix).to(device)
         P = 0 if prefix is None else prefix.shape[2]
         grid = time_grid(S, sch.shift).tolist()
-        cache = KVCache(cfg.num_layers, keep=chunks_kept(sch), offload=sch.kv_on_cpu)
+        cache = KVCache(cfg.num_layers, keep=cached_chunks_needed(self.plan, S, sch.kv_range), offload=sch.kv_on_cpu)
         null = dm.null_text(device)
         topts = self.model.model_options["transformer_options"]
         base = not self.distill

@@ -659,3 +659,14 @@ def test_check_keys_names_missing_unexpected_and_wrong_shape():
     with pytest.raises(errors.InputError) as e:
         magi.check_keys(missing, cfg, input_name="dit_file")
     assert e.value.input_name == "dit_file"
+
+
+def test_blocked_attention_and_mlp_equal_the_unblocked_forward(monkeypatch):
+    """Query row blocks (large score matrices) and MLP token blocks change nothing but memory."""
+    model = model_for("tiny")[0]
+    x = latents(3, 7)
+    call = dict(start=0, t=[0.2, 0.5, 0.8], texts=texts([5, 6, 7], 7), first=[0, 0, 1])
+    whole = run_pack(model, x, **call)
+    monkeypatch.setattr(magi, "WORK_ELEMENTS", 1000)      # forces many query and token blocks
+    blocked = run_pack(model, x, **call)
+    assert_close(blocked, whole, atol=1e-6)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from cache_core.errors import InputError
-from cache_core.magi_schedule import (ForwardStep, MagiSchedule, chunks_kept, distill_dt, first_key_chunk,
+from cache_core.magi_schedule import (ForwardStep, MagiSchedule, cached_chunks_needed, distill_dt, first_key_chunk,
                                       latent_length, plan_steps, time_grid)
 
 CLEAN_T = 0.9999
@@ -400,7 +400,28 @@ def test_scales_match_upstream_cfg_table():
         assert s.scales(t, 7.5) == ref_cfg_scales(t), t
 
 
-def test_chunks_kept():
-    assert chunks_kept(MagiSchedule()) == 4
-    assert chunks_kept(MagiSchedule(kv_range=())) is None
-    assert chunks_kept(MagiSchedule(kv_range=(3, 2))) == 2
+@pytest.mark.parametrize("chunks,prefix,window,steps,kv", [
+    (6, 0, 4, 16, (5, 4, 3, 2)), (6, 1, 4, 8, (5, 4, 3, 2)), (7, 0, 1, 4, (5, 4, 3, 2)), (7, 0, 2, 8, (5, 4, 3, 2)),
+    (8, 2, 3, 12, (3, 2)), (5, 0, 4, 16, (8,)), (6, 0, 4, 16, ())])
+def test_cached_chunks_needed_covers_every_read_and_no_more(chunks, prefix, window, steps, kv):
+    plan = plan_steps(chunks, prefix, window, steps)
+    need = cached_chunks_needed(plan, steps, kv)
+    # Every cached read (chunks [first, lo) of each forward) against a cache that keeps its newest
+    # write and `need` chunks behind it: the prefix chunks first, then each refreshed chunk.
+    held, reach = set(), 0
+    for c in range(prefix):
+        held = {h for h in held | {c} if need is None or h >= c - need}
+    for st in plan:
+        if st.refresh is not None:
+            held = {h for h in held | {st.refresh} if need is None or h >= st.refresh - need}
+        lo = st.start if st.refresh is None else st.refresh
+        for c, j in zip(st.chunks, st.step_of):
+            first = first_key_chunk(c, j, steps, kv)
+            reach = max(reach, lo - first)
+            assert set(range(first, lo)) <= held, (st, c, first, held)
+    assert need is None if not kv else need == reach
+
+
+def test_upstream_defaults_need_one_cached_chunk():
+    assert cached_chunks_needed(plan_steps(10, 0, 4, 16), 16, (5, 4, 3, 2)) == 1
+    assert cached_chunks_needed(plan_steps(10, 0, 1, 16), 16, (5, 4, 3, 2)) == 4
