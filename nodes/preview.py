@@ -18,7 +18,8 @@ class LatentPreviewNode(io.ComfyNode):
                 "seconds, without decoding it. One image per latent frame."),
             inputs=[
                 io.Latent.Input("samples", tooltip="Video latents, e.g. the Streaming AR Sampler's LATENT."),
-                io.Combo.Input("family", options=list(FAMILIES), default="wan21",
+                io.Combo.Input("family", options=[k for k, f in FAMILIES.items() if f.latent_format.latent_rgb_factors],
+                               default="wan21",
                                tooltip="Latent space: wan21 for SkyReels-V2-DF and Wan 2.1."),
                 io.Int.Input("upscale", default=8, min=1, max=16,
                              tooltip="Nearest-neighbour upscale of each latent pixel (8 gives the video's own size)."),

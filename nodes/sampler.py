@@ -125,37 +125,39 @@ class StreamingSamplerNode(io.ComfyNode):
             display_name="Streaming AR Sampler",
             category="ARCache/sampling",
             description=(
-                "Generates a long video window by window with diffusion forcing (SkyReels-V2-DF). "
-                "Every frame has its own noise level; each window continues from the last frames of "
-                "the previous one. One progress bar over all windows with previews; with a VAE, each "
-                "finished window is decoded at once and can be written to disk before the next starts. "
-                "Connect a FlowCache node before it to skip redundant work."),
+                "Generates a long video piece by piece: SkyReels-V2-DF by diffusion forcing (every frame "
+                "has its own noise level, each window continues from the last frames of the previous "
+                "one), MAGI-1 chunk by chunk (up to 4 chunks of 24 frames denoised at staggered noise "
+                "levels, finished chunks kept in a K/V cache). One progress bar over the whole video; "
+                "with a VAE, each finished window or chunk is decoded at once and can be written to disk "
+                "before the next starts. Connect a FlowCache or MotionCache node before it (SkyReels-V2-DF) "
+                "to skip redundant work."),
             inputs=[
-                io.Model.Input("model", tooltip="A SkyReels-V2-DF model (Wan 2.1 t2v layout) from UNETLoader, optionally through a cache node."),
-                io.Conditioning.Input("positive", tooltip="Text conditioning (CLIPTextEncode with the umt5 'wan' text encoder)."),
-                io.Conditioning.Input("negative", tooltip="Negative conditioning; unused when cfg is 1."),
+                io.Model.Input("model", tooltip="A SkyReels-V2-DF model (Wan 2.1 t2v layout) from UNETLoader, optionally through a cache node, or a MAGI-1 model from MAGI-1 Model Loader."),
+                io.Conditioning.Input("positive", tooltip="Text conditioning: CLIPTextEncode with the umt5 'wan' text encoder (SkyReels-V2-DF), MAGI-1 Text Encode (MAGI-1)."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning; unused when cfg is 1, and by MAGI-1 (it uses its learned null caption)."),
                 io.Int.Input("width", default=960, min=16, max=4096, step=16, tooltip="Video width in pixels (multiple of 16)."),
                 io.Int.Input("height", default=544, min=16, max=4096, step=16, tooltip="Video height in pixels (multiple of 16)."),
                 io.Int.Input("length", default=257, min=1, max=100001, step=4,
-                             tooltip="Pixel frames to generate (4k+1). 97 + 80k fill whole windows: 257 = 3, 737 = 9. When extending a video, (length-1)/4+1 latent frames are appended, 4 pixel frames each."),
+                             tooltip="Pixel frames to generate. SkyReels-V2-DF: 4k+1; 97 + 80k fill whole windows (257 = 3, 737 = 9); when extending a video, (length-1)/4+1 latent frames are appended, 4 pixel frames each. MAGI-1: rounded up to whole chunks of 24 frames (241 -> 240)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed; window i uses seed + i."),
-                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Denoising steps every frame walks (30 upstream)."),
+                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Denoising steps every frame walks (SkyReels-V2-DF: 30 upstream; MAGI-1: a multiple of 4 and of the window size, 16 for distilled, 64 for base models)."),
                 io.Float.Input("cfg", default=6.0, min=1.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale (6 upstream). 1 skips the negative pass."),
-                ARSchedule.Input("schedule", optional=True, tooltip="Diffusion-forcing schedule; SkyReels-V2 defaults when empty."),
+                               tooltip="Classifier-free guidance scale (SkyReels-V2-DF: 6 upstream, 1 skips the negative pass). MAGI-1 base models: the text guidance scale (7.5 upstream); distilled models ignore it."),
+                ARSchedule.Input("schedule", optional=True, tooltip="Diffusion Forcing Schedule (SkyReels-V2-DF) or MAGI-1 Schedule; upstream's defaults when empty."),
                 ARPrompts.Input("prompt_schedule", optional=True, tooltip="Per-window prompts (storyboard); overrides positive."),
-                io.Vae.Input("vae", optional=True, tooltip="Wan 2.1 VAE: needed for start/end images, pixel re-encoded history and streaming to file."),
+                io.Vae.Input("vae", optional=True, tooltip="The model's VAE (Wan 2.1 VAE, or MAGI-1 VAE Loader): needed for start/end images, pixel re-encoded history and streaming to file."),
                 io.Image.Input("start_image", optional=True, tooltip="First frame (image-to-video). Needs the vae."),
-                io.Latent.Input("prefix_latent", optional=True, tooltip="A video's latents to continue (video extension); the output includes them."),
-                io.Image.Input("end_image", optional=True, tooltip="Last frame to steer towards (appended clean to the last window). Needs the vae."),
+                io.Latent.Input("prefix_latent", optional=True, tooltip="A video's latents to continue (video extension; MAGI-1 v2v: whole 6-latent chunks go into the K/V cache, the rest is written over the first chunk's frames); the output includes them."),
+                io.Image.Input("end_image", optional=True, tooltip="Last frame to steer towards (appended clean to the last window; SkyReels-V2-DF only). Needs the vae."),
                 io.Boolean.Input("save_video", default=False, optional=True,
                                  tooltip="With a vae: write each finished window to an mp4 in the output folder before the next starts."),
                 io.String.Input("filename_prefix", default="ARCache/video", optional=True,
                                 tooltip="Where save_video writes, relative to ComfyUI's output folder."),
             ],
             outputs=[
-                io.Latent.Output(display_name="LATENT", tooltip="The whole video's latents (raw Wan 2.1 layout); decode with VAEDecode."),
+                io.Latent.Output(display_name="LATENT", tooltip="The whole video's latents (raw, in the model's VAE layout); decode with VAEDecode and the same VAE."),
                 io.String.Output(display_name="report", tooltip="JSON: windows, model calls, seconds, time to first window, transformer FLOPs (spent and vanilla), cache stats."),
             ],
             hidden=[io.Hidden.unique_id],

@@ -46,7 +46,7 @@ def heatmap_sheet(server: ComfyServer, path: Path) -> None:
     sheet.save(path)
 
 SHOTS = ("skyreels_df_t2v_flowcache", "skyreels_df_t2v_motioncache", "skyreels_df_i2v_flowcache",
-         "skyreels_df_extend_video")
+         "skyreels_df_extend_video", "magi1_t2v")
 FIT = """() => {
     let x0 = 1e9, y0 = 1e9, x1 = -1e9, y1 = -1e9;
     for (const n of app.graph._nodes) {
