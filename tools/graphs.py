@@ -65,7 +65,7 @@ def magi_graph(model: str = TINY_MAGI, *, width=64, height=64, length=33, seed=0
     g = Graph()
     model_out = g.out(g.add("ARCacheMagiModelLoader", model_name=model, variant=variant, weight_dtype="default"))
     if positive_node is None:
-        clip = g.add("ARCacheTestTinyT5Loader", seed=0)
+        clip = g.add("TestkitTinyT5Loader", seed=0)
         pos = g.add("ARCacheMagiTextEncode", clip=g.out(clip), text=text, special_tokens="special_tokens.npz")
     else:
         pos = g.add(positive_node[0], **positive_node[1])

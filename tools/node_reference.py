@@ -12,6 +12,9 @@ HEADER = ("# Node reference\n\nGenerated from the nodes' own descriptions and to
           "fails when this file is stale).\n")
 
 
+from tools.workflow import is_file_value  # noqa: E402
+
+
 def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -21,8 +24,12 @@ def _input_row(name: str, spec, required: bool) -> str:
     if isinstance(kind, list):
         kind, opts = "COMBO", dict(opts, options=kind)
     if kind == "COMBO":
-        values = ", ".join(str(o) for o in opts.get("options", [])[:8])
-        detail = f"one of {values}" + (f"; default {opts['default']}" if "default" in opts else "")
+        options = opts.get("options", [])
+        if not options or any(is_file_value(o) for o in options):   # a folder listing: depends on the install
+            detail = "a file name from the folder the tooltip names"
+        else:
+            values = ", ".join(str(o) for o in options[:8])
+            detail = f"one of {values}" + (f"; default {opts['default']}" if "default" in opts else "")
     elif kind in ("INT", "FLOAT"):
         parts = [f"{k} {opts[k]}" for k in ("default", "min", "max", "step") if k in opts]
         detail = ", ".join(parts)

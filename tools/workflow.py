@@ -279,7 +279,7 @@ def retarget(prompt: dict, unet: str, vae: str, width=64, height=64, length=33, 
         elif kind == "ARCacheMagiVAELoader":
             inp["vae_name"] = magi_vae
         elif kind == "CLIPLoader" and nid in magi_clips:   # no tiny T5-XXL can go through CLIPLoader
-            prompt[nid] = {"class_type": "ARCacheTestTinyT5Loader", "inputs": {"seed": 0}}
+            prompt[nid] = {"class_type": "TestkitTinyT5Loader", "inputs": {"seed": 0}}
         elif kind == "ARCacheMagiSchedule":
             inp.update(window_size=min(inp["window_size"], 4))
         elif kind == "UNETLoader":
