@@ -20,6 +20,7 @@ from ..cache_core.motioncache_policy import MotionCacheConfig, MotionCachePolicy
 from ..cache_core.record import RECORD_KEY
 from ..cache_core.run_report import REPORT_KEY
 from . import families
+from .magi_cache import check_spec as check_magi_spec
 from .wan import ModelFamilyError
 
 SPEC_KEY = "arcache_ar_cache"       # one AR cache per model
@@ -91,6 +92,8 @@ def apply_ar_cache(model, spec: CacheSpec):
     if not family.supports_chunks(dm):
         raise ModelFamilyError(f"chunk-wise caches serve plain {family.title} transformers; this one has a "
                                f"changed forward ({type(dm).__name__})")
+    if family.sampler_kind == "magi":
+        check_magi_spec(spec)        # what cannot apply to MAGI-1 is refused at the cache node
     if SPEC_KEY in model.model_options.get("transformer_options", {}):
         raise ModelFamilyError("an AR cache (FlowCache/MotionCache) is already applied to this model; "
                                "connect the loader's MODEL instead of stacking two AR caches")

@@ -13,6 +13,7 @@ import comfy.latent_formats
 
 from ..cache_core import df_schedule
 from ..cache_core import flops as flop_count
+from ..cache_core.flowcache_policy import IDENTITY
 from . import wan
 from .magi_loader import MagiLatentFormat
 from .magi_model import MagiDiT
@@ -82,17 +83,26 @@ def _magi_flop_shape(dm) -> flop_count.MagiShape:
                                 caption_channels=c.caption_channels, in_channels=c.in_channels, patch=c.patch)
 
 
-def _magi_no_cache_coefficients(name, dm):
-    raise ModelFamilyError("FlowCache and MotionCache do not run on MAGI-1 yet; connect the MAGI-1 model "
-                           "straight to the Streaming AR Sampler")
+def _magi_coefficients(name, dm):
+    """MAGI-1's caches use the plain relative change (the references fit no polynomial)."""
+    if isinstance(name, str):
+        if name not in ("auto", "none"):
+            raise ModelFamilyError(f"coefficients {name!r} are fitted for Wan models; MAGI-1 takes auto or none "
+                                   "(the plain relative change) or an explicit list")
+        return IDENTITY
+    return tuple(name)
+
+
+def _magi_chunk_adapter(dm):
+    raise ModelFamilyError("MAGI-1 runs chunk by chunk in the Streaming AR Sampler only")
 
 
 MAGI1 = Family(
     name="magi1", title="MAGI-1", latent_channels=16, spatial_stride=8, temporal_stride=4,
     latent_format=MagiLatentFormat, sampler_kind="magi", transformer=magi_transformer,
-    chunk_adapter=None, supports_chunks=lambda dm: False, flop_shape=_magi_flop_shape,
+    chunk_adapter=_magi_chunk_adapter, supports_chunks=lambda dm: isinstance(dm, MagiDiT), flop_shape=_magi_flop_shape,
     tokens_per_frame=lambda h, w: (h // 2) * (w // 2), token_grid=lambda h, w: (h // 2, w // 2),
-    coefficients=_magi_no_cache_coefficients, prepare_sampling=lambda model_patcher, schedule: {},
+    coefficients=_magi_coefficients, prepare_sampling=lambda model_patcher, schedule: {},
     causal_vae=False)
 
 FAMILIES: dict[str, Family] = {WAN21.name: WAN21, MAGI1.name: MAGI1}

@@ -245,6 +245,9 @@ class ChunkCall:
     null_row: bool = False        # gates from the unconditional null-caption row (-1) instead of -2
     write: tuple = ()             # absolute chunks whose K/V go into the cache (clean refresh, prefix)
     dt: float | None = None       # distilled models' step-size embedding input
+    tokens: torch.Tensor | None = None   # one-chunk calls: only these of its tokens run (the others'
+                                         # K/V come from the cache, where the new rows are written back)
+    token_major: bool = False     # return [B, tokens, patch*patch*C] instead of the latent video
 
 
 class MagiLayer(nn.Module):
@@ -288,14 +291,22 @@ class MagiLayer(nn.Module):
         qx = sa.q_layernorm_xattn(self.heads(sa.linear_qkv.qx(h), c.heads))
         self_out, cross_out = [], []
         for i in range(n):
-            rows = slice(i * chunk_tokens, (i + 1) * chunk_tokens)
+            rows = slice(i * chunk_tokens, (i + 1) * chunk_tokens) if call.tokens is None else slice(0, L)
             chunk = call.start + i
             lo = max(call.first[i], call.start) - call.start          # first of the call's own chunks in range
-            keys = [(k[:, :, lo * chunk_tokens:rows.stop], v[:, :, lo * chunk_tokens:rows.stop])]
+            if call.tokens is not None:   # a token subset: the chunk's other rows keep their cached K/V
+                (k_old, v_old), = cache.read(layer, chunk, chunk, x.device)
+                k_c, v_c = k_old.clone(), v_old.clone()
+                k_c[:, :, call.tokens], v_c[:, :, call.tokens] = k, v
+                keys = [(k_c, v_c)]
+                write_k, write_v = k_c, v_c
+            else:
+                keys = [(k[:, :, lo * chunk_tokens:rows.stop], v[:, :, lo * chunk_tokens:rows.stop])]
+                write_k, write_v = k[:, :, rows], v[:, :, rows]
             if call.first[i] < call.start:
                 keys = cache.read(layer, call.first[i], call.start - 1, x.device) + keys
             if chunk in call.write and cache is not None:
-                cache.write(layer, chunk, k[:, :, rows], v[:, :, rows])
+                cache.write(layer, chunk, write_k, write_v)
             ks = torch.cat([a for a, _ in keys], dim=2) if len(keys) > 1 else keys[0][0]
             vs = torch.cat([b for _, b in keys], dim=2) if len(keys) > 1 else keys[0][1]
             self_out.append(attend(q[:, :, rows], ks, vs))
@@ -313,7 +324,7 @@ class MagiLayer(nn.Module):
         joined = torch.stack([self_o, cross_o], dim=2).unflatten(-1, (PROJ_GROUPS, -1)).transpose(2, 3).flatten(2)
         attn = sa.linear_proj(joined.float())
         gate = torch.tanh(self.ada_modulate_layer.proj(F.silu(cond)).float()).to(x.dtype).float()   # softcap 1
-        gate = gate.repeat_interleave(chunk_tokens, dim=0)[None]                          # per token: its chunk's
+        gate = gate.repeat_interleave(chunk_tokens if call.tokens is None else L, dim=0)[None]   # per token: its chunk's
         g_msa, g_mlp = gate.chunk(2, dim=-1)
         # gate, then the "+1" post-norm, then the residual add (upstream's order), in fp32
         x = (x.float() + self.self_attn_post_norm(attn * g_msa)).to(x.dtype)
@@ -377,6 +388,14 @@ class MagiDiT(nn.Module):
         row = self.param(self.y_embedder.null_caption_embedding, t.device)[ADALN_NULL_ROW if null_row else ADALN_COND_ROW]
         return emb + self.y_embedder.y_proj_adaln(row[None])
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding of model-space latents [B, C, T, h, w] -> [B, (T H W), d] in fp32."""
+        c = self.config
+        x = x.float() * c.x_rescale
+        if c.half_channel:
+            x = torch.cat([x, x], dim=1)
+        return self.x_embedder(x).flatten(2).transpose(1, 2)
+
     def forward_chunks(self, x: torch.Tensor, call: ChunkCall, cache: KVCache | None = None,
                        transformer_options: dict | None = None) -> torch.Tensor:
         """Velocity for x [B, C_latent, n*chunk_frames, h, w] (model-space latents, B = 1 per run)."""
@@ -384,25 +403,43 @@ class MagiDiT(nn.Module):
         B, _, T, H, W = x.shape
         n = len(call.t)
         dtype = x.dtype                                                # the compute dtype the sampler chose
-        x = x.float() * c.x_rescale
-        if c.half_channel:
-            x = torch.cat([x, x], dim=1)
-        h = self.x_embedder(x)                                         # fp32
-        ht, wt = h.shape[-2:]
+        h = self.embed(x)                                              # fp32
+        ht, wt = H // c.patch, W // c.patch
         chunk_frames = T // (n * c.t_patch)
         chunk_tokens = chunk_frames * ht * wt
-        h = h.flatten(2).transpose(1, 2).to(dtype)                     # [B, (T H W), d]
+        h = h.to(dtype)                                                # [B, (T H W), d]
         t = torch.as_tensor(call.t, dtype=torch.float32, device=x.device)
         cond = self.condition(t, call.dt, call.null_row).to(dtype)
         text = [self.y_embedder.y_proj_xattn(s.to(x.device, torch.float32)[None]).to(dtype) for s in call.texts]
         rope = rope_table(self.param(self.rope.bands, x.device), T // c.t_patch, call.start * chunk_frames, ht, wt)
+        if call.tokens is not None:
+            if n != 1 or cache is None:
+                raise ValueError("a token subset runs one chunk against the K/V cache")
+            h, rope = h[:, call.tokens], (rope[0][call.tokens], rope[1][call.tokens])
         for i, layer in enumerate(self.videodit_blocks.layers):
             h = layer(h, cond, text, rope, call, cache, i, chunk_tokens)
         h = self.videodit_blocks.final_layernorm(h.float())
         out = self.final_linear.linear(h)                               # [B, L, pT pH pW C]
         p, pt = c.patch, c.t_patch
+        if call.token_major:
+            out = out.unflatten(-1, (pt * p * p, c.in_channels))[..., :c.latent_channels]
+            return out.flatten(2) / c.x_rescale
         out = out.reshape(B, T // pt, ht, wt, pt, p, p, c.in_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, c.in_channels, T, ht * p, wt * p)
         if c.half_channel:
             out = out[:, :c.latent_channels]
         return out / c.x_rescale
+
+
+def tokens_to_video(v: torch.Tensor, frames: int, ht: int, wt: int, patch: int, channels: int) -> torch.Tensor:
+    """Token-major [B, frames*ht*wt, patch*patch*C] -> [B, C, frames, ht*patch, wt*patch]."""
+    B = v.shape[0]
+    v = v.reshape(B, frames, ht, wt, patch, patch, channels)
+    return v.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, channels, frames, ht * patch, wt * patch)
+
+
+def video_to_tokens(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, F, H, W] -> token-major [B, F*(H/p)*(W/p), p*p*C] (the inverse of tokens_to_video)."""
+    B, C, F, H, W = x.shape
+    x = x.reshape(B, C, F, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 3, 5, 4, 6, 1).reshape(B, F * (H // patch) * (W // patch), patch * patch * C)

@@ -24,6 +24,8 @@ from ..cache_core.magi_schedule import (MagiSchedule, cached_chunks_needed, dist
                                         plan_steps, time_grid)
 from ..cache_core.run_report import REPORT_KEY, RunReport
 from . import families
+from .ar_cache import SPEC_KEY  # noqa: E402  (ar_cache imports magi_cache, not this module)
+from .magi_cache import ALONE, HISTORY, TEXT, MagiCacheRun
 from .magi_model import ChunkCall, KVCache
 from .magi_text import SPECIAL_KEY, chunk_text
 
@@ -125,73 +127,52 @@ class MagiRun:
         base = not self.distill
         shape = _flop_shape(cfg)
 
-        def forward(x_in, call: ChunkCall):
-            out = dm.forward_chunks(x_in.to(dtype), call, cache, transformer_options=topts).float()
-            n = len(call.t)
-            keys = [(call.start + i - max(call.first[i], 0) + 1) * tokens for i in range(n)]
-            f = flop_count.magi_call_flops(shape, tokens, keys, [len(tx) for tx in call.texts])
+        spec = topts.get(SPEC_KEY)
+        cached = None if spec is None else MagiCacheRun(
+            spec, dm, self.plan, S, sch.kv_range, sch.kv_on_cpu, shape, (self.lat_h // cfg.patch, self.lat_w // cfg.patch),
+            cw, self.T)
+
+        def call_flops(call: ChunkCall) -> float:
+            lq = tokens if call.tokens is None else int(call.tokens.numel())
+            return float(sum(flop_count.magi_chunk_flops(shape, lq, (call.start + i - call.first[i] + 1) * tokens, len(tx))
+                             for i, tx in enumerate(call.texts)))
+
+        def forward(x_in, call: ChunkCall, kv=cache):
+            out = dm.forward_chunks(x_in.to(dtype), call, kv, transformer_options=topts).float()
+            f = call_flops(call)
             data["transformer_flops"] += f
-            data["transformer_flops_vanilla"] += f
+            if cached is None:
+                data["transformer_flops_vanilla"] += f
             data["model_calls"] += 1
             return out
 
+        def vanilla_flops(x_in, call: ChunkCall, kv=None):   # what the uncached run would spend
+            data["transformer_flops_vanilla"] += call_flops(call)
+            return torch.zeros_like(x_in)
+
+        if P:
+            x[:, :, :P] = prefix                # the given frames stay as given all run long
+        dt0 = distill_dt(S, 0) if self.distill else None
         if self.prefix_chunks:      # whole prefix chunks go straight into the K/V cache, clean and self-only
             n = self.prefix_chunks
-            forward(prefix[:, :, :n * cw], ChunkCall(start=0, t=[sch.clean_t] * n, texts=[null] * n, first=list(range(n)),
-                                                     null_row=base, write=tuple(range(n)),
-                                                     dt=distill_dt(S, 0) if self.distill else None))
+            call = ChunkCall(start=0, t=[sch.clean_t] * n, texts=[null] * n, first=list(range(n)), null_row=base,
+                             write=tuple(range(n)), dt=dt0)
+            if cached is None:
+                forward(prefix[:, :, :n * cw], call)
+            else:
+                cached.write_prefix(forward, prefix, n, sch.clean_t, null, base, dt0)
+                vanilla_flops(prefix[:, :, :n * cw], call)
         for step in self.plan:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            lo = step.start if step.refresh is None else step.refresh
-            x_in = x[:, :, lo * cw: step.end * cw].clone()
-            t_call = ([sch.clean_t] if step.refresh is not None else []) + [grid[j] for j in step.step_of]
-            steps_call = ([S] if step.refresh is not None else []) + list(step.step_of)
-            if P > lo * cw:         # prefix frames are written over the latents before every forward
-                n_pad = min(P - lo * cw, x_in.shape[2])
-                x_in[:, :, :n_pad] = prefix[:, :, lo * cw: lo * cw + n_pad]
-                for i in range((P - lo * cw) // cw):
-                    t_call[i] = 1.0
-            chunks = list(range(lo, step.end))
-            first = [first_key_chunk(c, j, S, sch.kv_range) for c, j in zip(chunks, steps_call)]
-            write = (step.refresh,) if step.refresh is not None else ()
-            off = 1 if step.refresh is not None else 0
-            a = off * cw                                          # active chunks' first frame in x_in
-            cond_texts = [null if c == step.refresh else self.text_for(c) for c in chunks]
-            dt = distill_dt(S, step.inner) if self.distill else None
-            if base:
-                scales = [sch.scales(t, req.cfg) for t in t_call[off:]]
-                need_a = any(s_t != 0 for _, s_t in scales)
-                need_b = any(s_h != s_t for s_h, s_t in scales)
-                need_c = any(s_h != 1 for s_h, _ in scales)
-                zero = torch.zeros_like(x_in[:, :, a:])
-                A = forward(x_in, ChunkCall(lo, t_call, cond_texts, first))[:, :, a:] if need_a else zero
-                if need_b:
-                    B = forward(x_in, ChunkCall(lo, t_call, [null] * len(chunks), first, null_row=True, write=write))[:, :, a:]
-                else:
-                    B = zero
-                    if write:       # the clean re-run is still due: it attends to itself only
-                        forward(x_in[:, :, :cw], ChunkCall(lo, t_call[:1], [null], first[:1], null_row=True, write=write))
-                        data["passes_run"]["refresh_only"] += 1
-                if need_c:
-                    n = len(step.step_of)
-                    C = forward(x_in[:, :, a:], ChunkCall(step.start, t_call[off:], [null] * n,
-                                                          list(range(step.start, step.end)), null_row=True))
-                else:
-                    C = zero
-                v = torch.cat([(1 - s_h) * C[:, :, i * cw:(i + 1) * cw] + (s_h - s_t) * B[:, :, i * cw:(i + 1) * cw]
-                               + s_t * A[:, :, i * cw:(i + 1) * cw] for i, (s_h, s_t) in enumerate(scales)], dim=2)
-                for name, ran in (("text", need_a), ("history", need_b), ("alone", need_c)):
-                    data["passes_run"][name] += int(ran)
-            else:
-                v = forward(x_in, ChunkCall(lo, t_call, cond_texts, first, write=write, dt=dt))[:, :, a:]
-                if t_call[off] > sch.nearly_clean_threshold:      # oldest active chunk, alone, mixed in
-                    alone = forward(x_in[:, :, a:a + cw], ChunkCall(step.start, t_call[off:off + 1],
-                                                                    cond_texts[off:off + 1], [step.start], dt=dt))
-                    w = sch.nearly_clean_weight
-                    v[:, :, :cw] = w * v[:, :, :cw] + (1 - w) * alone
+            v = self._vanilla_step(step, x, grid, null, forward if cached is None else vanilla_flops, data)
+            if cached is not None:
+                v = self._cached_step(step, x, grid, null, forward, cached)
+            t_call = [grid[j] for j in step.step_of]
+            a = step.start * cw
+            x_in = x[:, :, a: step.end * cw]
             dts = torch.tensor([grid[j + 1] - grid[j] for j in step.step_of], dtype=torch.float32, device=device)
-            ts = torch.tensor(t_call[off:], dtype=torch.float32, device=device)
-            xs = x_in[:, :, a:]
+            ts = torch.tensor(t_call, dtype=torch.float32, device=device)
+            xs = x_in.clone()
             new = xs + v * dts.repeat_interleave(cw).view(1, 1, -1, 1, 1)
             x[:, :, step.start * cw: step.end * cw] = new
             if P > step.start * cw:   # the given frames stay exactly as given (upstream leaves them one Euler step off)
@@ -204,6 +185,10 @@ class MagiRun:
             if step.finished is not None:
                 self._emit(fmt, x, step.finished, P, data, t0)
         video = self._assemble(fmt.process_out(x.float()).cpu(), P)
+        if cached is not None:
+            data["cache"] = cached.summary(getattr(cached.policy, "method", "ar_cache"))
+            data["cache"]["flops_saved_skipping"] = data["transformer_flops_vanilla"] - data["transformer_flops"]
+            self.heat = cached.heat.reshape(self.T, self.lat_h // cfg.patch, self.lat_w // cfg.patch)
         data["latent_frames"] = int(video.shape[2])
         data["pixel_frames"] = 4 * int(video.shape[2])
         data["kv_cache_chunks"] = cache.chunks()
@@ -211,6 +196,70 @@ class MagiRun:
         data["seconds"] = time.perf_counter() - t0
         self.model.model_options["transformer_options"].pop(REPORT_KEY, None)
         return video, data
+
+    def _vanilla_step(self, step, x, grid, null, forward, data) -> torch.Tensor:
+        """Velocity of the window's active chunks at one forward step, as upstream computes it."""
+        req, sch, S = self.req, self.req.schedule, self.steps
+        cw, P = sch.chunk_width, 0 if self.prefix is None else self.prefix.shape[2]
+        lo = step.start if step.refresh is None else step.refresh
+        x_in = x[:, :, lo * cw: step.end * cw]
+        t_call = ([sch.clean_t] if step.refresh is not None else []) + [grid[j] for j in step.step_of]
+        steps_call = ([S] if step.refresh is not None else []) + list(step.step_of)
+        for i in range(max(0, (P - lo * cw) // cw)):      # chunks wholly given by the prefix are clean
+            t_call[i] = 1.0
+        chunks = list(range(lo, step.end))
+        first = [first_key_chunk(c, j, S, sch.kv_range) for c, j in zip(chunks, steps_call)]
+        write = (step.refresh,) if step.refresh is not None else ()
+        off = 1 if step.refresh is not None else 0
+        a = off * cw                                          # active chunks' first frame in x_in
+        cond_texts = [null if c == step.refresh else self.text_for(c) for c in chunks]
+        if self.distill:
+            dt = distill_dt(S, step.inner)
+            v = forward(x_in, ChunkCall(lo, t_call, cond_texts, first, write=write, dt=dt))[:, :, a:]
+            if t_call[off] > sch.nearly_clean_threshold:      # oldest active chunk, alone, mixed in
+                alone = forward(x_in[:, :, a:a + cw], ChunkCall(step.start, t_call[off:off + 1],
+                                                                cond_texts[off:off + 1], [step.start], dt=dt))
+                w = sch.nearly_clean_weight
+                v[:, :, :cw] = w * v[:, :, :cw] + (1 - w) * alone
+            return v
+        scales = [sch.scales(t, req.cfg) for t in t_call[off:]]
+        need_a, need_b, need_c = passes_needed(scales)
+        zero = torch.zeros_like(x_in[:, :, a:])
+        A = forward(x_in, ChunkCall(lo, t_call, cond_texts, first))[:, :, a:] if need_a else zero
+        if need_b:
+            B = forward(x_in, ChunkCall(lo, t_call, [null] * len(chunks), first, null_row=True, write=write))[:, :, a:]
+        else:
+            B = zero
+            if write:       # the clean re-run is still due: it attends to itself only
+                forward(x_in[:, :, :cw], ChunkCall(lo, t_call[:1], [null], first[:1], null_row=True, write=write))
+                data["passes_run"]["refresh_only"] += 1
+        n = len(step.step_of)
+        C = forward(x_in[:, :, a:], ChunkCall(step.start, t_call[off:], [null] * n, list(range(step.start, step.end)),
+                                              null_row=True)) if need_c else zero
+        for name, ran in (("text", need_a), ("history", need_b), ("alone", need_c)):
+            data["passes_run"][name] += int(ran)
+        return guided(scales, A, B, C, cw)
+
+    def _cached_step(self, step, x, grid, null, forward, cached) -> torch.Tensor:
+        """The same step chunk by chunk under the cache's policy (no clean re-run, as the references)."""
+        sch, S = self.req.schedule, self.steps
+        ts = [grid[j] for j in step.step_of]
+        items = list(zip(step.chunks, step.step_of, ts))
+        if self.distill:
+            dt = distill_dt(S, step.inner)
+            return torch.cat([cached.chunk_velocity(forward, TEXT, x, c, j, t, self.text_for(c), False, dt)
+                              for c, j, t in items], dim=2)
+        scales = [sch.scales(t, self.req.cfg) for t in ts]
+        need = dict(zip((TEXT, HISTORY, ALONE), passes_needed(scales)))
+        out = {}
+        for branch, ran in need.items():
+            if ran:
+                out[branch] = [cached.chunk_velocity(forward, branch, x, c, j, t,
+                                                     self.text_for(c) if branch == TEXT else null, branch != TEXT,
+                                                     None, alone=branch == ALONE) for c, j, t in items]
+        zero = torch.zeros_like(x[:, :, :len(items) * sch.chunk_width])
+        A, B, C = (torch.cat(out[b], dim=2) if b in out else zero for b in (TEXT, HISTORY, ALONE))
+        return guided(scales, A, B, C, sch.chunk_width)
 
     def _emit(self, fmt, x, chunk, P, data, t0):
         k = chunk - self.prefix_chunks
@@ -232,6 +281,18 @@ class MagiRun:
         if self.req.start_image is not None or not P:
             return video
         return torch.cat([self.prefix.cpu(), video[:, :, P:]], dim=2)
+
+
+def passes_needed(scales) -> tuple[bool, bool, bool]:
+    """Which guidance passes a step needs: a pass whose weight is 0 for every chunk is not run."""
+    return (any(s_t != 0 for _, s_t in scales), any(s_h != s_t for s_h, s_t in scales),
+            any(s_h != 1 for s_h, _ in scales))
+
+
+def guided(scales, A, B, C, cw) -> torch.Tensor:
+    """Per chunk: v = (1 - s_h) C + (s_h - s_t) B + s_t A (upstream's 3-pass guidance)."""
+    return torch.cat([(1 - s_h) * C[:, :, i * cw:(i + 1) * cw] + (s_h - s_t) * B[:, :, i * cw:(i + 1) * cw]
+                      + s_t * A[:, :, i * cw:(i + 1) * cw] for i, (s_h, s_t) in enumerate(scales)], dim=2)
 
 
 def _flop_shape(cfg) -> flop_count.MagiShape:

@@ -1,4 +1,4 @@
-"""The FlowCache node: chunk-wise caching and a bounded KV cache for SkyReels-V2-DF models."""
+"""The FlowCache node: chunk-wise caching and a bounded KV cache for SkyReels-V2-DF and MAGI-1 models."""
 from comfy_api.latest import io
 
 from ..cache_core.flowcache_policy import FlowCacheConfig
@@ -21,17 +21,19 @@ class FlowCacheNode(io.ComfyNode):
                 "Optionally compresses finished chunks' K/V to a fixed budget (importance-redundancy). "
                 "Works best with the Streaming AR Sampler; under a plain KSampler every chunk is active. "
                 "Outputs differ from the uncached model by design (chunk-causal attention); the sampler's "
-                "report shows how much of the saving came from the restructuring and how much from skipping."),
+                "report shows how much of the saving came from the restructuring and how much from skipping. "
+                "On MAGI-1 each chunk runs on its own with K/V written on every forward (no clean re-run), "
+                "its change measured on the patch-embedded input, a skipped chunk reusing its velocity."),
             inputs=[
-                io.Model.Input("model", tooltip="A SkyReels-V2-DF (Wan 2.1 t2v) model from UNETLoader."),
+                io.Model.Input("model", tooltip="A SkyReels-V2-DF (Wan 2.1 t2v) model from UNETLoader, or a MAGI-1 model from MAGI-1 Model Loader."),
                 io.Float.Input("rel_l1_thresh", default=0.1, min=0.0, max=5.0, step=0.005,
-                               tooltip="Recompute a chunk once its accumulated change reaches this. 0.1 'slow' (best quality), 0.15 'fast' (paper); 0 computes every step."),
+                               tooltip="Recompute a chunk once its accumulated change reaches this. SkyReels-V2-DF: 0.1 'slow' (best quality), 0.15 'fast' (paper); MAGI-1 (plain relative change): 0.01-0.015 in the reference configs; 0 computes every step."),
                 io.Int.Input("warmup_steps", default=5, min=0, max=100,
                              tooltip="Each chunk's first denoising steps, always computed (5 in the paper)."),
                 io.Int.Input("final_steps", default=1, min=0, max=100, optional=True,
                              tooltip="Each chunk's last denoising steps, always computed (1 in the paper)."),
                 io.Combo.Input("coefficients", options=["auto", "1.3B", "14B", "none"], default="auto", optional=True,
-                               tooltip="Polynomial that rescales the change indicator: auto picks by model size (1536 -> 1.3B, 5120 -> 14B, else none)."),
+                               tooltip="Polynomial that rescales the change indicator: auto picks by model size (1536 -> 1.3B, 5120 -> 14B, else none; MAGI-1: none)."),
                 io.Int.Input("chunk_frames", default=5, min=1, max=64, optional=True,
                              tooltip="Latent frames per chunk when no AR sampler says otherwise (the Streaming AR Sampler uses its causal_block_size)."),
                 io.Boolean.Input("kv_compress", default=False, optional=True,

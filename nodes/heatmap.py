@@ -59,6 +59,8 @@ class ComputeHeatmapNode(io.ComfyNode):
         if images is not None:
             if images.shape[0] == heat.shape[0]:              # one image per latent frame (Latent Preview)
                 frames = rgb
+            elif images.shape[0] == FRAMES_PER_LATENT * heat.shape[0]:   # a non-causal VAE (MAGI-1): 4 per latent
+                frames = rgb.repeat_interleave(FRAMES_PER_LATENT, 0)
             elif images.shape[0] != frames.shape[0]:
                 raise InputError("images", f"has {images.shape[0]} frames; the video has {frames.shape[0]} "
                                            f"({heat.shape[0]} latent frames): decode the same LATENT")

@@ -1,4 +1,4 @@
-"""The MotionCache node: token-wise, motion-weighted reuse for SkyReels-V2-DF models."""
+"""The MotionCache node: token-wise, motion-weighted reuse for SkyReels-V2-DF and MAGI-1 models."""
 from comfy_api.latest import io
 
 from ..cache_core.chunk_executor import ATTENTION_MODES
@@ -26,7 +26,7 @@ class MotionCacheNode(io.ComfyNode):
                 "Recomputed tokens run the transformer alone (their RoPE and modulation at their true "
                 "positions); the others keep their K/V. The sampler's report gives the token fraction computed."),
             inputs=[
-                io.Model.Input("model", tooltip="A SkyReels-V2-DF (Wan 2.1 t2v) model from UNETLoader."),
+                io.Model.Input("model", tooltip="A SkyReels-V2-DF (Wan 2.1 t2v) model from UNETLoader, or a MAGI-1 model from MAGI-1 Model Loader (token subsets run against the chunk's cached K/V)."),
                 io.Float.Input("threshold", default=0.1, min=0.0, max=5.0, step=0.005,
                                tooltip="A token is recomputed once its motion-weighted accumulated change reaches this (0.1 in the paper); 0 computes every step."),
                 io.Int.Input("warmup_steps", default=4, min=0, max=100,
@@ -40,7 +40,7 @@ class MotionCacheNode(io.ComfyNode):
                 io.Float.Input("vote", default=0.5, min=0.0, max=0.99, step=0.01, optional=True,
                                tooltip="Column voting: a spatial position is recomputed in all of the chunk's frames when more than this share of them want it (0.5; 0 off)."),
                 io.Combo.Input("motion_source", options=list(MOTION_SOURCES), default="hidden", optional=True,
-                               tooltip="hidden: inter-frame differences of the final hidden states (SkyReels reference); latents: of the input latents (MAGI reference)."),
+                               tooltip="hidden: inter-frame differences of the final hidden states (SkyReels reference; on MAGI-1 of the velocity); latents: of the input latents (MAGI reference)."),
                 io.Combo.Input("attention", options=list(ATTENTION_MODES), default="chunk_causal", optional=True,
                                tooltip=ATTENTION_TOOLTIP),
                 io.Combo.Input("coefficients", options=["auto", "1.3B", "14B", "none"], default="auto", optional=True,

@@ -215,14 +215,3 @@ def test_broken_checkpoints_get_clear_errors(comfy):
     (keys / "model.safetensors.index.json").write_text(json.dumps(index))
     msg = expect_error(comfy, "1 missing", model="broken_keys/inference_weight/model.safetensors.index.json")
     assert dropped in msg and "videodit_blocks.layers.0.extra.weight" in msg and "1 unexpected" in msg
-
-
-def test_caches_refuse_magi_clearly(comfy):
-    g, sid = magi_graph()
-    loader = next(k for k, v in g.prompt.items() if v["class_type"] == "ARCacheMagiModelLoader")
-    g.prompt["92"] = {"class_type": "ARCacheFlowCache", "inputs": {"model": [loader, 0], "rel_l1_thresh": 0.1,
-                                                                   "warmup_steps": 1, "coefficients": "none"}}
-    g.prompt[sid]["inputs"]["model"] = ["92", 0]
-    with pytest.raises(ComfyError) as e:
-        comfy.run(g.prompt)
-    assert "MAGI-1" in str(e.value) and "FlowCache" in str(e.value)

@@ -670,3 +670,36 @@ def test_blocked_attention_and_mlp_equal_the_unblocked_forward(monkeypatch):
     monkeypatch.setattr(magi, "WORK_ELEMENTS", 1000)      # forces many query and token blocks
     blocked = run_pack(model, x, **call)
     assert_close(blocked, whole, atol=1e-6)
+
+
+def test_token_subset_equals_the_matching_rows_of_the_full_forward():
+    """MotionCache's SUBSET on MAGI-1: only some tokens run; the chunk's other rows attend through
+    their cached K/V, so with the same input the subset's outputs are the full forward's rows."""
+    model = model_for("tiny")[0]
+    x = latents(2, 11)
+    tx = texts([5, 6], 11)
+    cache = magi.KVCache(model.config.num_layers)
+    run_pack(model, x[:, :, :CHUNK_FRAMES], start=0, t=[0.4], texts=tx[:1], first=[0], write=(0,), cache=cache)
+    second = dict(start=1, t=[0.6], texts=tx[1:], first=[0], write=(1,), cache=cache, token_major=True)
+    full = run_pack(model, x[:, :, CHUNK_FRAMES:], **second)
+    n = CHUNK_FRAMES * (LAT_H // 2) * (LAT_W // 2)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(3))[: n // 3].sort().values
+    sub = run_pack(model, x[:, :, CHUNK_FRAMES:], **dict(second, tokens=idx))
+    assert sub.shape == (1, len(idx), full.shape[-1])
+    assert_close(sub, full[:, idx], atol=1e-5)
+    # the same rows without the chunk's cached K/V (its other tokens missing) would differ
+    alone = magi.KVCache(model.config.num_layers)
+    run_pack(model, x[:, :, :CHUNK_FRAMES], start=0, t=[0.4], texts=tx[:1], first=[0], write=(0,), cache=alone)
+    for layer in alone.layers:
+        layer[1] = tuple(torch.zeros_like(t) for t in cache.layers[0][1])
+    assert_far(run_pack(model, x[:, :, CHUNK_FRAMES:], **dict(second, cache=alone, tokens=idx)), full[:, idx])
+
+
+def test_token_major_output_is_the_patchified_video():
+    model = model_for("big")[0]
+    x = latents(1, 12)
+    call = dict(start=0, t=[0.5], texts=texts([4], 12), first=[0])
+    video = run_pack(model, x, **call)
+    tok = run_pack(model, x, **dict(call, token_major=True))
+    assert_close(magi.tokens_to_video(tok, CHUNK_FRAMES, LAT_H // 2, LAT_W // 2, 2, 16), video, atol=1e-6)
+    assert torch.equal(magi.video_to_tokens(magi.tokens_to_video(tok, CHUNK_FRAMES, LAT_H // 2, LAT_W // 2, 2, 16), 2), tok)

@@ -1,0 +1,126 @@
+"""FlowCache and MotionCache on MAGI-1: the cache nodes' policies driving MAGI's chunk-wise forward.
+
+How the references run MAGI-1 (specs/flowcache.md B1, specs/motioncache.md 1B), and so do we:
+every active chunk of the window is forwarded on its own, in ascending order, and writes its
+K/V into the pass's cache on every forward (no clean re-run of finished chunks: a finished
+chunk keeps the K/V of its last computed step); a reused chunk keeps its stale K/V. The policy
+(cache_core, the same classes as on SkyReels-V2-DF) decides per chunk and step from the
+chunk's patch-embedded input: COMPUTE, SKIP (reuse its last velocity) or SUBSET (MotionCache:
+only some tokens run, the others keep their K/V and velocity).
+
+Beyond the references:
+- the cached quantity is the chunk's velocity, integrated with the current step size (the
+  references re-add the last latent increment, which is wrong where step sizes differ: the
+  t^2 + shift grid is far from uniform);
+- base models' three guidance passes each have their own policy state and K/V cache (branch
+  0 text + history, 1 history only, 2 the chunk alone); the references serve distilled models only;
+- any step count, i2v/v2v prefixes, the heatmap and the report fields of SkyReels.
+Like both references, cached runs drop the distilled models' nearly-clean mix.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..cache_core import flops as flop_count
+from ..cache_core.chunk_executor import ChunkView
+from ..cache_core.errors import InputError
+from ..cache_core.magi_schedule import ForwardStep, first_key_chunk
+from .magi_model import ChunkCall, KVCache, tokens_to_video, video_to_tokens
+
+TEXT, HISTORY, ALONE = 0, 1, 2          # branch ids: the base models' guidance passes (distilled: TEXT)
+
+
+def check_spec(spec) -> None:
+    """What of a cache node's settings cannot apply to MAGI-1, refused by name."""
+    if spec.attention != "chunk_causal":
+        raise InputError("attention", "MAGI-1 attends chunk-causally by design (each chunk to the chunks before "
+                         "it), so bidirectional does not apply: choose chunk_causal")
+    if spec.compress is not None:
+        raise InputError("kv_compress", "K/V compression is not available on MAGI-1 yet: switch it off (the "
+                         "MAGI-1 Schedule's kv_range already bounds the cache)")
+
+
+def cached_keep(plan: list[ForwardStep], steps: int, kv_range: tuple) -> int | None:
+    """Chunks behind the newest write a cached run reads: every active chunk writes each step,
+    and chunk c reads [first_c, c) plus its own rows (token subsets)."""
+    if not kv_range:
+        return None
+    return max(step.end - 1 - min(first_key_chunk(c, j, steps, kv_range) for c, j in zip(step.chunks, step.step_of))
+               for step in plan)
+
+
+class MagiCacheRun:
+    """The cache state of one MAGI-1 run: a fresh policy, a K/V cache per guidance pass, statistics."""
+
+    def __init__(self, spec, dm, plan, steps: int, kv_range: tuple, offload: bool, shape: flop_count.MagiShape,
+                 grid_hw: tuple, chunk_frames: int, total_frames: int):
+        check_spec(spec)
+        self.dm, self.policy, self.steps, self.kv_range, self.shape = dm, spec.make_policy(), steps, kv_range, shape
+        keep = cached_keep(plan, steps, kv_range)
+        layers = dm.config.num_layers
+        self.caches = {b: KVCache(layers, keep=keep, offload=offload) for b in (TEXT, HISTORY)}
+        self.caches[ALONE] = KVCache(layers, keep=max(len(s.step_of) for s in plan), offload=offload)
+        self.ht, self.wt = grid_hw
+        self.cw = chunk_frames
+        self.tokens = chunk_frames * self.ht * self.wt
+        self.heat = torch.zeros(total_frames, self.ht * self.wt)
+        self.stats = {"chunk_steps_computed": 0, "chunk_steps_skipped": 0, "chunk_steps_subset": 0,
+                      "tokens_active": 0, "tokens_computed": 0, "transformer_flops_chunk_causal": 0.0}
+
+    def write_prefix(self, forward, prefix, n: int, t: float, null, null_row: bool, dt) -> None:
+        """Whole prefix chunks into every pass's cache that attends to history (clean, self-only)."""
+        for b in (TEXT, HISTORY):
+            forward(prefix[:, :, :n * self.cw], ChunkCall(0, [t] * n, [null] * n, list(range(n)), null_row=null_row,
+                                                         write=tuple(range(n)), dt=dt), self.caches[b])
+
+    def chunk_velocity(self, forward, branch: int, x, c: int, j: int, t: float, text, null_row: bool,
+                       dt, alone: bool = False) -> torch.Tensor:
+        """Velocity [1, C, cw, h, w] of chunk c (absolute) at its step j, for one guidance pass.
+
+        x: the run's whole latent state (model space, prefix written in), chunk c at its input."""
+        cw, p, S = self.cw, self.dm.config.patch, self.steps
+        xc = x[:, :, c * cw:(c + 1) * cw]
+        cache = self.caches[branch]
+        policy = self.policy
+        if policy.needs_view:
+            before = video_to_tokens(x[:, :, c * cw - 1:c * cw], p) if c > 0 else None
+            policy.see(branch, c, ChunkView(frames=(0, cw), tokens=self.tokens, local_step=j,
+                                            latents=video_to_tokens(xc, p), latents_before=before))
+        indicator = self.dm.embed(xc)[0] if policy.needs_indicator else None
+        decision = policy.decide(branch, c, indicator, j, S)
+        zeros = torch.zeros(1, self.tokens, p * p * xc.shape[1], device=x.device)
+        first = c if alone else first_key_chunk(c, j, S, self.kv_range)
+        self.stats["tokens_active"] += self.tokens
+        frames = slice(c * cw, (c + 1) * cw)
+        if decision.kind == "skip":
+            v = policy.reuse(branch, c, zeros)
+            self.stats["chunk_steps_skipped"] += 1
+        else:
+            tokens = decision.tokens if decision.kind == "subset" else None
+            call = ChunkCall(c, [t], [text], [first], null_row=null_row, write=(c,), dt=dt, token_major=True,
+                             tokens=None if tokens is None else tokens.to(x.device))
+            fresh = forward(xc, call, cache)
+            if tokens is None:
+                v = fresh
+                self.stats["chunk_steps_computed"] += 1
+                self.stats["tokens_computed"] += self.tokens
+                self.heat[frames] += 1
+            else:
+                v = policy.reuse(branch, c, zeros, tokens).clone()
+                v[:, tokens] = fresh
+                self.stats["chunk_steps_subset"] += 1
+                self.stats["tokens_computed"] += int(tokens.numel())
+                counts = torch.zeros(self.tokens)
+                counts[tokens.cpu()] = 1
+                self.heat[frames] += counts.view(cw, -1)
+            policy.observe(branch, c, zeros, v, tokens)
+        return tokens_to_video(v, cw, self.ht, self.wt, p, xc.shape[1])
+
+    def summary(self, method: str) -> dict:
+        s = dict(self.stats)
+        s["method"] = method
+        s["token_fraction_computed"] = s["tokens_computed"] / max(1, s["tokens_active"])
+        s["kv_bytes"] = sum(cache.nbytes() for cache in self.caches.values())
+        s["kv_cache_chunks"] = {name: self.caches[b].chunks() for name, b in
+                                (("text", TEXT), ("history", HISTORY), ("alone", ALONE))}
+        return s

@@ -1,0 +1,131 @@
+"""FlowCache and MotionCache on MAGI-1 inside a real ComfyUI, on the tiny MAGI-1 checkpoint."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import torch
+
+from tools.comfy_server import ComfyError
+from tools.graphs import magi_graph
+
+FC = dict(class_type="ARCacheFlowCache", warmup_steps=2, coefficients="none")
+MC = dict(class_type="ARCacheMotionCache", warmup_steps=1, phase1_updates=1, vote=0.0, min_update_ratio=0.0,
+          coefficients="none")
+
+
+def run(comfy, cache=None, **kw):
+    kw.setdefault("save_prefix", f"latents/{uuid.uuid4().hex[:8]}")
+    g, sid = magi_graph(**kw)
+    if cache:
+        cache = dict(cache)
+        loader = next(k for k, v in g.prompt.items() if v["class_type"] == "ARCacheMagiModelLoader")
+        g.prompt["cache"] = {"class_type": cache.pop("class_type"), "inputs": {"model": [loader, 0], **cache}}
+        g.prompt[sid]["inputs"]["model"] = ["cache", 0]
+    entry = comfy.run(g.prompt)
+    save = next(k for k, v in g.prompt.items() if v["class_type"] == "SaveLatent")
+    return comfy.saved_latent(entry, save), json.loads(entry["outputs"][sid]["text"][0])
+
+
+@pytest.mark.parametrize("variant", ["distill", "base"])
+def test_threshold_zero_equals_the_no_skip_run(comfy, variant):
+    kw = dict(variant=variant, seed=1, length=72, steps=8)
+    noskip, rn = run(comfy, dict(FC, rel_l1_thresh=0.0, skip_redundant_steps=False), **kw)
+    fc, rf = run(comfy, dict(FC, rel_l1_thresh=0.0), **kw)
+    mc, rm = run(comfy, dict(MC, threshold=0.0), **kw)
+    assert torch.equal(fc, noskip) and torch.equal(mc, noskip)
+    for r in (rf, rm):
+        assert r["cache"]["chunk_steps_skipped"] == 0 and r["cache"]["token_fraction_computed"] == 1.0
+    assert rf["cache"]["method"] == "flowcache" and rm["cache"]["method"] == "motioncache"
+    # the restructuring alone (one chunk per forward, no clean re-run) already spends less than vanilla
+    assert rn["transformer_flops"] < rn["transformer_flops_vanilla"]
+
+
+@pytest.mark.parametrize("variant", ["distill", "base"])
+def test_loose_threshold_spends_fewer_flops(comfy, variant):
+    kw = dict(variant=variant, seed=2, length=72, steps=16)
+    tight, rt = run(comfy, dict(FC, rel_l1_thresh=0.0), **kw)
+    loose, rl = run(comfy, dict(FC, rel_l1_thresh=1.0), **kw)
+    assert rl["transformer_flops"] < rt["transformer_flops"]
+    assert rl["cache"]["chunk_steps_skipped"] > 0 and torch.isfinite(loose).all() and not torch.equal(tight, loose)
+    if variant == "base":     # every guidance pass keeps its own K/V cache
+        chunks = rl["cache"]["kv_cache_chunks"]
+        assert chunks["text"] and chunks["history"] and chunks["alone"]
+
+
+def test_motioncache_runs_token_subsets(comfy):
+    kw = dict(variant="distill", seed=3, length=72, steps=16)
+    out, r = run(comfy, dict(MC, threshold=0.05), **kw)
+    c = r["cache"]
+    assert c["chunk_steps_subset"] > 0 and 0 < c["token_fraction_computed"] < 1
+    assert torch.isfinite(out).all()
+
+
+def test_kv_cache_stays_within_its_bound(comfy):
+    _, r = run(comfy, dict(FC, rel_l1_thresh=0.3), variant="distill", seed=4, length=6 * 24, steps=8)
+    # save-every-forward: window 4 and key ranges of at most 5 chunks reach 7 chunks behind the newest write
+    chunks = r["cache"]["kv_cache_chunks"]["text"]
+    assert chunks == list(range(chunks[0], 6)) and len(chunks) <= 8
+
+
+def test_no_state_leaks_and_interrupt_leaves_the_next_run_clean(comfy):
+    cache = dict(MC, threshold=0.5)
+    before, _ = run(comfy, cache, variant="distill", seed=5, length=72, steps=16)
+    again, _ = run(comfy, cache, variant="distill", seed=5, length=72, steps=16)
+    assert torch.equal(before, again)
+    g, sid = magi_graph(variant="distill", seed=5, length=24 * 40, steps=16)
+    loader = next(k for k, v in g.prompt.items() if v["class_type"] == "ARCacheMagiModelLoader")
+    g.prompt["cache"] = {"class_type": "ARCacheMotionCache", "inputs": {"model": [loader, 0], "threshold": 0.5,
+                                                                        "warmup_steps": 1}}
+    g.prompt[sid]["inputs"]["model"] = ["cache", 0]
+    comfy.run_interrupted(g.prompt)
+    after, _ = run(comfy, cache, variant="distill", seed=5, length=72, steps=16)
+    assert torch.equal(before, after)
+
+
+def test_cached_v2v_keeps_the_prefix(comfy):
+    import av
+    import numpy as np
+    path = comfy.base_dir / "input" / "magi_cache_prefix.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=24)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for i in range(21):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), (i * 12) % 255, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    plain, _ = run(comfy, None, variant="distill", seed=6, prefix_video=path.name)
+    cached, r = run(comfy, dict(FC, rel_l1_thresh=0.3), variant="distill", seed=6, prefix_video=path.name)
+    assert torch.equal(cached[:, :, :6], plain[:, :, :6]) and cached.shape == plain.shape
+    assert r["cache"] is not None
+
+
+def test_heatmap_counts_reach_the_latent(comfy):
+    g, sid = magi_graph(variant="distill", seed=7, length=72, steps=16, vae="tiny_magi1_vae.safetensors")
+    loader = next(k for k, v in g.prompt.items() if v["class_type"] == "ARCacheMagiModelLoader")
+    g.prompt["cache"] = {"class_type": "ARCacheMotionCache", "inputs": {"model": [loader, 0], "threshold": 0.05,
+                                                                        "warmup_steps": 1, "phase1_updates": 1,
+                                                                        "vote": 0.0, "min_update_ratio": 0.0}}
+    g.prompt[sid]["inputs"]["model"] = ["cache", 0]
+    vae = next(k for k, v in g.prompt.items() if v["class_type"] == "ARCacheMagiVAELoader")
+    g.prompt["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": [sid, 0], "vae": [vae, 0]}}
+    g.prompt["heat"] = {"class_type": "ARCacheComputeHeatmap", "inputs": {"samples": [sid, 0], "images": ["decode", 0],
+                                                                          "opacity": 0.6}}
+    g.prompt["save_heat"] = {"class_type": "SaveImage", "inputs": {"images": ["heat", 0], "filename_prefix": "magi_heat"}}
+    entry = comfy.run(g.prompt)
+    assert entry["outputs"]["save_heat"]["images"]
+
+
+def test_settings_that_cannot_apply_are_refused(comfy):
+    with pytest.raises(ComfyError) as e:
+        run(comfy, dict(FC, rel_l1_thresh=0.1, attention="bidirectional"))
+    assert "chunk-causally" in str(e.value)
+    with pytest.raises(ComfyError) as e:
+        run(comfy, dict(FC, rel_l1_thresh=0.1, kv_compress=True))
+    assert "kv_compress" in str(e.value)
+    with pytest.raises(ComfyError) as e:
+        run(comfy, dict(FC, rel_l1_thresh=0.1, coefficients="1.3B"))
+    assert "MAGI-1 takes auto or none" in str(e.value)
