@@ -68,7 +68,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from cache_core.df_schedule import latent_frames, plan_windows, step_matrix  # noqa: E402
-from cache_core.flops import DiTShape, chunk_causal_flops, tokens_per_frame, window_flops  # noqa: E402
+from cache_core.flops import (DiTShape, MagiShape, chunk_causal_flops, magi_chunk_flops, tokens_per_frame,  # noqa: E402
+                              window_flops)
 
 PFLOP = 1e15
 RESULTS = REPO / "bench" / "results" / "paper_flops.json"
@@ -201,58 +202,6 @@ def skyreels_flowcache_linear(job: SkyReelsJob, shape: Optional[DiTShape] = None
 # =============================================================================================
 # MAGI-1
 # =============================================================================================
-
-@dataclass(frozen=True)
-class MagiShape:
-    """Sizes that fix the FLOPs of a MAGI-1 DiT (specs/magi1.md 1.1-1.3)."""
-    num_layers: int = 34
-    hidden: int = 3072
-    ffn: int = 12288
-    heads: int = 24
-    groups: int = 8
-    head_dim: int = 128
-    cond: int = 768                # cond_hidden_ratio 0.25
-    in_channels: int = 16
-    out_channels: int = 16
-    patch: int = 2
-    caption_dim: int = 4096
-    gated: bool = False            # 4.5B: GELU; 24B: SwiGLU (fc1 doubled)
-
-    @classmethod
-    def magi_4_5b(cls) -> "MagiShape":
-        return cls()
-
-    def block_linear_per_token(self) -> int:
-        d, qd, kvd = self.hidden, self.heads * self.head_dim, self.groups * self.head_dim
-        qkv = 2 * d * (2 * qd + 2 * kvd)                 # q, qx, k, v
-        proj = 2 * (2 * qd) * d                          # linear_proj on [self | cross]
-        fc1 = 2 * d * self.ffn * (2 if self.gated else 1)
-        fc2 = 2 * self.ffn * d
-        return qkv + proj + fc1 + fc2
-
-    def params_per_block(self) -> int:
-        """Weights of one block (for a sanity check against the spec's ~130.6M)."""
-        d, qd, kvd = self.hidden, self.heads * self.head_dim, self.groups * self.head_dim
-        return (d * (2 * qd + 2 * kvd) + d * 2 * kvd + 2 * qd * d
-                + d * self.ffn * (2 if self.gated else 1) + self.ffn * d + self.cond * 2 * d + 2 * d)
-
-
-def magi_chunk_flops(s: MagiShape, lq: int, lk: int, text_len: int) -> int:
-    """One chunk through the model: lq query tokens, lk self-attention keys, text_len text tokens."""
-    d, qd, kvd = s.hidden, s.heads * s.head_dim, s.groups * s.head_dim
-    per_layer = (lq * s.block_linear_per_token()
-                 + 4 * lq * lk * qd                        # self-attention QK^T + AV
-                 + 2 * text_len * d * 2 * kvd              # linear_kv_xattn on the text
-                 + 4 * lq * text_len * qd                  # cross-attention
-                 + 2 * s.cond * 2 * d)                     # ada_modulate (per chunk condition)
-    p2 = s.patch * s.patch
-    outside = (2 * lq * s.in_channels * p2 * d             # x_embedder
-               + 2 * lq * d * s.out_channels * p2          # final_linear
-               + 2 * text_len * s.caption_dim * d          # y_proj_xattn
-               + 2 * s.caption_dim * s.cond                # y_proj_adaln (one null-caption row)
-               + 2 * 2 * (256 * s.cond + s.cond * s.cond))  # t and distill dt embedders
-    return s.num_layers * per_layer + outside
-
 
 @dataclass(frozen=True)
 class MagiJob:

@@ -105,42 +105,58 @@ def tokens_per_frame(height: int, width: int, patch=(1, 2, 2), vae_stride: int =
 
 @dataclass(frozen=True)
 class MagiShape:
-    """Sizes that fix the FLOPs of a MAGI-1 DiT (parallel self/cross attention, GQA)."""
-    hidden: int
-    ffn: int
-    num_layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    gated: bool = False
-    caption_channels: int = 4096
+    """Sizes that fix the FLOPs of a MAGI-1 DiT (specs/magi1.md 1.1-1.3): a parallel block with
+    q, qx (cross-attention query), k, v, linear_proj (2d -> d), the text K/V projection, GQA."""
+    num_layers: int = 34
+    hidden: int = 3072
+    ffn: int = 12288
+    heads: int = 24
+    groups: int = 8                # KV heads
+    head_dim: int = 128
+    cond: int = 768                # cond_hidden_ratio 0.25
     in_channels: int = 16
+    out_channels: int = 16
     patch: int = 2
+    caption_dim: int = 4096
+    gated: bool = False            # 4.5B: GELU; 24B: SwiGLU (fc1 doubled)
 
     @classmethod
     def magi_4_5b(cls) -> "MagiShape":
-        return cls(hidden=3072, ffn=12288, num_layers=34, heads=24, kv_heads=8, head_dim=128)
+        return cls()
 
     @classmethod
     def magi_24b(cls) -> "MagiShape":
-        return cls(hidden=6144, ffn=16384, num_layers=48, heads=48, kv_heads=8, head_dim=128, gated=True, in_channels=32)
+        return cls(num_layers=48, hidden=6144, ffn=16384, heads=48, cond=1536, in_channels=32, out_channels=32,
+                   gated=True)
+
+    def block_linear_per_token(self) -> int:
+        d, qd, kvd = self.hidden, self.heads * self.head_dim, self.groups * self.head_dim
+        qkv = 2 * d * (2 * qd + 2 * kvd)                 # q, qx, k, v
+        proj = 2 * (2 * qd) * d                          # linear_proj on [self | cross]
+        fc1 = 2 * d * self.ffn * (2 if self.gated else 1)
+        fc2 = 2 * self.ffn * d
+        return qkv + proj + fc1 + fc2
+
+    def params_per_block(self) -> int:
+        """Weights of one block (a sanity check against the spec's ~130.6M for 4.5B)."""
+        d, qd, kvd = self.hidden, self.heads * self.head_dim, self.groups * self.head_dim
+        return (d * (2 * qd + 2 * kvd) + d * 2 * kvd + 2 * qd * d
+                + d * self.ffn * (2 if self.gated else 1) + self.ffn * d + self.cond * 2 * d + 2 * d)
 
 
-def magi_chunk_flops(s: MagiShape, lq: int, lk: int, lt: int) -> int:
-    """One chunk through every layer: lq queries, lk self-attention keys, lt text tokens.
-
-    Per query token and layer: q and qx (2 * 2 d hq), k and v (2 * 2 d hk), the output
-    projection from both halves (2 * 2 hq d), the MLP (2 * d f * (2 if gated) + 2 * f d);
-    per chunk: the text's cross-attention k/v (2 * lt * d * 2 hk) and its projection into the
-    model (2 * lt * c * d); attention scores and sums 4 lq lk hq and 4 lq lt hq.
-    """
-    d, hq, hk = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim
-    per_token = 2 * (2 * d * hq + 2 * d * hk + 2 * hq * d + d * s.ffn * (2 if s.gated else 1) + s.ffn * d)
-    per_layer = lq * per_token + 2 * lt * d * 2 * hk + 4 * lq * lk * hq + 4 * lq * lt * hq
-    embed_head = 2 * lq * s.in_channels * s.patch ** 2 * d * 2 + 2 * lt * s.caption_channels * d
-    return s.num_layers * per_layer + embed_head
-
-
-def magi_call_flops(s: MagiShape, chunk_tokens: int, key_tokens: Sequence[int], text_tokens: Sequence[int]) -> int:
-    """One chunk-wise forward: every chunk has chunk_tokens queries and its own key and text lengths."""
-    return sum(magi_chunk_flops(s, chunk_tokens, lk, lt) for lk, lt in zip(key_tokens, text_tokens))
+def magi_chunk_flops(s: MagiShape, lq: int, lk: int, text_len: int) -> int:
+    """One chunk through the model: lq query tokens, lk self-attention keys, text_len text tokens
+    (bench/paper_flops.py reproduces the FlowCache and MotionCache papers' MAGI-1 totals with it)."""
+    d, qd, kvd = s.hidden, s.heads * s.head_dim, s.groups * s.head_dim
+    per_layer = (lq * s.block_linear_per_token()
+                 + 4 * lq * lk * qd                        # self-attention QK^T + AV
+                 + 2 * text_len * d * 2 * kvd              # linear_kv_xattn on the text
+                 + 4 * lq * text_len * qd                  # cross-attention
+                 + 2 * s.cond * 2 * d)                     # ada_modulate (per chunk condition)
+    p2 = s.patch * s.patch
+    outside = (2 * lq * s.in_channels * p2 * d             # x_embedder
+               + 2 * lq * d * s.out_channels * p2          # final_linear
+               + 2 * text_len * s.caption_dim * d          # y_proj_xattn
+               + 2 * s.caption_dim * s.cond                # y_proj_adaln (one null-caption row)
+               + 2 * 2 * (256 * s.cond + s.cond * s.cond))  # t and distill dt embedders
+    return s.num_layers * per_layer + outside

@@ -77,10 +77,7 @@ def magi_transformer(model_patcher) -> MagiDiT:
 
 
 def _magi_flop_shape(dm) -> flop_count.MagiShape:
-    c = dm.config
-    return flop_count.MagiShape(hidden=c.hidden, ffn=c.ffn, num_layers=c.num_layers, heads=c.heads,
-                                kv_heads=c.kv_heads, head_dim=c.head_dim, gated=c.gated,
-                                caption_channels=c.caption_channels, in_channels=c.in_channels, patch=c.patch)
+    return dm.config.flop_shape()
 
 
 def _magi_coefficients(name, dm):

@@ -23,6 +23,7 @@ from torch import nn
 import comfy.ops
 
 from ..cache_core.errors import InputError
+from ..cache_core.flops import MagiShape
 
 PROJ_GROUPS = 8          # upstream's hard-coded 8-way interleave before linear_proj ("TP8 training")
 ADALN_COND_ROW, ADALN_NULL_ROW = -2, -1   # null_caption_embedding rows that condition the gates
@@ -60,6 +61,12 @@ class MagiConfig:
     def size_name(self) -> str:
         known = {(34, 3072): "4.5B", (48, 6144): "24B"}
         return known.get((self.num_layers, self.hidden), f"custom ({self.num_layers} layers, hidden {self.hidden})")
+
+    def flop_shape(self) -> MagiShape:
+        return MagiShape(num_layers=self.num_layers, hidden=self.hidden, ffn=self.ffn, heads=self.heads,
+                         groups=self.kv_heads, head_dim=self.head_dim, cond=self.cond_dim, in_channels=self.in_channels,
+                         out_channels=self.in_channels, patch=self.patch, caption_dim=self.caption_channels,
+                         gated=self.gated)
 
     @classmethod
     def from_state_dict(cls, sd: dict) -> "MagiConfig":

@@ -125,7 +125,7 @@ class MagiRun:
         null = dm.null_text(device)
         topts = self.model.model_options["transformer_options"]
         base = not self.distill
-        shape = _flop_shape(cfg)
+        shape = cfg.flop_shape()
 
         spec = topts.get(SPEC_KEY)
         cached = None if spec is None else MagiCacheRun(
@@ -293,9 +293,3 @@ def guided(scales, A, B, C, cw) -> torch.Tensor:
     """Per chunk: v = (1 - s_h) C + (s_h - s_t) B + s_t A (upstream's 3-pass guidance)."""
     return torch.cat([(1 - s_h) * C[:, :, i * cw:(i + 1) * cw] + (s_h - s_t) * B[:, :, i * cw:(i + 1) * cw]
                       + s_t * A[:, :, i * cw:(i + 1) * cw] for i, (s_h, s_t) in enumerate(scales)], dim=2)
-
-
-def _flop_shape(cfg) -> flop_count.MagiShape:
-    return flop_count.MagiShape(hidden=cfg.hidden, ffn=cfg.ffn, num_layers=cfg.num_layers, heads=cfg.heads,
-                                kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, gated=cfg.gated,
-                                caption_channels=cfg.caption_channels, in_channels=cfg.in_channels, patch=cfg.patch)

@@ -120,6 +120,9 @@ def parse_args(argv=None):
     # optimisation
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--min-lr-frac", type=float, default=0.05)
+    p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
+                   help="after warm-up; a --minutes run that ends before its step count is calibrated "
+                        "ran constant (its reproduce command says so)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--wd", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0)
@@ -487,7 +490,7 @@ def _train(a, argv, t_start):
         return info
 
     total = a.steps or 0
-    calib_lo, calib_hi = 10, 50
+    calib_lo, calib_hi = (10, 50) if budget >= 600 else (3, 13)
     per_step, t_calib = 0.0, None
     loss_acc, acc_n, step = 0.0, 0, 0
     curve, vals, step_times = [], [], []
@@ -504,7 +507,7 @@ def _train(a, argv, t_start):
     def lr_at(i):
         if i < a.warmup:
             return a.lr * (i + 1) / a.warmup
-        if not total:
+        if not total or a.lr_schedule == "constant":
             return a.lr
         frac = min(1.0, (i - a.warmup) / max(1, total - a.warmup))
         return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -577,6 +580,8 @@ def _train(a, argv, t_start):
         reproduce += ["--steps", str(total or step)]
         if total and step < total:
             reproduce += ["--stop-after", str(step)]
+        if not total and a.lr_schedule != "constant":   # never calibrated: the lr stayed constant after warm-up
+            reproduce += ["--lr-schedule", "constant"]
         reproduce += ["--minutes", str(max(a.minutes * 2, 60.0))]
     st_sorted = sorted(step_times)
     extra = {"steps_planned": total, "stop_reason": stop_reason, "loss_curve": curve, "val": vals,
