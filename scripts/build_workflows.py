@@ -69,7 +69,8 @@ def heatmap() -> dict:
                           {"video": ("heat_video", 0)})}
 
 
-def magi_nodes(*, length: int, extra_inputs: dict | None = None, text: str | None = None) -> dict:
+def magi_nodes(*, length: int, extra_inputs: dict | None = None, text: str | None = None, model_from: str = "magi",
+               schedule: dict | None = None, steps: int = 16) -> dict:
     """The shared body of every MAGI-1 workflow (4.5B distill, 720x720, upstream's defaults)."""
     return {
         "magi": ("ARCacheMagiModelLoader", dict(model_name=MAGI_DIT, variant="auto", weight_dtype="default"), {}),
@@ -78,11 +79,11 @@ def magi_nodes(*, length: int, extra_inputs: dict | None = None, text: str | Non
                                               "sky, the camera slowly tracking it, cinematic, detailed.",
                                               special_tokens="special_tokens.npz"), {"clip": ("clip", 0)}),
         "vae": ("ARCacheMagiVAELoader", dict(vae_name=MAGI_VAE), {}),
-        "schedule": ("ARCacheMagiSchedule", {}, {}),
+        "schedule": ("ARCacheMagiSchedule", dict(schedule or {}), {}),
         "sampler": ("ARCacheStreamingSampler",
-                    dict(width=720, height=720, length=length, seed=42, steps=16, cfg=7.5, save_video=False,
+                    dict(width=720, height=720, length=length, seed=42, steps=steps, cfg=7.5, save_video=False,
                          filename_prefix="ARCache/magi1"),
-                    {"model": ("magi", 0), "positive": ("pos", 0), "negative": ("pos", 0),
+                    {"model": (model_from, 0), "positive": ("pos", 0), "negative": ("pos", 0),
                      "schedule": ("schedule", 0), "vae": ("vae", 0), **(extra_inputs or {})}),
         "decode": ("VAEDecode", {}, {"samples": ("sampler", 0), "vae": ("vae", 0)}),
         "video": ("CreateVideo", dict(fps=24.0), {"images": ("decode", 0)}),
@@ -108,6 +109,17 @@ def workflows(info: dict) -> dict[str, dict]:
         out["magi1_t2v"] = magi_nodes(length=241)
         out["magi1_i2v"] = {**image, **magi_nodes(length=241, extra_inputs={"start_image": ("image", 0)})}
         out["magi1_v2v"] = {**extend_src, **magi_nodes(length=241, extra_inputs={"prefix_latent": ("encode", 0)})}
+        # The references' MAGI-1 settings: FlowCache with full-history attention at 16 steps (FC-M
+        # sample/vbench), MotionCache at 64 steps (its token phase starts after 25 steps per chunk).
+        out["magi1_t2v_flowcache"] = {
+            **magi_nodes(length=241, model_from="flowcache", schedule=dict(kv_range="all")),
+            "flowcache": ("ARCacheFlowCache", dict(rel_l1_thresh=0.01, warmup_steps=5, coefficients="none"),
+                          {"model": ("magi", 0)}), **heatmap()}
+        out["magi1_t2v_motioncache"] = {
+            **magi_nodes(length=241, model_from="motioncache", steps=64),
+            "motioncache": ("ARCacheMotionCache", dict(threshold=0.0065, warmup_steps=5, phase1_updates=6, vote=0.0,
+                                                        min_update_ratio=0.0, motion_source="latents",
+                                                        coefficients="none"), {"model": ("magi", 0)}), **heatmap()}
     if "ARCacheFlowCache" in info:
         out["skyreels_df_t2v_flowcache"] = {**unet13, **flowcache("unet"),
                                             **sampler_nodes("flowcache", length=737, async_mode=True), **heatmap()}
