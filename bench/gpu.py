@@ -720,6 +720,61 @@ class Bench:
 # ----------------------------------------------------------------------------------------------
 # planning the large model
 # ----------------------------------------------------------------------------------------------
+MAGI_SIZES = {"4.5B": dict(num_layers=34, hidden=3072, ffn=12288, heads=24, kv_heads=8, head_dim=128, cond_dim=768)}
+TINY_MAGI_SIZES = {"4.5B": dict(num_layers=2, hidden=64, ffn=128, heads=4, kv_heads=2, head_dim=16, cond_dim=16)}
+MAGI_LATENT_HW, TINY_MAGI_LATENT_HW = (90, 90), (8, 8)     # 720 x 720 pixels
+
+
+def bench_magi(b: Bench, dims: dict, lat_hw, reps: int) -> dict:
+    """MAGI-1 at 4.5B dimensions with random weights: one chunk forward against 0-4 cached chunks,
+    a 4-chunk window (+ clean re-run chunk) in one call, time and peak memory per chunk, and
+    SDPA in the model dtype against an fp32 reference of the same attention."""
+    torch = b.torch
+    magi = importlib.import_module("arcache_pack.model_patches.magi_model")
+    cfg = magi.MagiConfig(in_channels=16, caption_channels=b.text_dim, caption_max_length=800, gated=False, **dims)
+    base = b.mem_base()
+    with torch.device("meta"):
+        model = magi.MagiDiT(config=cfg, dtype=b.dtype, operations=b.ops.disable_weight_init)
+    model = model.to_empty(device=b.dev)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            fan = p.shape[-1] if p.ndim > 1 else 1
+            std = fan ** -0.5 if p.ndim > 1 else 0.02
+            p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+    out = {"params": sum(p.numel() for p in model.parameters()), "weights": b.mem_since(base)}
+    h, w = lat_hw
+    tokens = 6 * (h // 2) * (w // 2)
+    text = [torch.randn(40, b.text_dim, device=b.dev)]
+    x = torch.randn(1, 16, 6 * 5, h, w, device=b.dev, dtype=b.dtype)
+    cache = magi.KVCache(cfg.num_layers)
+    with torch.no_grad():
+        model.forward_chunks(x[:, :, :6 * 4], magi.ChunkCall(0, [0.9999] * 4, text * 4, [0, 1, 2, 3], write=(0, 1, 2, 3)),
+                             cache)                                    # 4 clean chunks in the cache
+        rows = []
+        for back in range(5):                                          # chunk 4 against `back` cached chunks
+            call = magi.ChunkCall(4, [0.5], text, [4 - back])
+            m0 = b.mem_base()
+            times = [b.timed(lambda: model.forward_chunks(x[:, :, 24:30], call, cache))[0] for _ in range(reps)]
+            rows.append({"cached_chunks": back, "keys": (back + 1) * tokens, "median_s": median(times),
+                         **b.mem_since(m0)})
+        window = magi.ChunkCall(0, [0.9999, 0.2, 0.4, 0.6, 0.8], text * 5, [0, 0, 0, 1, 2])   # upstream's 4+1 call
+        m0 = b.mem_base()
+        t_win = median([b.timed(lambda: model.forward_chunks(x, window, None))[0] for _ in range(reps)])
+        win = {"chunks": 5, "tokens": 5 * tokens, "median_s": t_win, **b.mem_since(m0)}
+        q = torch.randn(1, cfg.heads, min(tokens, 4096), cfg.head_dim, device=b.dev, dtype=b.dtype)
+        k = torch.randn(1, cfg.kv_heads, 2 * tokens, cfg.head_dim, device=b.dev, dtype=b.dtype)
+        v = torch.randn_like(k)
+        fast = magi.attend(q, k, v).float()
+        ref = magi.attend(q.float(), k.float(), v.float())
+        sdpa = {"dtype": str(b.dtype), "max_abs_err_vs_fp32": (fast - ref).abs().max().item(),
+                "rel_err_vs_fp32": ((fast - ref).norm() / ref.norm()).item()}
+    out.update(tokens_per_chunk=tokens, per_chunk=rows, window=win, sdpa=sdpa,
+               kv_cache_bytes_per_chunk=cache.nbytes() // 4)
+    del model, cache
+    return out
+
+
 def plan_large(b: Bench, dims: dict, lat_hw, t_per_flop: float, free_bytes, weight_bytes):
     """Largest (frames, batch) whose K/V + activations fit, and whose minimum run fits the time."""
     cands = [(25, 2), (25, 1), (20, 1), (15, 1), (10, 1)] if not b.args.tiny else [(25, 2)]
@@ -798,6 +853,12 @@ def table_rows(results: dict) -> list:
                 last = d["rows"][-1]
                 add(f"async last call ({name})", last["s"], last["flops"], kv=d.get("final_kv_bytes"),
                     peak=d.get("cuda_peak_bytes"))
+        mg = m.get("magi") or {}
+        for r in mg.get("per_chunk", []):
+            add(f"chunk vs {r['cached_chunks']} cached", r["median_s"], None, peak=r.get("cuda_peak_bytes"),
+                kv=mg.get("kv_cache_bytes_per_chunk"))
+        if mg.get("window"):
+            add("window 4+1 chunks", mg["window"]["median_s"], None, peak=mg["window"].get("cuda_peak_bytes"))
     return rows
 
 
@@ -938,6 +999,11 @@ def main(argv=None) -> int:
             results["errors"]["14B"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
             results["models"].setdefault("14B", {})["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
         b.free()
+
+    # ---- MAGI-1 at 4.5B dimensions (random weights) ------------------------------------------------
+    magi_where = results["models"].setdefault("MAGI-1-4.5B", {"_tag": "MAGI-1-4.5B"})
+    b.stage(magi_where, "magi", bench_magi, b, (TINY_MAGI_SIZES if args.tiny else MAGI_SIZES)["4.5B"],
+            TINY_MAGI_LATENT_HW if args.tiny else MAGI_LATENT_HW, max(1, min(args.reps, 3)))
 
     results["table"] = table_rows(results)
     results["complete"] = True

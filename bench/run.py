@@ -284,6 +284,10 @@ def main() -> int:
     meta["streaming_sampler"] = stream_rows
     write_outputs(rows, meta, Path(a.out))
     print(f"wrote {a.out}/latest.json, latest.md, latest.png")
+    import magi as magi_bench                               # bench/magi.py: the caches on the toy MAGI-1
+    if magi_bench.TOY_MAGI.exists():
+        magi_bench.write(*magi_bench.bench(quick=a.quick), Path(a.out))
+        print(f"wrote {a.out}/magi.json, magi.md")
     return 0
 
 

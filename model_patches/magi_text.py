@@ -76,6 +76,9 @@ def t5_states(clip, text: str) -> torch.Tensor:
 
 def chunk_text(caption: torch.Tensor, special: dict, remaining: int, max_length: int) -> torch.Tensor:
     """A generated chunk's text: [DURATION(min(remaining, 7)), HQ, caption] cut to max_length rows.
-    remaining = generated chunks after this one (upstream: DURATION_TOKEN_N, N chunks to come)."""
+    remaining = generated chunks after this one (upstream: DURATION_TOKEN_N, N chunks to come).
+    special None: the caption alone (models trained without MAGI's special tokens, e.g. the toy)."""
+    if special is None:
+        return caption[:max_length]
     rows = torch.cat([special["duration"][min(remaining, 7)][None], special["hq"][None], caption], dim=0)
     return rows[:max_length]

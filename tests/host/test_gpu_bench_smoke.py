@@ -99,3 +99,12 @@ def test_token_subset_stage(result):
     ideal = [s["speedup_ideal"] for s in sub["shares"]]
     assert ideal[0] > ideal[1] > ideal[2] > 1.0        # fewer query tokens, fewer FLOPs
     assert all(s["chunk_s"] is not None for s in sub["shares"])
+
+
+def test_magi_stage(result):
+    m = result["models"]["MAGI-1-4.5B"]["magi"]
+    assert "error" not in m, m
+    assert [r["cached_chunks"] for r in m["per_chunk"]] == [0, 1, 2, 3, 4]
+    assert all(positive(r["median_s"]) for r in m["per_chunk"]) and positive(m["window"]["median_s"])
+    assert m["sdpa"]["rel_err_vs_fp32"] < 1e-5          # fp32 on CPU; bf16 on a GPU is ~1e-3
+    assert any(r["case"].startswith("chunk vs") for r in result["table"])
