@@ -35,9 +35,6 @@ def check_spec(spec) -> None:
     if spec.attention != "chunk_causal":
         raise InputError("attention", "MAGI-1 attends chunk-causally by design (each chunk to the chunks before "
                          "it), so bidirectional does not apply: choose chunk_causal")
-    if spec.compress is not None:
-        raise InputError("kv_compress", "K/V compression is not available on MAGI-1 yet: switch it off (the "
-                         "MAGI-1 Schedule's kv_range already bounds the cache)")
 
 
 def cached_keep(plan: list[ForwardStep], steps: int, kv_range: tuple) -> int | None:
@@ -56,9 +53,14 @@ class MagiCacheRun:
                  grid_hw: tuple, chunk_frames: int, total_frames: int):
         check_spec(spec)
         self.dm, self.policy, self.steps, self.kv_range, self.shape = dm, spec.make_policy(), steps, kv_range, shape
+        self.compress = spec.compress
+        if self.compress is not None and kv_range:
+            raise InputError("kv_compress", "compresses the full history, as the MAGI-1 reference does: set the "
+                             "MAGI-1 Schedule's kv_range to all (with 5,4,3,2 the cache is bounded already)")
         keep = cached_keep(plan, steps, kv_range)
         layers = dm.config.num_layers
-        self.caches = {b: KVCache(layers, keep=keep, offload=offload) for b in (TEXT, HISTORY)}
+        self.caches = {b: KVCache(layers, keep=keep, offload=offload, keep_queries=self.compress is not None)
+                       for b in (TEXT, HISTORY)}
         self.caches[ALONE] = KVCache(layers, keep=max(len(s.step_of) for s in plan), offload=offload)
         self.ht, self.wt = grid_hw
         self.cw = chunk_frames
@@ -116,11 +118,22 @@ class MagiCacheRun:
             policy.observe(branch, c, zeros, v, tokens)
         return tokens_to_video(v, cw, self.ht, self.wt, p, xc.shape[1])
 
+    def chunk_finished(self, chunk: int) -> None:
+        """K/V compression (FlowCache B3): finished chunks' K/V squeezed to the history budget."""
+        if self.compress is None:
+            return
+        budget = self.compress.budget_chunks * self.tokens
+        for b in (TEXT, HISTORY):
+            self.caches[b].compress(chunk, budget, self.compress.lam, self.compress.kernel, self.compress.max_queries)
+
     def summary(self, method: str) -> dict:
         s = dict(self.stats)
         s["method"] = method
         s["token_fraction_computed"] = s["tokens_computed"] / max(1, s["tokens_active"])
         s["kv_bytes"] = sum(cache.nbytes() for cache in self.caches.values())
+        s["kv_bytes_peak"] = sum(cache.peak_bytes for cache in self.caches.values())
+        s["kv_history_tokens"] = self.caches[TEXT].history_tokens() or self.caches[HISTORY].history_tokens()
+        s["kv_budget_tokens"] = None if self.compress is None else self.compress.budget_chunks * self.tokens
         s["kv_cache_chunks"] = {name: self.caches[b].chunks() for name, b in
                                 (("text", TEXT), ("history", HISTORY), ("alone", ALONE))}
         return s

@@ -208,12 +208,19 @@ class KVCache:
 
     `keep`: how far behind the newest written chunk a key range can still reach (older chunks
     are dropped; keep + 1 chunks are held); `offload` keeps them in CPU memory and moves each to
-    the compute device when read.
+    the compute device when read. `compress` (full-history attention only) merges finished
+    chunks into one history block of at most a budget of tokens per head (importance-redundancy
+    selection against the last forwarded chunk's queries, which the layers leave here).
     """
 
-    def __init__(self, num_layers: int, keep: int | None = None, offload: bool = False):
+    def __init__(self, num_layers: int, keep: int | None = None, offload: bool = False, keep_queries: bool = False):
         self.layers = [dict() for _ in range(num_layers)]
         self.keep, self.offload = keep, offload
+        self.history: list = [None] * num_layers        # (k, v) of the merged finished chunks
+        self.history_upto = -1                          # last chunk merged into the history
+        self.keep_queries = keep_queries
+        self.last_query: list = [None] * num_layers
+        self.peak_bytes = 0
 
     def write(self, layer: int, chunk: int, k: torch.Tensor, v: torch.Tensor) -> None:
         store = self.layers[layer]
@@ -223,10 +230,17 @@ class KVCache:
         if self.keep is not None:
             for old in [c for c in store if c < chunk - self.keep]:
                 del store[old]
+        if layer == len(self.layers) - 1:
+            self.peak_bytes = max(self.peak_bytes, self.nbytes())
 
     def read(self, layer: int, first: int, last: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """K/V of chunks first..last (inclusive); a chunk that was never written is an error."""
+        """K/V of chunks first..last (inclusive); a chunk that was never written is an error.
+        Chunks merged into the history come as that one block (full-history ranges start at 0)."""
         store, out = self.layers[layer], []
+        if first <= self.history_upto:
+            k, v = self.history[layer]
+            out.append((k.to(device, non_blocking=True), v.to(device, non_blocking=True)))
+            first = self.history_upto + 1
         for c in range(first, last + 1):
             if c not in store:
                 raise RuntimeError(f"MAGI-1 K/V cache has no chunk {c} (holds {sorted(store)})")
@@ -234,12 +248,42 @@ class KVCache:
             out.append((k.to(device, non_blocking=True), v.to(device, non_blocking=True)))
         return out
 
+    def key_tokens(self, first: int, chunk: int, chunk_tokens: int) -> int:
+        """Keys a query of `chunk` attends to when its range starts at `first` (for FLOP counts)."""
+        if first <= self.history_upto and self.history[0] is not None:
+            return self.history[0][0].shape[2] + (chunk - self.history_upto) * chunk_tokens
+        return (chunk - first + 1) * chunk_tokens
+
+    def compress(self, upto: int, budget: int, lam: float = 0.07, kernel: int = 7, max_queries: int = 256) -> None:
+        """Merge the chunks up to `upto` (finished) and the history into at most `budget` tokens per head."""
+        from ..cache_core.kv_compress import select_tokens
+        for layer, store in enumerate(self.layers):
+            parts = ([self.history[layer]] if self.history[layer] is not None else []) + \
+                    [store.pop(c) for c in sorted(store) if c <= upto]
+            if not parts:
+                continue
+            k = torch.cat([p[0] for p in parts], dim=2)                  # [B, Hkv, L, D]
+            v = torch.cat([p[1] for p in parts], dim=2)
+            q = self.last_query[layer]
+            if k.shape[2] > budget and q is not None:
+                B, Hq, Lq, D = q.shape
+                g = Hq // k.shape[1]                                      # a group's query heads score its KV head
+                queries = q.to(k.device).unflatten(1, (k.shape[1], g)).permute(0, 2, 3, 1, 4).reshape(B, g * Lq, -1, D)
+                kk, vv, _ = select_tokens(k.transpose(1, 2), v.transpose(1, 2), queries, budget, lam, kernel,
+                                          max_queries)
+                k, v = kk.transpose(1, 2).contiguous(), vv.transpose(1, 2).contiguous()
+            self.history[layer] = (k, v)
+        self.history_upto = max(self.history_upto, upto)
+
+    def history_tokens(self) -> int:
+        return 0 if self.history[0] is None else int(self.history[0][0].shape[2])
+
     def chunks(self) -> list[int]:
         return sorted(self.layers[0]) if self.layers else []
 
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                   for layer in self.layers for k, v in layer.values())
+        pairs = [kv for layer in self.layers for kv in layer.values()] + [h for h in self.history if h is not None]
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in pairs)
 
 
 @dataclass
@@ -293,6 +337,8 @@ class MagiLayer(nn.Module):
         h = sa.linear_qkv.layer_norm(x)
         cos, sin = rope
         q = apply_rope(sa.q_layernorm(self.heads(sa.linear_qkv.q(h), c.heads).float()), cos, sin).to(x.dtype)
+        if cache is not None and cache.keep_queries:     # the last forwarded chunk's queries score compression
+            cache.last_query[layer] = q[:, :, -chunk_tokens:] if call.tokens is None else q
         k = apply_rope(sa.k_layernorm(self.heads(sa.linear_qkv.k(h), c.kv_heads).float()), cos, sin).to(x.dtype)
         v = self.heads(sa.linear_qkv.v(h), c.kv_heads)
         qx = sa.q_layernorm_xattn(self.heads(sa.linear_qkv.qx(h), c.heads))

@@ -132,14 +132,15 @@ class MagiRun:
             spec, dm, self.plan, S, sch.kv_range, sch.kv_on_cpu, shape, (self.lat_h // cfg.patch, self.lat_w // cfg.patch),
             cw, self.T)
 
-        def call_flops(call: ChunkCall) -> float:
+        def call_flops(call: ChunkCall, kv=None) -> float:
             lq = tokens if call.tokens is None else int(call.tokens.numel())
-            return float(sum(flop_count.magi_chunk_flops(shape, lq, (call.start + i - call.first[i] + 1) * tokens, len(tx))
-                             for i, tx in enumerate(call.texts)))
+            keys = [(kv.key_tokens(call.first[i], call.start + i, tokens) if kv is not None
+                     else (call.start + i - call.first[i] + 1) * tokens) for i in range(len(call.t))]
+            return float(sum(flop_count.magi_chunk_flops(shape, lq, lk, len(tx)) for lk, tx in zip(keys, call.texts)))
 
         def forward(x_in, call: ChunkCall, kv=cache):
+            f = call_flops(call, kv)                  # before the call: its writes do not change its own keys
             out = dm.forward_chunks(x_in.to(dtype), call, kv, transformer_options=topts).float()
-            f = call_flops(call)
             data["transformer_flops"] += f
             if cached is None:
                 data["transformer_flops_vanilla"] += f
@@ -183,6 +184,8 @@ class MagiRun:
                 preview[:, :, step.start * cw: step.end * cw] = x0
                 on_row(step.index, preview, x)
             if step.finished is not None:
+                if cached is not None:
+                    cached.chunk_finished(step.finished)
                 self._emit(fmt, x, step.finished, P, data, t0)
         video = self._assemble(fmt.process_out(x.float()).cpu(), P)
         if cached is not None:

@@ -119,13 +119,29 @@ def test_heatmap_counts_reach_the_latent(comfy):
     assert entry["outputs"]["save_heat"]["images"]
 
 
+def test_compressed_store_keeps_exactly_the_budget(comfy):
+    kw = dict(variant="distill", seed=8, length=6 * 24, steps=8, schedule={"kv_range": "all"})
+    full, rf = run(comfy, dict(FC, rel_l1_thresh=0.0), **kw)
+    small, rs = run(comfy, dict(FC, rel_l1_thresh=0.0, kv_compress=True, kv_budget_chunks=1), **kw)
+    two, r2 = run(comfy, dict(FC, rel_l1_thresh=0.0, kv_compress=True, kv_budget_chunks=2), **kw)
+    tokens = 6 * 4 * 4                                      # a tiny chunk: 6 frames of 4 x 4 tokens
+    assert rs["cache"]["kv_budget_tokens"] == tokens and rs["cache"]["kv_history_tokens"] == tokens
+    assert r2["cache"]["kv_history_tokens"] == 2 * tokens
+    # history budget + the window's 4 active chunks bound the store, per guidance pass
+    per_chunk = rf["cache"]["kv_bytes_peak"] / 6
+    assert rs["cache"]["kv_bytes_peak"] <= (1 + 4 + 1) * per_chunk + 1
+    assert rs["cache"]["kv_bytes_peak"] < rf["cache"]["kv_bytes_peak"]
+    assert rs["transformer_flops"] < rf["transformer_flops"]          # shorter attention over the history
+    assert torch.isfinite(small).all() and not torch.equal(small, full) and not torch.equal(small, two)
+    with pytest.raises(ComfyError) as e:
+        run(comfy, dict(FC, rel_l1_thresh=0.0, kv_compress=True), variant="distill", seed=8)
+    assert "kv_range to all" in str(e.value)
+
+
 def test_settings_that_cannot_apply_are_refused(comfy):
     with pytest.raises(ComfyError) as e:
         run(comfy, dict(FC, rel_l1_thresh=0.1, attention="bidirectional"))
     assert "chunk-causally" in str(e.value)
-    with pytest.raises(ComfyError) as e:
-        run(comfy, dict(FC, rel_l1_thresh=0.1, kv_compress=True))
-    assert "kv_compress" in str(e.value)
     with pytest.raises(ComfyError) as e:
         run(comfy, dict(FC, rel_l1_thresh=0.1, coefficients="1.3B"))
     assert "MAGI-1 takes auto or none" in str(e.value)

@@ -703,3 +703,37 @@ def test_token_major_output_is_the_patchified_video():
     tok = run_pack(model, x, **dict(call, token_major=True))
     assert_close(magi.tokens_to_video(tok, CHUNK_FRAMES, LAT_H // 2, LAT_W // 2, 2, 16), video, atol=1e-6)
     assert torch.equal(magi.video_to_tokens(magi.tokens_to_video(tok, CHUNK_FRAMES, LAT_H // 2, LAT_W // 2, 2, 16), 2), tok)
+
+
+def test_flowcache_decisions_on_magi_match_the_reference_rule():
+    """FlowCache B2 on MAGI-1, by hand: d = mean|E(x) - E(x_prev)| / mean|E(x_prev)| on the patch
+    embedding; compute while local step < warm-up, else reuse while acc + d < thr (acc += d),
+    otherwise compute and acc = 0. The policy the cache node builds must decide the same."""
+    fcp = pack("cache_core.flowcache_policy")
+    model = model_for("tiny")[0]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 16, CHUNK_FRAMES, LAT_H, LAT_W, generator=g)
+    inputs = [x + 0.04 * k * torch.randn(x.shape, generator=g) for k in range(12)]
+    thr, warmup, steps = 0.12, 2, 12
+    policy = fcp.FlowCachePolicy(fcp.FlowCacheConfig(rel_l1_thresh=thr, warmup_steps=warmup, final_steps=0,
+                                                     coefficients="none"))
+    got, want, acc, prev = [], [], 0.0, None
+    for j, xi in enumerate(inputs):
+        with torch.no_grad():
+            e = model.embed(xi)[0]
+        got.append(policy.decide(0, 7, e, j, steps).kind)
+        if j < warmup or prev is None:
+            want.append("compute")
+            acc = 0.0
+        else:
+            d = ((e - prev).abs().mean() / prev.abs().mean()).item()
+            if acc + d < thr:
+                acc += d
+                want.append("skip")
+            else:
+                acc = 0.0
+                want.append("compute")
+        prev = e
+        if got[-1] == "compute":
+            policy.observe(0, 7, torch.zeros(1, 4, 2), torch.ones(1, 4, 2))
+    assert got == want and "skip" in got and got.count("compute") > warmup
