@@ -181,6 +181,8 @@ class MagiScheduleNode(io.ComfyNode):
                 "committed to the K/V cache. The sampler's steps are every chunk's steps (a multiple of 4 "
                 "and of window_size), its cfg the text guidance scale (7.5 upstream; distilled models ignore it)."),
             inputs=[
+                io.Int.Input("chunk_width", default=d.chunk_width, min=1, max=24,
+                             tooltip="Latent frames per chunk (6 = 24 video frames upstream; the released models were trained with 6)."),
                 io.Int.Input("window_size", default=d.window_size, min=1, max=16,
                              tooltip="Chunks denoised together (4 upstream). 1 = one chunk at a time: least memory."),
                 io.Float.Input("shift", default=d.shift, min=1.0, max=20.0, step=0.1,
@@ -207,8 +209,8 @@ class MagiScheduleNode(io.ComfyNode):
     @classmethod
     @named_errors("MAGI-1 Schedule")
     def execute(cls, window_size, shift, distill, history_scale, guidance_until, nearly_clean_threshold,
-                nearly_clean_weight, kv_range, kv_on_cpu, fps) -> io.NodeOutput:
-        return io.NodeOutput(MagiSchedule(window_size=window_size, shift=shift, distill=distill,
+                nearly_clean_weight, kv_range, kv_on_cpu, fps, chunk_width=6) -> io.NodeOutput:
+        return io.NodeOutput(MagiSchedule(chunk_width=chunk_width, window_size=window_size, shift=shift, distill=distill,
                                           history_scale=history_scale, guidance_until=guidance_until,
                                           nearly_clean_threshold=nearly_clean_threshold,
                                           nearly_clean_weight=nearly_clean_weight, kv_range=parse_kv_range(kv_range),

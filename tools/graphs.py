@@ -50,7 +50,7 @@ def streaming_graph(unet: str, *, width=64, height=64, length=17, seed=0, steps=
     return g, sampler
 
 
-MAGI_SCHEDULE_DEFAULTS = dict(window_size=4, shift=3.0, distill="auto", history_scale=1.5, guidance_until=0.3,
+MAGI_SCHEDULE_DEFAULTS = dict(chunk_width=6, window_size=4, shift=3.0, distill="auto", history_scale=1.5, guidance_until=0.3,
                               nearly_clean_threshold=0.3, nearly_clean_weight=0.7, kv_range="5,4,3,2",
                               kv_on_cpu=False, fps=24)
 TINY_MAGI = "tiny_magi1_4.5b_layout/inference_weight/model.safetensors.index.json"
