@@ -74,7 +74,7 @@ def run_once(model, job: dict):
     return video, report, time.perf_counter() - t0
 
 
-def bench(repeats: int = 1, quick: bool = False, weights: Path = TOY_MAGI) -> tuple[list[dict], dict]:
+def bench(repeats: int = 2, quick: bool = False, weights: Path = TOY_MAGI) -> tuple[list[dict], dict]:
     load_comfy()
     torch.set_num_threads(2)
     loader, sched = pack("model_patches.magi_loader"), pack("cache_core.magi_schedule")
