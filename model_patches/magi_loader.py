@@ -41,7 +41,6 @@ class MagiModelConfig(comfy.supported_models_base.BASE):
 
     def __init__(self, config: MagiConfig):
         super().__init__({"config": config})
-        self.unet_config = {"config": config}
 
     def get_model(self, state_dict, prefix="", device=None):
         return MagiModel(self, device=device)

@@ -430,7 +430,7 @@ class MagiDiT(nn.Module):
 
     def null_text(self, device) -> torch.Tensor:
         """The unconditional caption: the first 50 rows of the learned null caption."""
-        return self.param(self.y_embedder.null_caption_embedding, device)[:NULL_TEXT_TOKENS]
+        return self.param(self.y_embedder.null_caption_embedding[:NULL_TEXT_TOKENS], device)
 
     def condition(self, t: torch.Tensor, dt: float | None, null_row: bool) -> torch.Tensor:
         """Per chunk: t embedding (+ step-size embedding) + the null-caption row's projection."""
@@ -438,7 +438,8 @@ class MagiDiT(nn.Module):
         emb = mlp(timestep_sinusoid(t))
         if dt is not None:
             emb = emb + mlp(timestep_sinusoid(torch.full_like(t, float(dt))))
-        row = self.param(self.y_embedder.null_caption_embedding, t.device)[ADALN_NULL_ROW if null_row else ADALN_COND_ROW]
+        # only the one row: converting the whole [800, 4096] table every call would copy 13 MB
+        row = self.param(self.y_embedder.null_caption_embedding[ADALN_NULL_ROW if null_row else ADALN_COND_ROW], t.device)
         return emb + self.y_embedder.y_proj_adaln(row[None])
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from ..cache_core.magi_schedule import (MagiSchedule, cached_chunks_needed, dist
                                         plan_steps, time_grid)
 from ..cache_core.run_report import REPORT_KEY, RunReport
 from . import families
-from .ar_cache import SPEC_KEY  # noqa: E402  (ar_cache imports magi_cache, not this module)
+from .ar_cache import SPEC_KEY
 from .magi_cache import ALONE, HISTORY, TEXT, MagiCacheRun
 from .magi_model import ChunkCall, KVCache
 from .magi_text import SPECIAL_KEY, chunk_text
@@ -89,15 +89,20 @@ class MagiRun:
         self.plan = plan_steps(self.num_chunks, self.prefix_chunks, sch.window_size, self.steps)
         self.plans = [ChunkPlan(i) for i in range(self.num_chunks - self.prefix_chunks)]
         self.heat = None
+        self._texts: dict = {}
 
     @property
     def total_rows(self) -> int:
         return len(self.plan)
 
     def text_for(self, chunk: int) -> torch.Tensor:
-        k = chunk - self.prefix_chunks                           # generated chunk number
-        caption, special = self.captions[min(k, len(self.captions) - 1)]
-        return chunk_text(caption, special, len(self.plans) - 1 - k, self.dm.config.caption_max_length)
+        """A generated chunk's text (fixed for the run: built once, asked for every forward)."""
+        if chunk not in self._texts:
+            k = chunk - self.prefix_chunks                       # generated chunk number
+            caption, special = self.captions[min(k, len(self.captions) - 1)]
+            self._texts[chunk] = chunk_text(caption, special, len(self.plans) - 1 - k,
+                                            self.dm.config.caption_max_length)
+        return self._texts[chunk]
 
     @torch.no_grad()
     def run(self, on_row=None) -> tuple[torch.Tensor, dict]:
