@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tools.comfy_server import ComfyError
+from tools.media import write_test_video
 from tools.graphs import DF_SCHEDULE_DEFAULTS, MAGI_SCHEDULE_DEFAULTS, TINY_MAGI, Graph, magi_graph
 
 TINY_24B = "tiny_magi1_24b_layout.safetensors"
@@ -28,21 +29,12 @@ def run(comfy, **kw):
 @pytest.fixture(scope="module")
 def media(comfy):
     """An input image and a 21-frame video in the server's input folder."""
-    import av
     import numpy as np
     from PIL import Image
     x = np.linspace(0, 255, 64, dtype=np.uint8)
     Image.fromarray(np.stack([np.tile(x, (64, 1)), np.tile(x[:, None], (1, 64)), np.full((64, 64), 90, np.uint8)], -1)
                     ).save(comfy.base_dir / "input" / "magi_start.png")
-    with av.open(str(comfy.base_dir / "input" / "magi_prefix.mp4"), "w") as c:
-        s = c.add_stream("libx264", rate=24)
-        s.width = s.height = 64
-        s.pix_fmt = "yuv420p"
-        for i in range(21):
-            for p in s.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), (i * 12) % 255, np.uint8), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    write_test_video(comfy.base_dir / "input" / "magi_prefix.mp4")
     return {"image": "magi_start.png", "video": "magi_prefix.mp4"}
 
 

@@ -9,6 +9,7 @@ import torch
 
 from tools.comfy_server import ComfyError
 from tools.graphs import magi_graph
+from tools.media import write_test_video
 
 FC = dict(class_type="ARCacheFlowCache", warmup_steps=2, coefficients="none")
 MC = dict(class_type="ARCacheMotionCache", warmup_steps=1, phase1_updates=1, vote=0.0, min_update_ratio=0.0,
@@ -85,18 +86,7 @@ def test_no_state_leaks_and_interrupt_leaves_the_next_run_clean(comfy):
 
 
 def test_cached_v2v_keeps_the_prefix(comfy):
-    import av
-    import numpy as np
-    path = comfy.base_dir / "input" / "magi_cache_prefix.mp4"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=24)
-        s.width = s.height = 64
-        s.pix_fmt = "yuv420p"
-        for i in range(21):
-            for p in s.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), (i * 12) % 255, np.uint8), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    path = write_test_video(comfy.base_dir / "input" / "magi_cache_prefix.mp4")
     plain, _ = run(comfy, None, variant="distill", seed=6, prefix_video=path.name)
     cached, r = run(comfy, dict(FC, rel_l1_thresh=0.3), variant="distill", seed=6, prefix_video=path.name)
     assert torch.equal(cached[:, :, :6], plain[:, :, :6]) and cached.shape == plain.shape

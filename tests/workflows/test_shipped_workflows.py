@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tools.media import write_test_video
 from tools.workflow import referenced_files, retarget, to_api, validate
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
@@ -28,21 +29,11 @@ def object_info(comfy):
 @pytest.fixture(scope="module")
 def inputs(comfy):
     """The example image and video the workflows load, written into the server's input folder."""
-    import av
     import numpy as np
     from PIL import Image
     x = np.linspace(0, 255, 64, dtype=np.uint8)
     Image.fromarray(np.stack([np.tile(x, (64, 1))] * 3, -1)).save(comfy.base_dir / "input" / "example.png")
-    with av.open(str(comfy.base_dir / "input" / "input_video.mp4"), "w") as c:
-        s = c.add_stream("libx264", rate=24)
-        s.width = s.height = 64
-        s.pix_fmt = "yuv420p"
-        for i in range(21):
-            frame = np.full((64, 64, 3), (i * 12) % 255, dtype=np.uint8)
-            for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    write_test_video(comfy.base_dir / "input" / "input_video.mp4")
 
 
 def test_workflows_exist():
