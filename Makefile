@@ -4,10 +4,14 @@
 HOST_PY := $(if $(COMFYUI_PATH),$(or $(COMFYUI_PYTHON),python3),$(CURDIR)/.host/venv/bin/python)
 PYTEST  := $(HOST_PY) -m pytest -c tests/pytest.ini --rootdir=tests
 
-.PHONY: host test test-unit demo bench docs checkpoints clean-host
+.PHONY: host host-core test test-unit demo bench docs checkpoints clean-host
 
 host:
 	@bash scripts/setup_host.sh >/dev/null
+
+# the host without the browser the frontend tests drive (the demo and the bench need none)
+host-core:
+	@ARCACHE_SKIP_BROWSER=1 bash scripts/setup_host.sh >/dev/null
 
 test: host
 	$(PYTEST) tests
@@ -15,10 +19,10 @@ test: host
 test-unit: host
 	$(PYTEST) tests/unit
 
-demo: host
+demo: host-core
 	$(HOST_PY) scripts/demo.py
 
-bench: host
+bench: host-core
 	$(HOST_PY) bench/run.py
 
 docs: host

@@ -1,0 +1,154 @@
+"""Speed against fidelity, as curves over thresholds, per method and step count, in one run.
+
+For each step count the toy SkyReels-V2-DF model generates the same multi-window video with
+every method at every threshold. Uncached runs are spread through the sequence (one before,
+between every two cached runs, and after), and each cached run's wall ratio divides its time by
+the mean of the uncached runs right before and after it, so machine load cannot flip a result.
+
+Fidelity is measured twice (tools/metrics.py: PSNR, SSIM, ST-LPIPS, flicker ratio):
+- `same`: against the uncached run of the same attention mode (chunk-causal caches against the
+  chunk-causal run without skipping, bidirectional ones against the uncached model), which
+  isolates what the skipping costs;
+- `bidir`: against the uncached bidirectional video, what the user compares with.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from tools.metrics import PSNR_CAP_DB, fidelity, preview_frames, psnr  # noqa: E402
+
+# method -> attention mode its output is compared with ("uncached of the same attention mode")
+MODES = {"uncached": "bidirectional", "chunk_causal": "chunk_causal",
+         "flowcache": "chunk_causal", "motioncache": "chunk_causal",
+         "flowcache_bidir": "bidirectional", "motioncache_bidir": "bidirectional",
+         "easycache": "bidirectional", "teacache_window": "bidirectional"}
+LABELS = {"uncached": "uncached", "chunk_causal": "chunk-causal, no skipping",
+          "flowcache": "FlowCache (chunk-causal)", "flowcache_bidir": "FlowCache (bidirectional)",
+          "motioncache": "MotionCache (chunk-causal)", "motioncache_bidir": "MotionCache (bidirectional)",
+          "easycache": "EasyCache (ComfyUI core)", "teacache_window": "TeaCache per window",
+          "magi_flowcache": "FlowCache", "magi_motioncache": "MotionCache"}
+
+SERIES = {"flowcache": (0.02, 0.05, 0.1, 0.2, 0.4),
+          "flowcache_bidir": (0.02, 0.05, 0.1, 0.2, 0.4),
+          "motioncache": (0.02, 0.05, 0.1, 0.2, 0.4),
+          "motioncache_bidir": (0.02, 0.05, 0.1, 0.2, 0.4),
+          "easycache": (0.02, 0.05, 0.1, 0.2, 0.4),
+          "teacache_window": (0.05, 0.1, 0.2, 0.4, 0.8)}
+STEPS = (10, 20, 30, 50)
+FLOORS_DB = (30.0, 25.0)
+
+
+def _runs(per_method: int | None = None) -> list[tuple[str, float | None]]:
+    return [("chunk_causal", None)] + [(m, t) for m, ts in SERIES.items() for t in ts[:per_method]]
+
+
+def sweep(model, job_for, steps_list=STEPS, log=print, per_method: int | None = None) -> list[dict]:
+    """All methods and thresholds (the first `per_method` of each) at each step count; rows carry
+    both fidelity references."""
+    import methods                                                    # loads ComfyUI
+    rows = []
+    runs = _runs(per_method)
+    for steps in steps_list:
+        job = job_for(steps)
+        methods.generate(model, job)                                 # warm-up at this size
+        ref, ref_report, w, _ = methods.generate(model, job)
+        uncached_walls = [w]
+        ref_frames = preview_frames(ref)
+        pending, refs = [], {"bidirectional": ref_frames}
+        t0 = time.perf_counter()
+        for i, (method, thr) in enumerate(runs):
+            video, report, wall, rss = methods.generate(methods.with_method(model, method, thr), job)
+            pending.append((method, thr, video, report, wall, rss, len(uncached_walls) - 1))
+            if i % 2 == 1 or i == len(runs) - 1:                   # an uncached run after every two
+                uncached_walls.append(methods.generate(model, job)[2])
+            if method == "chunk_causal":
+                refs["chunk_causal"] = preview_frames(video)
+        for method, thr, video, report, wall, rss, before in pending:
+            frames = preview_frames(video)
+            mode = MODES[method]
+            base = statistics.mean(uncached_walls[before:before + 2])
+            cache = report.get("cache") or {}
+            first = job["first_window_frames"] * (frames.shape[0] // report["latent_frames"])
+            rows.append({
+                "steps": steps, "method": method, "mode": mode, "threshold": 0.0 if thr is None else thr,
+                "flops_ratio": report["transformer_flops"] / ref_report["transformer_flops"],
+                "wall_ratio": wall / base, "wall_s": wall, "uncached_wall_s": base,
+                "same": fidelity(frames, refs[mode]), "bidir": fidelity(frames, ref_frames),
+                "psnr_first_window_same_db": psnr(frames[:first], refs[mode][:first]),
+                "chunk_steps_skipped": cache.get("chunk_steps_skipped"),
+                "token_fraction": cache.get("token_fraction_computed"), "peak_rss_mb": rss})
+            r = rows[-1]
+            log(f"steps {steps:2d} {method:18s} thr {r['threshold']:<5g} flops {r['flops_ratio']:.3f} "
+                f"wall {r['wall_ratio']:.3f} psnr(same) {r['same']['psnr_db']:6.2f} "
+                f"psnr(bidir) {r['bidir']['psnr_db']:6.2f} lpips {r['same']['st_lpips']:.3f}")
+        rows.append({"steps": steps, "method": "uncached", "mode": "bidirectional", "threshold": 0.0,
+                     "flops_ratio": 1.0, "wall_ratio": 1.0, "wall_s": statistics.mean(uncached_walls),
+                     "uncached_wall_s": statistics.mean(uncached_walls),
+                     "same": fidelity(ref_frames, ref_frames), "bidir": fidelity(ref_frames, ref_frames),
+                     "psnr_first_window_same_db": PSNR_CAP_DB, "chunk_steps_skipped": 0, "token_fraction": 1.0,
+                     "peak_rss_mb": None, "uncached_wall_spread": [min(uncached_walls), max(uncached_walls)]})
+        log(f"steps {steps}: {len(pending)} cached runs, {len(uncached_walls)} uncached "
+            f"({min(uncached_walls):.1f}-{max(uncached_walls):.1f} s), {time.perf_counter() - t0:.0f} s")
+    return rows
+
+
+def series_of(rows: list[dict], method: str, steps: int) -> list[dict]:
+    """One curve: the method's points by threshold, starting at its exact run (threshold 0)."""
+    exact = "chunk_causal" if MODES[method] == "chunk_causal" else "uncached"
+    pts = [r for r in rows if r["steps"] == steps and (r["method"] == method or r["method"] == exact)]
+    return sorted(pts, key=lambda r: (r["method"] == method, r["threshold"]))
+
+
+def headline(rows: list[dict], floor_db: float, reference: str = "same") -> list[dict]:
+    """Per method and step count: the fastest setting (by wall time) at or above floor_db PSNR
+    (a method's exact run, threshold 0, counts: chunk-causal without skipping, or uncached)."""
+    out = []
+    for method in SERIES:
+        for steps in sorted({r["steps"] for r in rows}):
+            ok = [r for r in series_of(rows, method, steps) if r[reference]["psnr_db"] >= floor_db]
+            best = min(ok, key=lambda r: r["wall_ratio"], default=None)
+            out.append({"method": method, "steps": steps, "floor_db": floor_db, "reference": reference,
+                        "threshold": best and (best["threshold"] if best["method"] == method else 0.0),
+                        "wall_speedup": best and 1 / best["wall_ratio"],
+                        "flop_speedup": best and 1 / best["flops_ratio"],
+                        "psnr_db": best and best[reference]["psnr_db"]})
+    return out
+
+
+def headline_table(rows: list[dict]) -> str:
+    steps = sorted({r["steps"] for r in rows})
+    lines = []
+    for floor in FLOORS_DB:
+        best = {(h["method"], h["steps"]): h for h in headline(rows, floor)}
+        lines += [f"**At or above {floor:g} dB PSNR** against the uncached run of the same attention mode "
+                  "(wall-clock speed-up, FLOP speed-up in brackets, threshold):", "",
+                  "| method | " + " | ".join(f"{s} steps" for s in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for method in SERIES:
+            cells = []
+            for s in steps:
+                h = best[(method, s)]
+                cells.append("none" if h["wall_speedup"] is None else
+                             f"{h['wall_speedup']:.2f}x ({h['flop_speedup']:.2f}x) @ {h['threshold']:g}")
+            lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def curve_table(rows: list[dict]) -> str:
+    cols = ("steps", "method", "threshold", "flops_ratio", "wall_ratio")
+    meas = ("psnr_db", "ssim", "st_lpips", "flicker_ratio")
+    head = list(cols) + [f"{m} ({ref})" for ref in ("same", "bidir") for m in meas] + ["token_fraction"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        vals = [r[c] for c in cols] + [r[ref][m] for ref in ("same", "bidir") for m in meas] + [r["token_fraction"]]
+        lines.append("| " + " | ".join(fmt(v) for v in vals) + " |")
+    return "\n".join(lines)

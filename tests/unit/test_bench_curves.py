@@ -1,0 +1,48 @@
+"""bench/curves.py's headline: the fastest setting above a fidelity floor, per method and steps,
+with each method's exact run (threshold 0) on its curve and nothing below the floor counted."""
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import curves  # noqa: E402
+
+
+def _row(method, thr, wall, psnr, steps=20, flops=None):
+    fid = {"psnr_db": psnr, "ssim": 1.0, "st_lpips": 0.0, "flicker_ratio": 1.0}
+    return {"steps": steps, "method": method, "mode": curves.MODES[method], "threshold": thr,
+            "wall_ratio": wall, "flops_ratio": flops or wall, "same": fid, "bidir": fid, "token_fraction": 1.0}
+
+
+ROWS = [_row("uncached", 0.0, 1.0, 99.0), _row("chunk_causal", 0.0, 0.8, 99.0),
+        _row("flowcache", 0.05, 0.6, 34.0), _row("flowcache", 0.1, 0.4, 29.0), _row("flowcache", 0.2, 0.3, 24.0),
+        _row("easycache", 0.05, 0.9, 31.0), _row("easycache", 0.1, 0.7, 26.0),
+        _row("teacache_window", 0.1, 0.95, 20.0)]
+
+
+def _best(floor):
+    return {h["method"]: h for h in curves.headline(ROWS, floor) if h["steps"] == 20}
+
+
+def test_fastest_setting_at_or_above_the_floor_wins():
+    at30, at25 = _best(30.0), _best(25.0)
+    assert at30["flowcache"]["threshold"] == 0.05 and abs(at30["flowcache"]["wall_speedup"] - 1 / 0.6) < 1e-9
+    assert at25["flowcache"]["threshold"] == 0.1
+    assert at30["easycache"]["threshold"] == 0.05 and at25["easycache"]["threshold"] == 0.1
+
+
+def test_exact_run_counts_when_every_cached_point_is_below_the_floor():
+    at30 = _best(30.0)
+    assert at30["teacache_window"]["threshold"] == 0.0            # only uncached itself qualifies
+    assert abs(at30["teacache_window"]["wall_speedup"] - 1.0) < 1e-9
+    causal = [r["method"] for r in curves.series_of(ROWS, "flowcache", 20)]
+    assert causal[0] == "chunk_causal" and "uncached" not in causal   # chunk-causal curves start there
+
+
+def test_table_names_every_method_and_step_count():
+    text = curves.headline_table(ROWS)
+    assert "At or above 30 dB" in text and "At or above 25 dB" in text
+    for method in curves.SERIES:
+        assert curves.LABELS[method] in text
+    assert "20 steps" in text and "1.67x" in text
