@@ -3,6 +3,7 @@ from comfy_api.latest import io
 
 from ..cache_core.flowcache_policy import FlowCacheConfig
 from ..model_patches.ar_cache import apply_flowcache
+from ..model_patches.presets import PRESET_TOOLTIP, PRESETS, resolve
 from .errors import named_errors
 from .motioncache import ATTENTION_MODES, ATTENTION_TOOLTIP
 
@@ -48,6 +49,8 @@ class FlowCacheNode(io.ComfyNode):
                                  tooltip="Off: chunk-causal restructuring only, every active chunk computed (for measuring what skipping adds)."),
                 io.Combo.Input("attention", options=list(ATTENTION_MODES), default="chunk_causal", optional=True,
                                tooltip=ATTENTION_TOOLTIP),
+                io.Combo.Input("preset", options=list(PRESETS), default="custom", optional=True,
+                               tooltip="Sets rel_l1_thresh and attention. " + PRESET_TOOLTIP),
             ],
             outputs=[io.Model.Output(tooltip="The model with FlowCache; bypass this node to get the original model back.")],
         )
@@ -56,7 +59,8 @@ class FlowCacheNode(io.ComfyNode):
     @named_errors("FlowCache")
     def execute(cls, model, rel_l1_thresh, warmup_steps, final_steps=1, coefficients="auto", chunk_frames=5,
                 kv_compress=False, kv_budget_chunks=1, kv_lambda=0.07, max_score_queries=256,
-                skip_redundant_steps=True, attention="chunk_causal") -> io.NodeOutput:
+                skip_redundant_steps=True, attention="chunk_causal", preset="custom") -> io.NodeOutput:
+        rel_l1_thresh, attention = resolve("flowcache", preset, model, coefficients, rel_l1_thresh, attention)
         config = FlowCacheConfig(rel_l1_thresh=rel_l1_thresh, warmup_steps=warmup_steps, final_steps=final_steps,
                                  coefficients=coefficients, chunk_frames=chunk_frames, kv_compress=kv_compress,
                                  kv_budget_chunks=kv_budget_chunks, kv_lambda=kv_lambda,

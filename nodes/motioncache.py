@@ -4,6 +4,7 @@ from comfy_api.latest import io
 from ..cache_core.chunk_executor import ATTENTION_MODES
 from ..cache_core.motioncache_policy import MOTION_SOURCES, MotionCacheConfig
 from ..model_patches.ar_cache import apply_motioncache
+from ..model_patches.presets import PRESET_TOOLTIP, PRESETS, resolve
 from .errors import named_errors
 
 ATTENTION_TOOLTIP = (
@@ -47,6 +48,8 @@ class MotionCacheNode(io.ComfyNode):
                                tooltip="Polynomial that rescales the change indicator: auto picks by model size (1536 -> 1.3B, 5120 -> 14B, else none)."),
                 io.Int.Input("chunk_frames", default=5, min=1, max=64, optional=True,
                              tooltip="Latent frames per chunk when no AR sampler says otherwise (the Streaming AR Sampler uses its causal_block_size)."),
+                io.Combo.Input("preset", options=list(PRESETS), default="custom", optional=True,
+                               tooltip="Sets threshold and attention. " + PRESET_TOOLTIP),
             ],
             outputs=[io.Model.Output(tooltip="The model with MotionCache; bypass this node to get the original model back.")],
         )
@@ -55,7 +58,8 @@ class MotionCacheNode(io.ComfyNode):
     @named_errors("MotionCache")
     def execute(cls, model, threshold, warmup_steps, phase1_updates=6, weight_floor=0.6, min_update_ratio=0.4,
                 vote=0.5, motion_source="hidden", attention="chunk_causal", coefficients="auto",
-                chunk_frames=5) -> io.NodeOutput:
+                chunk_frames=5, preset="custom") -> io.NodeOutput:
+        threshold, attention = resolve("motioncache", preset, model, coefficients, threshold, attention)
         config = MotionCacheConfig(threshold=threshold, warmup_steps=warmup_steps, phase1_updates=phase1_updates,
                                    weight_floor=weight_floor, min_update_ratio=min_update_ratio, vote=vote,
                                    motion_source=motion_source, coefficients=coefficients, chunk_frames=chunk_frames)

@@ -122,3 +122,24 @@ def test_heatmap_over_latent_preview_frames(comfy):
     heat = g.add("ARCacheComputeHeatmap", samples=g.out(sid), images=g.out(preview), opacity=0.5)
     g.add("SaveImage", images=g.out(heat), filename_prefix="ARCache/heat_preview", node_id="img")
     assert len(comfy.run(g.prompt)["outputs"]["img"]["images"]) == 9     # one per latent frame
+
+
+def _preset_values():
+    from tools.inprocess import load_comfy, pack
+    load_comfy(cpu=True)
+    return pack("model_patches.presets").VALUES
+
+
+@pytest.mark.parametrize("method,cache,knob", [("motioncache", MC, "threshold"), ("flowcache", FC, "rel_l1_thresh")])
+@pytest.mark.parametrize("coefficients,scale", [("none", "raw"), ("1.3B", "fitted")])
+def test_preset_sets_threshold_and_attention_from_its_table(comfy, method, cache, knob, coefficients, scale):
+    thr, attention = _preset_values()[method][scale]["fast"]
+    other = "bidirectional" if attention == "chunk_causal" else "chunk_causal"     # widgets unlike the preset
+    base = dict(cache, coefficients=coefficients, attention=other, **{knob: 0.0})
+    exact, _ = run(comfy, base, seed=4)
+    fast, _ = run(comfy, dict(base, preset="fast"), seed=4)
+    same, _ = run(comfy, dict(base, attention=attention, **{knob: thr}), seed=4)
+    assert torch.equal(fast, same)                      # the preset's values replace the widgets'
+    assert not torch.equal(fast, exact)                 # ... which were threshold 0, the other mode
+    custom, _ = run(comfy, dict(base, preset="custom"), seed=4)
+    assert torch.equal(custom, exact)
