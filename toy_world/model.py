@@ -145,12 +145,12 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, mask=None):
         n = self.heads
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (n, -1)), cos, sin)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (n, -1)), cos, sin)
         v = self.v(x).unflatten(-1, (n, -1))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return self.o(y.transpose(1, 2).flatten(2))
 
 
@@ -183,7 +183,7 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
-    def forward(self, x, e0, cos, sin, ctx, ctx_const, grid):
+    def forward(self, x, e0, cos, sin, ctx, ctx_const, grid, mask=None):
         # x [B, L, C]; e0 [B, Ft, 6, C] with Ft == 1 or Ft == frames; tokens are frame-major
         B, L, C = x.shape
         f = grid[0] if e0.shape[1] > 1 else 1
@@ -197,7 +197,7 @@ class Block(nn.Module):
         def gate(h, g):
             return (h.view(B, f, L // f, C) * g).view(B, L, C)
 
-        y = self.self_attn(modulate(F.layer_norm(x, (C,), eps=self.eps), sh1, sc1), cos, sin)
+        y = self.self_attn(modulate(F.layer_norm(x, (C,), eps=self.eps), sh1, sc1), cos, sin, mask)
         x = x + gate(y, g1)
         if ctx is None:
             x = x + self.cross_attn.zero_context(ctx_const)
@@ -290,9 +290,12 @@ class ToyWan(nn.Module):
         return y.reshape(B, c, f, h * 2, w * 2)
 
     # -- forward --------------------------------------------------------------------------
-    def forward(self, x, t, context=None):
+    def forward(self, x, t, context=None, frame_blocks=None):
         """x [B, 16, F, H, W] (H, W even), t [B] or [B, F] timesteps (= 1000 * sigma),
-        context None (zero text context, closed form) or [B, L, 4096].  Returns v, like x."""
+        context None (zero text context, closed form) or [B, L, 4096].  Returns v, like x.
+        frame_blocks [B, F] (block index of every latent frame) makes self-attention block-causal:
+        a token sees the tokens of its own block and of earlier blocks, the way the caches run a
+        window chunk by chunk (None: bidirectional, ComfyUI's WanModel)."""
         B, _, f, H, W = x.shape
         if H % 2 or W % 2:
             raise ValueError("latent height and width must be even")
@@ -313,8 +316,12 @@ class ToyWan(nn.Module):
             ctx, ctx_const = None, self.zero_context_embedding()
         else:
             ctx, ctx_const = self.text_embedding(context.to(tok.dtype)), None
+        mask = None
+        if frame_blocks is not None:
+            tb = frame_blocks.to(x.device).repeat_interleave(grid[1] * grid[2], dim=1)  # [B, L]
+            mask = (tb[:, None, :] <= tb[:, :, None])[:, None]  # [B, 1, Lq, Lk]
         for blk in self.blocks:
-            tok = blk(tok, e0, cos, sin, ctx, ctx_const, grid)
+            tok = blk(tok, e0, cos, sin, ctx, ctx_const, grid, mask)
         return self._unpatchify(self.head(tok, e, grid), grid)
 
 

@@ -79,6 +79,8 @@ class SceneConfig:
     checker_cell: tuple = (4, 6)          # integer cell size range (inclusive)
     stripe_period: tuple = (5.0, 9.0)
     blob_sigma: tuple = (2.5, 4.5)
+    p_cross: float = 0.0                  # a moving sprite crosses the frame (enters/leaves) instead of bouncing
+    cross_speed: tuple = (0.9, 1.8)       # latent px per latent frame for crossing sprites
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +236,14 @@ def render(B, T, gen=None, cfg: SceneConfig | None = None, device="cpu"):
         lo_x, hi_x, lo_y, hi_y = rad, W - rad, rad, H - rad
         px = _bounce(uni(0, 1, B) * (hi_x - lo_x) + lo_x, spd * torch.cos(th), lo_x, hi_x, t)  # [B, T]
         py = _bounce(uni(0, 1, B) * (hi_y - lo_y) + lo_y, spd * torch.sin(th), lo_y, hi_y, t)
+        if cfg.p_cross > 0:  # straight through the frame, inside it at mid-clip (no draws when off)
+            cross = (rand(B) < cfg.p_cross) & (spd > 0)
+            cs = uni(*cfg.cross_speed, B)
+            mid = rand(B, 2) * torch.tensor([W, H], device=dev, dtype=torch.float32)
+            tc = t[None] - (T - 1) / 2
+            px = torch.where(cross[:, None], mid[:, :1] + (cs * torch.cos(th))[:, None] * tc, px)
+            py = torch.where(cross[:, None], mid[:, 1:] + (cs * torch.sin(th))[:, None] * tc, py)
+            spd = torch.where(cross, cs, spd)
         dx = X[:, None] - px[..., None, None]  # [B, T, H, W]
         dy = Y[:, None] - py[..., None, None]
         r = rad[:, None, None, None]

@@ -30,6 +30,7 @@ _T_START = time.time()  # the wall-clock budget counts from here (before torch i
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -67,6 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=0, help="clips per step (0: 128 on cuda, 8 on cpu)")
     p.add_argument("--frames", default="8,12,16", help="latent frames per clip, one drawn per step")
     p.add_argument("--p-still", type=float, default=0.2)
+    p.add_argument("--sizes", default="16", help="latent height = width per step, one drawn per step (16: 128 px)")
+    p.add_argument("--p-cross", type=float, default=0.0, help="moving sprites that cross the frame")
+    p.add_argument("--speed", default="0.4,1.1", help="bouncing sprite speed range, latent px per frame")
+    p.add_argument("--p-causal", type=float, default=0.0,
+                   help="steps trained block-causal (attention blocks = the clip's noise blocks, as "
+                        "diffusion forcing with causal blocks); the rest bidirectional")
     # optimisation
     p.add_argument("--lr", type=float, default=0.0, help="peak lr (0: 1e-3 for batch >= 64, else 6e-4)")
     p.add_argument("--min-lr-frac", type=float, default=0.05)
@@ -132,7 +139,7 @@ def sample_levels(B, T, gen, dev, a):
     h_sig = torch.where(rand(B, 1) < a.p_history_clean, torch.zeros_like(s[:, :1]), rand(B, 1) * a.history_sigma)
     sigma = torch.where(is_hist, h_sig.expand(B, T), sigma)
     mask = ~is_hist & (sigma > 1e-3)
-    return sigma, mask
+    return sigma, mask, ar[None] // bsz[:, None]
 
 
 def flow_batch(x0, sigma, gen):
@@ -165,18 +172,23 @@ def make_validation(frames, device, scene_cfg, n=24, seed=12345):
     mixed = torch.rand(n, frames, generator=g)
     sets = {f"sync{s:g}": torch.full((n, frames), s) for s in (0.1, 0.3, 0.5, 0.7, 0.9)}
     sets["per_frame"] = mixed
-    return {k: (z.to(device), eps.to(device), v.to(device)) for k, v in sets.items()}
+    out = {k: (z.to(device), eps.to(device), v.to(device), None) for k, v in sets.items()}
+    # the caches' chunk-causal mode: blocks of 2 frames, levels rising block by block
+    stair = (torch.arange(frames) // 2).float() / max(1, (frames - 1) // 2)
+    out["causal_async"] = (z.to(device), eps.to(device), (0.1 + 0.85 * stair).expand(n, frames).to(device),
+                           (torch.arange(frames, device=device) // 2).expand(n, frames))
+    return out
 
 
 @torch.no_grad()
 def validate(model, val, amp_dtype):
     out = {}
     model.eval()
-    for name, (z, eps, sig) in val.items():
+    for name, (z, eps, sig, blocks) in val.items():
         s = sig[:, None, :, None, None]
         x = (1 - s) * z + s * eps
         with autocast(z.device, amp_dtype):
-            v = model(x, sig * 1000.0)
+            v = model(x, sig * 1000.0, frame_blocks=blocks)
         out[name] = round(F.mse_loss(v.float(), eps - z).item(), 5)
     out["mean"] = round(sum(out.values()) / len(out), 5)
     return out
@@ -267,7 +279,11 @@ def _train(a, argv, t_start):
     except (TypeError, RuntimeError):
         opt = torch.optim.AdamW(groups, lr=lr_peak, betas=(0.9, 0.99))
     fwd = torch.compile(model) if a.compile else model
-    scene_cfg = scenes.SceneConfig(p_still=a.p_still)
+    scene_cfg = scenes.SceneConfig(p_still=a.p_still, p_cross=a.p_cross,
+                                   speed=tuple(float(v) for v in a.speed.split(",")))
+    causal_rng = random.Random(a.seed + 3)
+    size_choices = [int(v) for v in a.sizes.split(",")]
+    size_cfgs = {n: dataclasses.replace(scene_cfg, height=n, width=n) for n in size_choices}
     gen = torch.Generator(device=dev).manual_seed(a.seed + 1)
     frame_rng = random.Random(a.seed + 2)
     val = make_validation(12, dev, scene_cfg, n=24 if cuda else 2)
@@ -335,11 +351,13 @@ def _train(a, argv, t_start):
             gp["lr"] = lr_at(step)
         T = frame_rng.choice(frame_choices)
         with torch.no_grad():
-            x0 = scenes.make_latents(batch, T, gen, scene_cfg, dev)
-            sigma, mask = sample_levels(batch, T, gen, dev, a)
+            x0 = scenes.make_latents(batch, T, gen, size_cfgs[frame_rng.choice(size_choices)] if len(size_choices) > 1
+                                     else size_cfgs[size_choices[0]], dev)
+            sigma, mask, blocks = sample_levels(batch, T, gen, dev, a)
             xt, target = flow_batch(x0, sigma, gen)
+            causal = causal_rng.random() < a.p_causal
         with autocast(dev, amp_dtype):
-            v = fwd(xt, sigma * 1000.0)
+            v = fwd(xt, sigma * 1000.0, frame_blocks=blocks if causal else None)
         per_frame = (v.float() - target).pow(2).mean((1, 3, 4))  # [B, T]
         m = mask.float()
         loss = (per_frame * m).sum() / m.sum().clamp_min(1.0)

@@ -80,6 +80,32 @@ def test_real_context_matches_comfy(pair, per_frame):
         _close(toy(x, t, ctx), ref(x, t, ctx))
 
 
+def test_block_causal_training_mode_matches_comfys_masked_forward(pair):
+    """The mode toy world v2 is also trained in (frame blocks attend to themselves and earlier
+    blocks) is ComfyUI's WanModel with block-causal self-attention: the forward the caches'
+    chunk-causal execution equals (tests/host/test_wan_chunked.py)."""
+    toy, ref = pair
+    g = torch.Generator().manual_seed(3)
+    frames, h, w, block = 5, 8, 12, 2
+    x = torch.randn(2, 16, frames, h, w, generator=g)
+    t = torch.rand(2, frames, generator=g) * 1000
+    tokens = frames * (h // 2) * (w // 2)
+    block_of = (torch.arange(frames) // block).repeat_interleave((h // 2) * (w // 2))
+    mask = torch.zeros(tokens, tokens).masked_fill(block_of[None, :] > block_of[:, None], float("-inf"))
+
+    def override(func, q, k, v, *args, **kwargs):
+        if q.shape[1] == tokens and k.shape[1] == tokens:          # self-attention only
+            kwargs["mask"] = mask.to(q)
+        return func(q, k, v, *args, **kwargs)
+
+    with torch.no_grad():
+        ours = toy(x, t, frame_blocks=(torch.arange(frames) // block).expand(2, -1))
+        theirs = ref(x, t, torch.zeros(2, 512, 4096), transformer_options={"optimized_attention_override": override})
+        bidirectional = toy(x, t)
+    _close(ours, theirs)
+    assert (ours - bidirectional).abs().max() > 1e-3                 # the mask matters
+
+
 def test_toy_scenes_render_in_comfys_preview_colours():
     """A toy clip's latents, decoded by ComfyUI's own live previewer, show the rendered scene."""
     import latent_preview
