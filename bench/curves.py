@@ -152,3 +152,39 @@ def curve_table(rows: list[dict]) -> str:
         vals = [r[c] for c in cols] + [r[ref][m] for ref in ("same", "bidir") for m in meas] + [r["token_fraction"]]
         lines.append("| " + " | ".join(fmt(v) for v in vals) + " |")
     return "\n".join(lines)
+
+
+GUIDE_FLOORS_DB = (35.0, 30.0, 25.0)          # the presets: quality, balanced, fast
+NODES = {"FlowCache": ("flowcache", "flowcache_bidir"), "MotionCache": ("motioncache", "motioncache_bidir")}
+
+
+def guide(rows: list[dict], steps: int, floors=GUIDE_FLOORS_DB) -> list[dict]:
+    """Per node and fidelity target (PSNR against the uncached bidirectional video, what a user
+    compares with): the fastest threshold and attention mode by wall time. These are the
+    presets' values for models without a fitted polynomial."""
+    out = []
+    for node, node_methods in NODES.items():
+        pts = [r for m in node_methods for r in series_of(rows, m, steps) if r["method"] in node_methods
+               or r["method"] == "chunk_causal"]
+        for floor in floors:
+            ok = [r for r in pts if r["bidir"]["psnr_db"] >= floor]
+            best = min(ok, key=lambda r: r["wall_ratio"], default=None)
+            out.append({"node": node, "floor_db": floor, "steps": steps,
+                        "attention": best and MODES[best["method"]], "threshold": best and best["threshold"],
+                        "wall_speedup": best and 1 / best["wall_ratio"], "flop_speedup": best and 1 / best["flops_ratio"],
+                        "bidir": best and best["bidir"]})
+    return out
+
+
+def guide_table(rows: list[dict], steps: int) -> str:
+    lines = ["| target (PSNR to the uncached video) | node | attention | threshold | wall speed-up | FLOP speed-up | "
+             "PSNR dB | SSIM | ST-LPIPS | flicker ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for g in guide(rows, steps):
+        if g["threshold"] is None:
+            lines.append(f"| >= {g['floor_db']:g} dB | {g['node']} | none reaches it: run uncached | | | | | | | |")
+            continue
+        f = g["bidir"]
+        lines.append(f"| >= {g['floor_db']:g} dB | {g['node']} | {g['attention']} | {g['threshold']:g} | "
+                     f"{g['wall_speedup']:.2f}x | {g['flop_speedup']:.2f}x | {f['psnr_db']:.1f} | {f['ssim']:.3f} | "
+                     f"{f['st_lpips']:.3f} | {f['flicker_ratio'] or 0:.2f} |")
+    return "\n".join(lines)

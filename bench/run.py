@@ -121,6 +121,7 @@ def write_outputs(random_rows: list[dict], curve_rows: list[dict], magi_rows: li
     out.mkdir(parents=True, exist_ok=True)
     heads = {f"{f:g}dB": curves.headline(curve_rows, f) for f in curves.FLOORS_DB}
     (out / "latest.json").write_text(json.dumps({"meta": meta, "curves": curve_rows, "headline": heads,
+                                                 "guide": curves.guide(curve_rows, meta["headline_steps"]),
                                                  "magi": magi_rows, "random_model": random_rows}, indent=1) + "\n")
     cols = ["model", "method", "setting", "flops_ratio", "wall_ratio", "psnr_db", "ssim", "psnr_first_window_db",
             "token_fraction", "psnr_vs_chunk_causal_db", "kv_bytes_peak", "peak_rss_mb", "first_window_s"]
@@ -137,7 +138,9 @@ def write_outputs(random_rows: list[dict], curve_rows: list[dict], magi_rows: li
         "mode (`same`) and against the uncached bidirectional video (`bidir`); 99 dB = identical.\n\n"
         "## Headline: the largest speed-up each method reaches above a fidelity floor\n\n"
         + curves.headline_table(curve_rows)
-        + f"\nFigures: latest.png ({main_steps} steps), curves_psnr_db.png, curves_ssim.png, curves_st_lpips.png, "
+        + f"\n## Which cache, which threshold ({main_steps} steps; the presets' values)\n\n"
+        + curves.guide_table(curve_rows, main_steps)
+        + f"\n\nFigures: latest.png ({main_steps} steps), curves_psnr_db.png, curves_ssim.png, curves_st_lpips.png, "
           "curves_flicker_ratio.png, curves_steps.png.\n\n## Every curve point (toy SkyReels-V2-DF)\n\n"
         + curves.curve_table(curve_rows)
         + "\n\n## Executor overhead (one FlowCache 0.1 run under cProfile, toy SkyReels-V2-DF)\n\n"

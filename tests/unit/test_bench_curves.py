@@ -46,3 +46,20 @@ def test_table_names_every_method_and_step_count():
     for method in curves.SERIES:
         assert curves.LABELS[method] in text
     assert "20 steps" in text and "1.67x" in text
+
+
+def test_guide_picks_per_node_by_fidelity_to_the_bidirectional_video():
+    def row(method, thr, wall, bidir_psnr):
+        r = _row(method, thr, wall, 99.0)
+        r["bidir"] = dict(r["bidir"], psnr_db=bidir_psnr)
+        return r
+    rows = [_row("uncached", 0.0, 1.0, 99.0), row("chunk_causal", 0.0, 0.8, 31.0), row("flowcache", 0.1, 0.5, 26.0),
+            row("flowcache_bidir", 0.1, 0.7, 36.0), row("flowcache_bidir", 0.2, 0.6, 33.0),
+            row("motioncache_bidir", 0.1, 0.9, 20.0)]
+    g = {(x["node"], x["floor_db"]): x for x in curves.guide(rows, 20)}
+    assert (g[("FlowCache", 35.0)]["attention"], g[("FlowCache", 35.0)]["threshold"]) == ("bidirectional", 0.1)
+    assert (g[("FlowCache", 30.0)]["attention"], g[("FlowCache", 30.0)]["threshold"]) == ("bidirectional", 0.2)
+    assert (g[("FlowCache", 25.0)]["attention"], g[("FlowCache", 25.0)]["threshold"]) == ("chunk_causal", 0.1)
+    assert g[("MotionCache", 35.0)]["threshold"] is None                       # nothing reaches it
+    assert g[("MotionCache", 30.0)]["attention"] == "chunk_causal"             # its threshold-0 point
+    assert "none reaches it" in curves.guide_table(rows, 20)
