@@ -115,6 +115,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--weights", default=str(TOY_MAGI))
     a = ap.parse_args()
+    torch.set_num_threads(2)
     rows, meta = bench(quick=a.quick, weights=Path(a.weights))
     print(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0

@@ -131,8 +131,9 @@ def write_outputs(random_rows: list[dict], curve_rows: list[dict], magi_rows: li
     main_steps = meta["headline_steps"]
     (out / "latest.md").write_text(
         f"# make bench ({meta['date']})\n\n{meta['job']}\n\n"
-        "Ratios are cached / uncached. Uncached runs are interleaved through each step count's sequence and "
-        "every cached run's wall ratio divides by the mean of the uncached runs right before and after it. "
+        "Ratios are cached / uncached. Uncached runs are interleaved through each step count's sequence (one "
+        "after every two cached runs) and every cached run's wall ratio divides by the mean of the two uncached "
+        "runs that bracket its pair. "
         "Fidelity: PSNR (all frames at once), SSIM (11x11 Gaussian), ST-LPIPS (AlexNet, stlpips-pytorch) and "
         "flicker ratio on the displayed frames (preview RGB, 8x), against the uncached run of the same attention "
         "mode (`same`) and against the uncached bidirectional video (`bidir`); 99 dB = identical.\n\n"
@@ -208,6 +209,8 @@ def main() -> int:
     cond = [[torch.zeros(1, 512, 4096), {}]]
     steps_list = [6] if a.quick else [int(s) for s in a.steps.split(",")]
     headline_steps = steps_list[0] if a.quick else a.headline_steps
+    if headline_steps not in steps_list:
+        ap.error(f"--headline-steps {headline_steps} is not among --steps {a.steps}")
 
     def job_for(steps, size=128):
         return {"cond": cond, "first_window_frames": 8,

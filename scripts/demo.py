@@ -180,7 +180,7 @@ def main() -> int:
     wall_u, wall_c = (sum(r["report"]["seconds"] for r in runs[k]) for k in ("uncached", "cached"))
     flops = c[0]["report"]["transformer_flops"] / u[0]["report"]["transformer_flops"]
     panels = [labelled(ref, "uncached"), labelled(cached, CACHE_LABEL)]
-    fps = FPS / 4 if toy else FPS
+    fps = FPS / 4                                         # one preview image per latent frame
     write_side_by_side(panels, out / "demo_side_by_side.mp4", fps)
     write_contact_sheet(panels, out / "demo_contact_sheet.png")
 

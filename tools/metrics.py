@@ -39,7 +39,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     import kornia
-    return kornia.metrics.ssim(a.float(), b.float(), window_size=11, max_val=1.0).mean().item()
+    # "valid": average over windows inside the frame only, as torchmetrics does (no padded borders)
+    return kornia.metrics.ssim(a.float(), b.float(), window_size=11, max_val=1.0, padding="valid").mean().item()
 
 
 @functools.lru_cache(maxsize=1)

@@ -46,6 +46,7 @@ def test_table_names_every_method_and_step_count():
     for method in curves.SERIES:
         assert curves.LABELS[method] in text
     assert "20 steps" in text and "1.67x" in text
+    assert "exact run only" in text                                  # TeaCache above 30 dB: uncached only
 
 
 def test_guide_picks_per_node_by_fidelity_to_the_bidirectional_video():
@@ -62,4 +63,4 @@ def test_guide_picks_per_node_by_fidelity_to_the_bidirectional_video():
     assert (g[("FlowCache", 25.0)]["attention"], g[("FlowCache", 25.0)]["threshold"]) == ("chunk_causal", 0.1)
     assert g[("MotionCache", 35.0)]["threshold"] is None                       # nothing reaches it
     assert g[("MotionCache", 30.0)]["attention"] == "chunk_causal"             # its threshold-0 point
-    assert "none reaches it" in curves.guide_table(rows, 20)
+    assert "nothing faster reaches it" in curves.guide_table(rows, 20)
