@@ -155,37 +155,75 @@ def curve_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-GUIDE_FLOORS_DB = (35.0, 30.0, 25.0)          # the presets: quality, balanced, fast
+# The presets quality / balanced / fast: the most ST-LPIPS to the uncached video each may cost.
+# Perceptual, not PSNR: over a multi-window rollout any early difference sends later windows
+# down another (equally valid) path, which PSNR punishes as hard as a broken frame.
+GUIDE_CEILINGS = (("quality", 0.1), ("balanced", 0.2), ("fast", 0.35))
 NODES = {"FlowCache": ("flowcache", "flowcache_bidir"), "MotionCache": ("motioncache", "motioncache_bidir")}
+MAGI_NODES = {"FlowCache": ("flowcache", "restructure"), "MotionCache": ("motioncache", "restructure")}
 
 
-def guide(rows: list[dict], steps: int, floors=GUIDE_FLOORS_DB) -> list[dict]:
-    """Per node and fidelity target (PSNR against the uncached bidirectional video, what a user
-    compares with): the fastest threshold and attention mode by wall time. These are the
-    presets' values for models without a fitted polynomial."""
+def _fastest_within(pts: list[dict], reference: str, ceiling: float):
+    ok = [r for r in pts if r[reference]["st_lpips"] <= ceiling and r["wall_ratio"] < 1.0]    # faster only
+    return min(ok, key=lambda r: r["wall_ratio"], default=None)
+
+
+def guide(rows: list[dict], steps: int, ceilings=GUIDE_CEILINGS) -> list[dict]:
+    """Per node and preset: the fastest threshold and attention mode by wall time whose ST-LPIPS
+    to the uncached bidirectional video (what a user compares with) stays within the ceiling.
+    These are the presets' values for Wan models without a fitted polynomial."""
     out = []
     for node, node_methods in NODES.items():
-        pts = [r for m in node_methods for r in series_of(rows, m, steps) if r["method"] in node_methods
-               or r["method"] == "chunk_causal"]
-        for floor in floors:
-            ok = [r for r in pts if r["bidir"]["psnr_db"] >= floor and r["wall_ratio"] < 1.0]   # faster only
-            best = min(ok, key=lambda r: r["wall_ratio"], default=None)
-            out.append({"node": node, "floor_db": floor, "steps": steps,
-                        "attention": best and MODES[best["method"]], "threshold": best and best["threshold"],
-                        "wall_speedup": best and 1 / best["wall_ratio"], "flop_speedup": best and 1 / best["flops_ratio"],
-                        "bidir": best and best["bidir"]})
+        pts = [r for m in node_methods for r in series_of(rows, m, steps) if r["method"] != "uncached"]
+        for preset, ceiling in ceilings:
+            best = _fastest_within(pts, "bidir", ceiling)
+            out.append(_guide_row(node, preset, ceiling, steps, best, best and MODES[best["method"]], "bidir"))
     return out
 
 
-def guide_table(rows: list[dict], steps: int) -> str:
-    lines = ["| target (PSNR to the uncached video) | node | attention | threshold | wall speed-up | FLOP speed-up | "
-             "PSNR dB | SSIM | ST-LPIPS | flicker ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for g in guide(rows, steps):
+def magi_guide(rows: list[dict], ceilings=GUIDE_CEILINGS) -> list[dict]:
+    """The same for the toy MAGI-1 (one attention mode; fidelity against its uncached run)."""
+    out = []
+    for node, node_methods in MAGI_NODES.items():
+        pts = [r for r in rows if r["method"] in node_methods]
+        for preset, ceiling in ceilings:
+            best = _fastest_within(pts, "same", ceiling)
+            out.append(_guide_row(node, preset, ceiling, None, best, best and "chunk_causal", "same"))
+    return out
+
+
+def _guide_row(node, preset, ceiling, steps, best, attention, reference):
+    return {"node": node, "preset": preset, "lpips_ceiling": ceiling, "steps": steps, "attention": attention,
+            "threshold": best and best["threshold"], "wall_speedup": best and 1 / best["wall_ratio"],
+            "flop_speedup": best and 1 / best["flops_ratio"], "fidelity": best and best[reference]}
+
+
+def guide_table(entries: list[dict]) -> str:
+    lines = ["| preset (ST-LPIPS to the uncached video at most) | node | attention | threshold | wall speed-up | "
+             "FLOP speed-up | PSNR dB | SSIM | ST-LPIPS | flicker ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for g in entries:
+        head = f"| {g['preset']} ({g['lpips_ceiling']:g}) | {g['node']}"
         if g["threshold"] is None:
-            lines.append(f"| >= {g['floor_db']:g} dB | {g['node']} | nothing faster reaches it: run uncached | | | | | | | |")
+            lines.append(f"{head} | nothing faster stays within it: run uncached | | | | | | | |")
             continue
-        f = g["bidir"]
-        lines.append(f"| >= {g['floor_db']:g} dB | {g['node']} | {g['attention']} | {g['threshold']:g} | "
-                     f"{g['wall_speedup']:.2f}x | {g['flop_speedup']:.2f}x | {f['psnr_db']:.1f} | {f['ssim']:.3f} | "
-                     f"{f['st_lpips']:.3f} | {f['flicker_ratio'] or 0:.2f} |")
+        f = g["fidelity"]
+        lines.append(f"{head} | {g['attention']} | {g['threshold']:g} | {g['wall_speedup']:.2f}x | "
+                     f"{g['flop_speedup']:.2f}x | {f['psnr_db']:.1f} | {f['ssim']:.3f} | {f['st_lpips']:.3f} | "
+                     f"{f['flicker_ratio'] or 0:.2f} |")
     return "\n".join(lines)
+
+
+def preset_values(entries: list[dict], exact_attention: str = "bidirectional") -> dict:
+    """node (lower case) -> preset -> (threshold, attention), as model_patches/presets.py holds
+    them: a preset nothing qualifies for takes the stricter preset's value, and `quality` falls
+    back to threshold 0 in `exact_attention` (Wan: bidirectional, the uncached model's output;
+    MAGI-1 has only chunk_causal)."""
+    out = {}
+    for node in {g["node"] for g in entries}:
+        vals, prev = {}, (0.0, exact_attention)
+        for preset, _ in GUIDE_CEILINGS:
+            g = next(x for x in entries if x["node"] == node and x["preset"] == preset)
+            prev = (g["threshold"], g["attention"]) if g["threshold"] is not None else prev
+            vals[preset] = prev
+        out[node.lower()] = vals
+    return out

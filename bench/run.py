@@ -122,6 +122,7 @@ def write_outputs(random_rows: list[dict], curve_rows: list[dict], magi_rows: li
     heads = {f"{f:g}dB": curves.headline(curve_rows, f) for f in curves.FLOORS_DB}
     (out / "latest.json").write_text(json.dumps({"meta": meta, "curves": curve_rows, "headline": heads,
                                                  "guide": curves.guide(curve_rows, meta["headline_steps"]),
+                                                 "magi_guide": curves.magi_guide(magi_rows),
                                                  "magi": magi_rows, "random_model": random_rows}, indent=1) + "\n")
     cols = ["model", "method", "setting", "flops_ratio", "wall_ratio", "psnr_db", "ssim", "psnr_first_window_db",
             "token_fraction", "psnr_vs_chunk_causal_db", "kv_bytes_peak", "peak_rss_mb", "first_window_s"]
@@ -139,8 +140,9 @@ def write_outputs(random_rows: list[dict], curve_rows: list[dict], magi_rows: li
         "mode (`same`) and against the uncached bidirectional video (`bidir`); 99 dB = identical.\n\n"
         "## Headline: the largest speed-up each method reaches above a fidelity floor\n\n"
         + curves.headline_table(curve_rows)
-        + f"\n## Which cache, which threshold ({main_steps} steps; the presets' values)\n\n"
-        + curves.guide_table(curve_rows, main_steps)
+        + f"\n## Which cache, which threshold: the presets ({main_steps} steps; toy SkyReels-V2-DF)\n\n"
+        + curves.guide_table(curves.guide(curve_rows, main_steps))
+        + "\n\nToy MAGI-1:\n\n" + curves.guide_table(curves.magi_guide(magi_rows))
         + f"\n\nFigures: latest.png ({main_steps} steps), curves_psnr_db.png, curves_ssim.png, curves_st_lpips.png, "
           "curves_flicker_ratio.png, curves_steps.png.\n\n## Every curve point (toy SkyReels-V2-DF)\n\n"
         + curves.curve_table(curve_rows)
@@ -197,10 +199,19 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the random-model table")
     ap.add_argument("--steps", default=",".join(str(s) for s in curves.STEPS), help="step counts of the curves")
-    ap.add_argument("--headline-steps", type=int, default=20)
+    ap.add_argument("--headline-steps", type=int, default=30, help="steps of latest.png and the guide (the "
+                    "shipped workflows' default)")
     ap.add_argument("--quick", action="store_true", help="a short job (for a smoke run)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (the numbers in the README use 2)")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite latest.md and the figures from the --out folder's latest.json")
     a = ap.parse_args()
+    if a.render:
+        data = json.loads((Path(a.out) / "latest.json").read_text())
+        meta = dict(data["meta"], headline_steps=a.headline_steps)
+        write_outputs(data["random_model"], data["curves"], data["magi"], meta, Path(a.out))
+        print(f"rewrote {a.out}/latest.md, latest.png and curves_*.png from latest.json")
+        return 0
     torch.set_num_threads(a.threads)
     from make_tiny_checkpoints import write_all
     tiny = write_all(str(REPO / "out" / "bench_models"), seed=0)
