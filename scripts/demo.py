@@ -34,10 +34,16 @@ from tools.workflow import retarget, to_api  # noqa: E402
 
 TOY_WEIGHTS = REPO / "toy_world" / "weights" / "toy_world_df.safetensors"
 UNCACHED = REPO / "workflows" / "skyreels_df_t2v_long_async.json"
-# The pack's best setting on the toy at this step count: FlowCache's "balanced" preset, the fastest
-# setting within 0.2 ST-LPIPS of the uncached video in make bench's guide (bidirectional, 0.2).
+# The cache setting: on this 10-window job (measured in one interleaved run with the candidates
+# from make bench's curves) FlowCache bidirectional at 0.1 is the fastest of the pack's settings
+# that keeps the video: ST-LPIPS 0.10 to the uncached one with 0.93 of its motion, at 0.82 of the
+# wall time. The chunk-causal settings are faster (0.57-0.69) but move off to another path over
+# ten windows (ST-LPIPS 0.36-0.45); the balanced preset (0.2, from the 3-window guide) loses
+# sprites by the fifth window here.
 CACHED = REPO / "workflows" / "skyreels_df_t2v_flowcache.json"
-CACHE_NODE, CACHE_SETTINGS, CACHE_LABEL = "ARCacheFlowCache", {"preset": "balanced"}, "FlowCache, preset balanced"
+CACHE_NODE = "ARCacheFlowCache"
+CACHE_SETTINGS = {"preset": "custom", "rel_l1_thresh": 0.1, "attention": "bidirectional"}
+CACHE_LABEL = "FlowCache bidir. 0.1"
 WINDOWS, STEPS, SIZE, FPS = 10, 30, 128, 24    # 10 windows of 29 frames with 5 of history: 245 frames
 ORDER = ("uncached", "cached", "cached", "uncached")
 SECONDS_PER_WINDOW_STEP = 0.082                # measured: uncached, 128 px, 2 idle CPU cores
@@ -64,6 +70,7 @@ def demo_prompt(workflow: Path, info: dict, unet: str, vae: str, toy: bool, roun
                            "inputs": {"samples": inp["samples"], "family": "wan21", "upscale": 8}}
         elif toy and kind == "ARCacheStreamingSampler":
             inp.pop("vae", None)
+            inp["cfg"] = 1.0                               # the toy world has no text: one pass per step
         elif kind == "SaveVideo":
             inp["filename_prefix"] = f"demo/{workflow.stem}_round{round_}"
         elif kind == "CreateVideo":                        # one image per latent frame: 4 video frames long
@@ -115,18 +122,29 @@ def write_side_by_side(panels: list, out: Path, fps: float) -> None:
 
 
 def write_contact_sheet(panels: list, out: Path, columns: int = 10) -> None:
-    """Every k-th frame of each video in one row per video (uncached on top)."""
+    """Every k-th frame of each video in one row per video (uncached on top); the first column
+    keeps the video's caption, the others say which image they are."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageDraw
     n = panels[0].shape[0]
     picks = [round(i * (n - 1) / (columns - 1)) for i in range(columns)]
-    rows = [np.concatenate([p[i] for i in picks], axis=1) for p in panels]
+    rows = []
+    for p in panels:
+        cells = []
+        for j, i in enumerate(picks):
+            cell = Image.fromarray(np.ascontiguousarray(p[i]))
+            if j:
+                draw = ImageDraw.Draw(cell)
+                draw.rectangle([0, 0, cell.width, 23], fill="white")
+                draw.text((6, 6), f"image {i + 1}/{n}", fill="black")
+            cells.append(np.asarray(cell))
+        rows.append(np.concatenate(cells, axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).save(out)
 
 
 def expected_seconds(kind: str, measured_uncached: float | None) -> float:
     base = measured_uncached or SECONDS_PER_WINDOW_STEP * WINDOWS * STEPS
-    return base * (0.75 if kind == "cached" else 1.0)
+    return base * (0.82 if kind == "cached" else 1.0)
 
 
 def main() -> int:
