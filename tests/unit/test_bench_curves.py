@@ -49,18 +49,25 @@ def test_table_names_every_method_and_step_count():
     assert "exact run only" in text                                  # TeaCache above 30 dB: uncached only
 
 
-def test_guide_picks_per_node_by_fidelity_to_the_bidirectional_video():
-    def row(method, thr, wall, bidir_psnr):
+def test_guide_picks_per_node_the_fastest_within_each_lpips_ceiling_of_the_uncached_video():
+    def row(method, thr, wall, bidir_lpips):
         r = _row(method, thr, wall, 99.0)
-        r["bidir"] = dict(r["bidir"], psnr_db=bidir_psnr)
+        r["bidir"] = dict(r["bidir"], st_lpips=bidir_lpips)
         return r
-    rows = [_row("uncached", 0.0, 1.0, 99.0), row("chunk_causal", 0.0, 0.8, 31.0), row("flowcache", 0.1, 0.5, 26.0),
-            row("flowcache_bidir", 0.1, 0.7, 36.0), row("flowcache_bidir", 0.2, 0.6, 33.0),
-            row("motioncache_bidir", 0.1, 0.9, 20.0)]
-    g = {(x["node"], x["floor_db"]): x for x in curves.guide(rows, 20)}
-    assert (g[("FlowCache", 35.0)]["attention"], g[("FlowCache", 35.0)]["threshold"]) == ("bidirectional", 0.1)
-    assert (g[("FlowCache", 30.0)]["attention"], g[("FlowCache", 30.0)]["threshold"]) == ("bidirectional", 0.2)
-    assert (g[("FlowCache", 25.0)]["attention"], g[("FlowCache", 25.0)]["threshold"]) == ("chunk_causal", 0.1)
-    assert g[("MotionCache", 35.0)]["threshold"] is None                       # nothing reaches it
-    assert g[("MotionCache", 30.0)]["attention"] == "chunk_causal"             # its threshold-0 point
-    assert "nothing faster reaches it" in curves.guide_table(rows, 20)
+    rows = [_row("uncached", 0.0, 1.0, 99.0), row("chunk_causal", 0.0, 0.8, 0.15), row("flowcache", 0.1, 0.5, 0.3),
+            row("flowcache_bidir", 0.1, 0.7, 0.05), row("flowcache_bidir", 0.2, 0.6, 0.12),
+            row("flowcache_bidir", 0.4, 1.2, 0.01), row("motioncache_bidir", 0.1, 0.9, 0.5)]
+    g = {(x["node"], x["preset"]): x for x in curves.guide(rows, 20)}
+    assert (g[("FlowCache", "quality")]["attention"], g[("FlowCache", "quality")]["threshold"]) == ("bidirectional", 0.1)
+    assert (g[("FlowCache", "balanced")]["attention"], g[("FlowCache", "balanced")]["threshold"]) == ("bidirectional", 0.2)
+    assert (g[("FlowCache", "fast")]["attention"], g[("FlowCache", "fast")]["threshold"]) == ("chunk_causal", 0.1)
+    assert g[("MotionCache", "quality")]["threshold"] is None                  # nothing faster stays within it
+    assert g[("MotionCache", "balanced")]["attention"] == "chunk_causal"       # its threshold-0 point
+    assert "nothing faster stays within it" in curves.guide_table(curves.guide(rows, 20))
+    magi = [{"method": "restructure", "threshold": 0.0, "wall_ratio": 0.95, "flops_ratio": 0.9,
+             "same": {"psnr_db": 40.0, "ssim": 1.0, "st_lpips": 0.02, "flicker_ratio": 1.0}},
+            {"method": "flowcache", "threshold": 0.05, "wall_ratio": 0.6, "flops_ratio": 0.5,
+             "same": {"psnr_db": 30.0, "ssim": 0.9, "st_lpips": 0.15, "flicker_ratio": 1.0}}]
+    m = {(x["node"], x["preset"]): x for x in curves.magi_guide(magi)}
+    assert m[("FlowCache", "quality")]["threshold"] == 0.0 and m[("FlowCache", "balanced")]["threshold"] == 0.05
+    assert m[("MotionCache", "balanced")]["threshold"] == 0.0
