@@ -49,6 +49,20 @@ def _runs(per_method: int | None = None) -> list[tuple[str, float | None]]:
     return [("chunk_causal", None)] + [(m, t) for m, ts in SERIES.items() for t in ts[:per_method]]
 
 
+def interleaved(settings, run_cached, run_uncached, first_uncached_wall: float):
+    """Run every setting once, an uncached run after every two and after the last.
+    run_cached(setting) -> (result, wall s); run_uncached() -> wall s. Returns
+    [(setting, result, wall, mean wall of the two uncached runs that bracket it)] and all
+    uncached walls (the first is the caller's reference run, just before the first setting)."""
+    walls, done = [first_uncached_wall], []
+    for i, setting in enumerate(settings):
+        result, wall = run_cached(setting)
+        done.append((setting, result, wall, len(walls) - 1))
+        if i % 2 == 1 or i == len(settings) - 1:
+            walls.append(run_uncached())
+    return [(st, res, w, statistics.mean(walls[b:b + 2])) for st, res, w, b in done], walls
+
+
 def sweep(model, job_for, steps_list=STEPS, log=print, per_method: int | None = None) -> list[dict]:
     """All methods and thresholds (the first `per_method` of each) at each step count; rows carry
     both fidelity references."""
@@ -59,21 +73,18 @@ def sweep(model, job_for, steps_list=STEPS, log=print, per_method: int | None = 
         job = job_for(steps)
         methods.generate(model, job)                                 # warm-up at this size
         ref, ref_report, w, _ = methods.generate(model, job)
-        uncached_walls = [w]
         ref_frames = preview_frames(ref)
-        pending, refs = [], {"bidirectional": ref_frames}
         t0 = time.perf_counter()
-        for i, (method, thr) in enumerate(runs):
-            video, report, wall, rss = methods.generate(methods.with_method(model, method, thr), job)
-            pending.append((method, thr, video, report, wall, rss, len(uncached_walls) - 1))
-            if i % 2 == 1 or i == len(runs) - 1:                   # an uncached run after every two
-                uncached_walls.append(methods.generate(model, job)[2])
-            if method == "chunk_causal":
-                refs["chunk_causal"] = preview_frames(video)
-        for method, thr, video, report, wall, rss, before in pending:
-            frames = preview_frames(video)
+
+        def run_cached(setting):
+            video, report, wall, rss = methods.generate(methods.with_method(model, *setting), job)
+            return (report, rss, preview_frames(video)), wall
+
+        done, uncached_walls = interleaved(runs, run_cached, lambda: methods.generate(model, job)[2], w)
+        refs = {"bidirectional": ref_frames,
+                "chunk_causal": next(res[2] for st, res, _, _ in done if st[0] == "chunk_causal")}
+        for (method, thr), (report, rss, frames), wall, base in done:
             mode = MODES[method]
-            base = statistics.mean(uncached_walls[before:before + 2])
             cache = report.get("cache") or {}
             first = job["first_window_frames"] * (frames.shape[0] // report["latent_frames"])
             rows.append({
@@ -94,7 +105,7 @@ def sweep(model, job_for, steps_list=STEPS, log=print, per_method: int | None = 
                      "same": fidelity(ref_frames, ref_frames), "bidir": fidelity(ref_frames, ref_frames),
                      "psnr_first_window_same_db": PSNR_CAP_DB, "chunk_steps_skipped": 0, "token_fraction": 1.0,
                      "peak_rss_mb": None, "uncached_wall_spread": [min(uncached_walls), max(uncached_walls)]})
-        log(f"steps {steps}: {len(pending)} cached runs, {len(uncached_walls)} uncached "
+        log(f"steps {steps}: {len(done)} cached runs, {len(uncached_walls)} uncached "
             f"({min(uncached_walls):.1f}-{max(uncached_walls):.1f} s), {time.perf_counter() - t0:.0f} s")
     return rows
 

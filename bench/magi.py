@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tools.inprocess import load_comfy, pack  # noqa: E402
+sys.path.insert(0, str(REPO / "bench"))
+from curves import interleaved  # noqa: E402
 from tools.metrics import DISPLAY_SCALE, fidelity  # noqa: E402
 
 TOY_MAGI = REPO / "toy_world" / "weights" / "toy_magi1.safetensors"
@@ -68,8 +69,7 @@ def run_once(model, job: dict):
 
 
 def bench(quick: bool = False, weights: Path = TOY_MAGI) -> tuple[list[dict], dict]:
-    """Every setting once, uncached runs before, between every two and after (wall ratios divide
-    by the mean of the two uncached runs around a cached one)."""
+    """Every setting once, uncached runs interleaved (bench/curves.py `interleaved`)."""
     load_comfy()
     loader, sched = pack("model_patches.magi_loader"), pack("cache_core.magi_schedule")
     model = loader.load_magi_model(str(weights), distill="base", dtype=torch.float32)
@@ -83,23 +83,22 @@ def bench(quick: bool = False, weights: Path = TOY_MAGI) -> tuple[list[dict], di
     scale = model.model.latent_format.scale_factor
     run_once(model, job)                                          # warm-up
     ref, ref_report, w = run_once(model, job)
-    uncached = [w]
     ref_frames = magi_frames(ref, scale)
     settings = SETTINGS[:2] + SETTINGS[6:7] if quick else SETTINGS
-    done = []
-    for i, (method, thr) in enumerate(settings):
-        video, report, wall = run_once(patched(model, method, thr), job)
-        done.append((method, thr, video, report, wall, len(uncached) - 1))
-        if i % 2 == 1 or i == len(settings) - 1:
-            uncached.append(run_once(model, job)[2])
+
+    def run_cached(setting):
+        video, report, wall = run_once(patched(model, *setting), job)
+        return (report, magi_frames(video, scale)), wall
+
+    done, _ = interleaved(settings, run_cached, lambda: run_once(model, job)[2], w)
     rows = []
-    for method, thr, video, report, wall, before in done:
+    for (method, thr), (report, frames), wall, base in done:
         cache = report["cache"] or {}
-        same = fidelity(magi_frames(video, scale), ref_frames)
+        same = fidelity(frames, ref_frames)
         rows.append({"model": "toy_magi1", "method": method, "threshold": 0.0 if thr is None else thr,
                      "flops_ratio": report["transformer_flops"] / ref_report["transformer_flops"],
-                     "wall_ratio": wall / statistics.mean(uncached[before:before + 2]),
-                     "same": same, "token_fraction": cache.get("token_fraction_computed", 1.0)})
+                     "wall_ratio": wall / base, "same": same,
+                     "token_fraction": cache.get("token_fraction_computed", 1.0)})
         r = rows[-1]
         print(f"toy_magi1 {method:12s} {r['threshold']:<5g} flops {r['flops_ratio']:.3f} wall {r['wall_ratio']:.3f} "
               f"psnr {same['psnr_db']:6.2f} ssim {same['ssim']:.3f} lpips {same['st_lpips']:.3f} "

@@ -31,7 +31,6 @@ def _run(comfy, kind, round_, names, toy=True):
     info = comfy.object_info()
     wf = demo.UNCACHED if kind == "uncached" else demo.CACHED
     prompt = demo.demo_prompt(wf, info, names[round_], "tiny_wan21_vae.safetensors", toy, round_, windows=2, steps=3)
-    prompt = {k: v for k, v in prompt.items()}
     for node in prompt.values():                       # the tiny model runs at 64x64
         if node["class_type"] == "ARCacheStreamingSampler":
             node["inputs"].update(width=64, height=64)

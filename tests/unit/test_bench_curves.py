@@ -71,3 +71,19 @@ def test_guide_picks_per_node_the_fastest_within_each_lpips_ceiling_of_the_uncac
     m = {(x["node"], x["preset"]): x for x in curves.magi_guide(magi)}
     assert m[("FlowCache", "quality")]["threshold"] == 0.0 and m[("FlowCache", "balanced")]["threshold"] == 0.05
     assert m[("MotionCache", "balanced")]["threshold"] == 0.0
+
+
+def test_interleaving_brackets_every_cached_run_with_uncached_runs():
+    order, walls = [], iter([1.0, 3.0, 5.0])
+
+    def cached(setting):
+        order.append(setting)
+        return setting * 10, float(setting)
+
+    def uncached():
+        order.append("u")
+        return next(walls)
+
+    done, unc = curves.interleaved([1, 2, 3], cached, uncached, first_uncached_wall=2.0)
+    assert order == [1, 2, "u", 3, "u"] and unc == [2.0, 1.0, 3.0]
+    assert [(s, r, w, b) for s, r, w, b in done] == [(1, 10, 1.0, 1.5), (2, 20, 2.0, 1.5), (3, 30, 3.0, 2.0)]
