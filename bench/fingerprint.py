@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
 """Fingerprints of the caches' outputs, to prove a refactor changed nothing.
 
-Runs a fixed set of jobs in one process (the bench job, shortened, on the toy model and the
-tiny random model; FlowCache chunk-causal, skipping, compression, batched CFG; a plain
-KSampler run through a cache) and writes, per job, the SHA-256 of the output latent's bytes and
-the report's numbers. Run it before and after a change and compare:
+Runs a fixed set of jobs in one process and writes, per job, the SHA-256 of the output latent's
+bytes, of the compute heatmap, and the report's numbers:
+- SkyReels-V2-DF (the toy model and the tiny random model): uncached, FlowCache chunk-causal and
+  bidirectional, skipping, compression, MotionCache in both attention modes, cfg 1 and batched
+  CFG, sync and async, and a plain KSampler run through a cache;
+- MAGI-1 (the tiny random 4.5B-layout checkpoint, base and distilled, and the toy MAGI-1):
+  uncached, the restructuring alone, FlowCache, MotionCache, compression over the full history,
+  K/V on the CPU, image-to-video and video-to-video. Run it before and after a change and compare:
 
     .host/venv/bin/python bench/fingerprint.py --out /tmp/before.json
     ... change ...
@@ -33,8 +37,12 @@ streaming = pack("model_patches.streaming")
 ar = pack("model_patches.ar_sampling")
 flowcache_patch = pack("model_patches.ar_cache")
 FlowCacheConfig = pack("cache_core.flowcache_policy").FlowCacheConfig
+MotionCacheConfig = pack("cache_core.motioncache_policy").MotionCacheConfig
+MagiSchedule = pack("cache_core.magi_schedule").MagiSchedule
+magi_sampling = pack("model_patches.magi_sampling")
 
 TOY = REPO / "toy_world" / "weights" / "toy_world_df.safetensors"
+TOY_MAGI = REPO / "toy_world" / "weights" / "toy_magi1.safetensors"
 ASYNC = dict(window_frames=29, overlap_frames=5, ar_step=2, causal_block_size=2, addnoise_condition=20,
              solver="unipc", fps=0, prefix_mode="latent")
 CACHES = {
@@ -45,19 +53,45 @@ CACHES = {
     "flowcache_auto_coeffs": (dict(rel_l1_thresh=0.2, warmup_steps=1), True),
     "flowcache_compress": (dict(rel_l1_thresh=0.2, warmup_steps=2, coefficients="none", kv_compress=True,
                                 kv_budget_chunks=1, max_score_queries=32), True),
+    "flowcache_bidirectional": (dict(rel_l1_thresh=0.2, warmup_steps=2, coefficients="none"), True, "bidirectional"),
+    "motioncache_0.1": (dict(threshold=0.1, warmup_steps=1, phase1_updates=1, vote=0.0, min_update_ratio=0.0,
+                             coefficients="none"), "motion"),
+    "motioncache_bidirectional": (dict(threshold=0.1, warmup_steps=1, phase1_updates=1, vote=0.0,
+                                       min_update_ratio=0.0, coefficients="none"), "motion", "bidirectional"),
 }
+MAGI_CACHES = ["uncached", "chunk_causal", "flowcache_0.1", "flowcache_0.4", "motioncache_0.1"]
 
 
 def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def cached(model, name):
+def cached(model, name, extra=None):
     spec = CACHES[name]
     if spec is None:
         return model
-    kw, skip = spec
-    return flowcache_patch.apply_flowcache(model, FlowCacheConfig(**kw), skip=skip)
+    kw, skip, attention = (*spec, "chunk_causal")[:3]
+    kw = dict(kw, **(extra or {}))
+    if skip == "motion":
+        return flowcache_patch.apply_motioncache(model, MotionCacheConfig(**kw), attention=attention)
+    return flowcache_patch.apply_flowcache(model, FlowCacheConfig(**kw), skip=skip, attention=attention)
+
+
+def numbers(report: dict) -> dict:
+    """The report's deterministic fields (times left out), nested dicts and lists included."""
+    def keep(v):
+        if isinstance(v, dict):
+            return {k: keep(x) for k, x in v.items() if k not in ("seconds", "first_window_seconds")}
+        return v
+    return {k: keep(v) for k, v in report.items() if k not in ("seconds", "first_window_seconds")
+            and isinstance(v, (int, float, str, list, dict, type(None)))}
+
+
+def run_video(model, req):
+    """(video, report, heat) of one Streaming AR Sampler run, whichever family."""
+    run = (magi_sampling.MagiRun if isinstance(req.schedule, MagiSchedule) else streaming.StreamingRun)(model, req)
+    video, report = run.run()
+    return video, report, run.heat
 
 
 def sampler_job(model, size, cfg, schedule, length, steps):
@@ -65,10 +99,72 @@ def sampler_job(model, size, cfg, schedule, length, steps):
     neg = [[torch.full((1, 512, 4096), 0.1), {}]]
     req = streaming.VideoRequest(width=size, height=size, length=length, seed=7, steps=steps, cfg=cfg,
                                  schedule=ar.DFSchedule(**schedule), positives=[cond], negative=neg)
-    video, report = streaming.StreamingRun(model, req).run()
-    numbers = {k: v for k, v in report.items() if isinstance(v, (int, float)) and k not in ("seconds", "first_window_seconds")}
-    cache = {k: v for k, v in (report["cache"] or {}).items() if isinstance(v, (int, float, str))}
-    return {"latent": digest(video), "report": numbers, "cache": cache}
+    video, report, heat = run_video(model, req)
+    return {"latent": digest(video), "heat": None if heat is None else digest(heat), "report": numbers(report)}
+
+
+def magi_job(model, size, length, steps, cfg, schedule=None, vae=None, start_image=None, prefix_latent=None,
+             special=None, seed=5):
+    g = torch.Generator().manual_seed(1)
+    dm = model.model.diffusion_model
+    caption = torch.randn(7, dm.config.caption_channels, generator=g)
+    cond = [[caption[None], {"magi_special_tokens": special}]]
+    req = streaming.VideoRequest(width=size, height=size, length=length, seed=seed, steps=steps, cfg=cfg,
+                                 schedule=schedule or MagiSchedule(), positives=[cond], negative=cond, vae=vae,
+                                 start_image=start_image, prefix_latent=prefix_latent)
+    video, report, heat = run_video(model, req)
+    return {"latent": digest(video), "heat": None if heat is None else digest(heat), "report": numbers(report)}
+
+
+def magi_jobs(tiny: dict) -> dict:
+    loader = pack("model_patches.magi_loader")
+    magi_vae = pack("model_patches.magi_vae")
+    import safetensors.torch
+    from pathlib import Path as P
+    special = {"hq": torch.randn(32, generator=torch.Generator().manual_seed(2)),
+               "duration": torch.randn(8, 32, generator=torch.Generator().manual_seed(3))}
+    vae_sd = safetensors.torch.load_file(tiny["magi_vae"])
+    vae_cfg = json.loads((P(tiny["magi_vae"]).parent / "config.json").read_text())
+    vae = magi_vae.load_magi_vae(vae_sd, vae_cfg, device=torch.device("cpu"), dtype=torch.float32)
+    index = next(P(tiny["magi_4.5b"]).parent.glob("*.json")) if P(tiny["magi_4.5b"]).is_dir() else tiny["magi_4.5b"]
+    out = {}
+    for variant in ("base", "distill"):
+        model = loader.load_magi_model(str(index), distill=variant, dtype=torch.float32)
+        steps = 8 if variant == "base" else 8
+        for cname in MAGI_CACHES:
+            m = cached(model, cname)
+            out[f"magi_{variant}/{cname}"] = magi_job(m, 64, 72, steps, 7.5, special=special)
+            print(f"magi_{variant}", cname, out[f"magi_{variant}/{cname}"]["latent"], flush=True)
+        full = MagiSchedule(kv_range=())
+        for cname in ("uncached", "flowcache_compress"):
+            m = cached(model, cname, {"kv_budget_chunks": 1} if cname != "uncached" else None)
+            out[f"magi_{variant}/{cname}/full_history"] = magi_job(m, 64, 96, 8, 7.5, full, special=special)
+        cpu = MagiSchedule(kv_on_cpu=True)
+        for cname in ("uncached", "flowcache_0.1"):
+            out[f"magi_{variant}/{cname}/kv_on_cpu"] = magi_job(cached(model, cname), 64, 72, 8, 7.5, cpu,
+                                                               special=special)
+        if variant == "base":
+            image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+            prefix = torch.randn(1, 16, 9, 8, 8, generator=torch.Generator().manual_seed(5))
+            for cname in ("uncached", "flowcache_0.1", "motioncache_0.1"):
+                out[f"magi_base/{cname}/i2v"] = magi_job(cached(model, cname), 64, 72, 8, 7.5, vae=vae,
+                                                         start_image=image, special=special)
+                out[f"magi_base/{cname}/v2v"] = magi_job(cached(model, cname), 64, 72, 8, 7.5, vae=vae,
+                                                         prefix_latent=prefix, special=special)
+    if TOY_MAGI.exists():
+        model = loader.load_magi_model(str(TOY_MAGI), distill="base", dtype=torch.float32)
+        sch = MagiSchedule(history_scale=1.0)
+        for cname in ("uncached", "flowcache_0.1", "motioncache_0.1"):
+            dm = model.model.diffusion_model
+            null = dm.null_text("cpu")
+            cond = [[null[None], {"magi_special_tokens": None}]]
+            req = streaming.VideoRequest(width=128, height=128, length=72, seed=11, steps=16, cfg=1.0, schedule=sch,
+                                         positives=[cond], negative=cond)
+            video, report, heat = run_video(cached(model, cname), req)
+            out[f"toy_magi/{cname}"] = {"latent": digest(video), "heat": None if heat is None else digest(heat),
+                                        "report": numbers(report)}
+            print("toy_magi", cname, out[f"toy_magi/{cname}"]["latent"], flush=True)
+    return out
 
 
 def ksampler_job(model):
@@ -104,6 +200,7 @@ def main() -> int:
                 result[f"{mname}/{cname}/sync_cfg2"] = sampler_job(m, size, 2.0, sync, 29, 4)
                 result[f"{mname}/{cname}/ksampler_cfg2"] = ksampler_job(m)
             print(mname, cname, result[f"{mname}/{cname}/async_cfg1"]["latent"], flush=True)
+    result.update(magi_jobs(tiny))
     Path(a.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     print(f"wrote {a.out}: {len(result)} jobs")
     if a.compare:
