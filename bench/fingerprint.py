@@ -33,13 +33,12 @@ import torch  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 
-streaming = pack("model_patches.streaming")
-ar = pack("model_patches.ar_sampling")
+streaming = pack("model_patches.video_run")
+ar = pack("model_patches.df_sampling")
 flowcache_patch = pack("model_patches.ar_cache")
 FlowCacheConfig = pack("cache_core.flowcache_policy").FlowCacheConfig
 MotionCacheConfig = pack("cache_core.motioncache_policy").MotionCacheConfig
 MagiSchedule = pack("cache_core.magi_schedule").MagiSchedule
-magi_sampling = pack("model_patches.magi_sampling")
 
 TOY = REPO / "toy_world" / "weights" / "toy_world_df.safetensors"
 TOY_MAGI = REPO / "toy_world" / "weights" / "toy_magi1.safetensors"
@@ -89,7 +88,7 @@ def numbers(report: dict) -> dict:
 
 def run_video(model, req):
     """(video, report, heat) of one Streaming AR Sampler run, whichever family."""
-    run = (magi_sampling.MagiRun if isinstance(req.schedule, MagiSchedule) else streaming.StreamingRun)(model, req)
+    run = pack("model_patches.families").new_video_run(model, req)
     video, report = run.run()
     return video, report, run.heat
 

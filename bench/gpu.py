@@ -151,7 +151,7 @@ def missing_modules() -> list:
 
 def source_fingerprint() -> dict:
     out = {}
-    for rel in ("model_patches/wan.py", "cache_core/chunk_executor.py", "cache_core/kv_store.py", "cache_core/kv_compress.py",
+    for rel in ("model_patches/wan.py", "cache_core/chunk_executor.py", "cache_core/chunk_step.py", "cache_core/kv_store.py", "cache_core/kv_compress.py",
                 "cache_core/flowcache_policy.py", "cache_core/flops.py", "bench/gpu.py"):
         p = REPO / rel
         if p.is_file():
@@ -182,6 +182,7 @@ class Bench:
         self.families = mods["families"]
         self.wan_family = mods["wan_family"]
         self.executor = mods["executor"]
+        self.chunk_executor = mods["chunk_executor"]
         self.flops = mods["flops"]
         self.FlowCacheConfig = mods["FlowCacheConfig"]
         self.FlowCachePolicy = mods["FlowCachePolicy"]
@@ -321,7 +322,7 @@ class Bench:
 
     def run_state(self, dm, cfg, skip: bool):
         """The run state FlowCache makes per sampling run (skip False: restructure only)."""
-        return self.ar_cache.flowcache_spec(cfg, self.families.WAN21, dm, skip).new_run()
+        return self.families.WAN21.new_cache_run(self.ar_cache.flowcache_spec(cfg, self.families.WAN21, dm, skip))
 
     def chunked(self, dm, state, x, t, ctx, rec, cou):
         with self.torch.no_grad():
@@ -418,7 +419,7 @@ class Bench:
             def reuse(self, branch, chunk, h_in, tokens=None):
                 return h_in + self.res[(branch, chunk)]
 
-        state = ex.ChunkExecutor(Fixed(), CHUNK_FRAMES)
+        state = self.chunk_executor.ChunkExecutor(Fixed(), CHUNK_FRAMES)
         row = [0]
 
         def call():
@@ -430,11 +431,11 @@ class Bench:
         times, flops = {}, {}
         for frac in (0.0, 1.0, 0.25, 0.5, 0.75):
             share[0] = frac
-            f0 = state.stats["transformer_flops"]
+            f0 = state.counts["transformer_flops"]
             ts = self.repeat(call, c["reps"], cold)
             if not ts:
                 break
-            times[frac], flops[frac] = median(ts), (state.stats["transformer_flops"] - f0) / len(ts)
+            times[frac], flops[frac] = median(ts), (state.counts["transformer_flops"] - f0) / len(ts)
         out = {"cold_s": cold, "chunk_tokens": chunk_tokens, "shares": []}
         if 0.0 in times and 1.0 in times:
             base, full = times[0.0], times[1.0] - times[0.0]        # floor (all skip) and one chunk's blocks
@@ -501,7 +502,7 @@ class Bench:
                 "ok": bool(err < 0.05 and err < 0.5 * diff)}
 
     def _chunk_call_stats(self, state, flops0):
-        return state.stats["transformer_flops"] - flops0
+        return state.counts["transformer_flops"] - flops0
 
     def st_restructure(self, c):
         """Chunk-causal, every chunk active and computed, no skipping (restructure-only policy)."""
@@ -515,11 +516,11 @@ class Bench:
             r = self.record(c["frames"], all_chunks, row[0])
             row[0] += 1
             return self.chunked(dm, state, x, t, ctx, r, c["cou"])
-        f0 = state.stats["transformer_flops"]
+        f0 = state.counts["transformer_flops"]
         cold, y = self.timed(call)
         finite = bool(self.torch.isfinite(y).all())
         del y
-        flops = state.stats["transformer_flops"] - f0
+        flops = state.counts["transformer_flops"] - f0
         times = self.repeat(call, c["reps"], cold)
         med = median(times) if times else cold
         c["t_restructure"] = med
@@ -549,7 +550,7 @@ class Bench:
             return self.chunked(dm, state, x, t, ctx, r, c["cou"])
         cold, y = self.timed(call)            # warm-up: every chunk forced to compute, residuals kept
         del y
-        policy = state.policy
+        policy = state.step.policy
         real_decide = policy.decide
         skip_set: set = set()
 
@@ -568,14 +569,14 @@ class Bench:
             pat = tuple(g for g in pat if g < n_chunks)
             skip_set.clear()
             skip_set.update(pat)
-            s0, f0, n0 = state.stats["chunks_skipped"], state.stats["transformer_flops"], state.stats["calls"]
+            s0, f0, n0 = state.counts["chunk_steps_skipped"], state.counts["transformer_flops"], state.counts["calls"]
             times = self.repeat(call, c["reps"], est)
             if not times:
                 out["stopped"] = f"budget: pattern {list(pat)} not run"
                 break
-            calls = state.stats["calls"] - n0
-            flops = (state.stats["transformer_flops"] - f0) / calls
-            skipped = (state.stats["chunks_skipped"] - s0) / calls
+            calls = state.counts["calls"] - n0
+            flops = (state.counts["transformer_flops"] - f0) / calls
+            skipped = (state.counts["chunk_steps_skipped"] - s0) / calls
             med = median(times)
             p = {"skip": list(pat), "k": len(pat), "times_s": times, "median_s": med, "flops": flops,
                  "tflops_per_s": flops / med / 1e12, "chunk_skips_per_call": skipped,
@@ -697,7 +698,7 @@ class Bench:
         rows, peak = [], 0
         for r, act in enumerate(schedule):
             rec = self.record(c["frames"], set(act), r)
-            f0 = state.stats["transformer_flops"]
+            f0 = state.counts["transformer_flops"]
             if self.cuda:
                 self.torch.cuda.reset_peak_memory_stats()
             dt, y = self.timed(lambda: self.chunked(dm, state, x, t, ctx, rec, c["cou"]))
@@ -705,7 +706,7 @@ class Bench:
             m = self.mem_since(base)
             if m["cuda_peak_bytes"] is not None:
                 peak = max(peak, m["cuda_peak_bytes"])
-            rows.append({"active": act, "s": dt, "flops": state.stats["transformer_flops"] - f0,
+            rows.append({"active": act, "s": dt, "flops": state.counts["transformer_flops"] - f0,
                          "kv_bytes": state.store.bytes_allocated(), "kv_peak_bytes": state.store.peak_bytes,
                          "frozen": sorted(g for g in range(c["n_chunks"]) if state.store.is_frozen(0, g)),
                          **m})
@@ -749,16 +750,16 @@ def bench_magi(b: Bench, dims: dict, lat_hw, reps: int) -> dict:
     x = torch.randn(1, 16, 6 * 5, h, w, device=b.dev, dtype=b.dtype)
     cache = magi.KVCache(cfg.num_layers)
     with torch.no_grad():
-        model.forward_chunks(x[:, :, :6 * 4], magi.ChunkCall(0, [0.9999] * 4, text * 4, [0, 1, 2, 3], write=(0, 1, 2, 3)),
+        model.forward_chunks(x[:, :, :6 * 4], magi.ChunkForward(0, [0.9999] * 4, text * 4, [0, 1, 2, 3], write=(0, 1, 2, 3)),
                              cache)                                    # 4 clean chunks in the cache
         rows = []
         for back in range(5):                                          # chunk 4 against `back` cached chunks
-            call = magi.ChunkCall(4, [0.5], text, [4 - back])
+            call = magi.ChunkForward(4, [0.5], text, [4 - back])
             m0 = b.mem_base()
             times = [b.timed(lambda: model.forward_chunks(x[:, :, 24:30], call, cache))[0] for _ in range(reps)]
             rows.append({"cached_chunks": back, "keys": (back + 1) * tokens, "median_s": median(times),
                          **b.mem_since(m0)})
-        window = magi.ChunkCall(0, [0.9999, 0.2, 0.4, 0.6, 0.8], text * 5, [0, 0, 0, 1, 2])   # upstream's 4+1 call
+        window = magi.ChunkForward(0, [0.9999, 0.2, 0.4, 0.6, 0.8], text * 5, [0, 0, 0, 1, 2])   # upstream's 4+1 call
         m0 = b.mem_base()
         t_win = median([b.timed(lambda: model.forward_chunks(x, window, None))[0] for _ in range(reps)])
         win = {"chunks": 5, "tokens": 5 * tokens, "median_s": t_win, **b.mem_since(m0)}
@@ -927,7 +928,8 @@ def main(argv=None) -> int:
     ar_cache = importlib.import_module("arcache_pack.model_patches.ar_cache")
     families = importlib.import_module("arcache_pack.model_patches.families")
     wan_family = importlib.import_module("arcache_pack.model_patches.wan")
-    executor = importlib.import_module("arcache_pack.cache_core.chunk_executor")
+    executor = importlib.import_module("arcache_pack.cache_core.chunk_step")
+    chunk_executor = importlib.import_module("arcache_pack.cache_core.chunk_executor")
     flops = importlib.import_module("arcache_pack.cache_core.flops")
     fcp = importlib.import_module("arcache_pack.cache_core.flowcache_policy")
     rec = importlib.import_module("arcache_pack.cache_core.record")
@@ -947,7 +949,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)          # tiny tensors: more threads only add contention
 
     b = Bench(args, dict(torch=torch, wan_model=wan_model, ops=comfy.ops, ar_cache=ar_cache, families=families,
-                         wan_family=wan_family, executor=executor, flops=flops,
+                         wan_family=wan_family, executor=executor, chunk_executor=chunk_executor, flops=flops,
                          FlowCacheConfig=fcp.FlowCacheConfig, FlowCachePolicy=fcp.FlowCachePolicy,
                          StepRecord=rec.StepRecord, RECORD_KEY=rec.RECORD_KEY, results=results))
     b.log(f"device {dev_name}, torch {torch.__version__}, attention {results['attention']}, "

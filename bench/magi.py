@@ -61,10 +61,10 @@ def patched(model, method: str, thr):
 
 
 def run_once(model, job: dict):
-    streaming, sampling = pack("model_patches.streaming"), pack("model_patches.magi_sampling")
+    streaming, sampling = pack("model_patches.video_run"), pack("model_patches.magi_sampling")
     req = streaming.VideoRequest(positives=[job["cond"]], negative=job["cond"], **job["video"])
     t0 = time.perf_counter()
-    video, report = sampling.MagiRun(model, req).run()
+    video, report = pack("model_patches.families").new_video_run(model, req).run()
     return video, report, time.perf_counter() - t0
 
 

@@ -21,7 +21,7 @@ import comfy.patcher_extension  # noqa: E402
 import comfy.sd  # noqa: E402
 from comfy_extras.nodes_easycache import EasyCacheNode  # noqa: E402
 
-streaming = pack("model_patches.streaming")
+streaming = pack("model_patches.video_run")
 ar_cache = pack("model_patches.ar_cache")
 flowcache_policy = pack("cache_core.flowcache_policy")
 motioncache_policy = pack("cache_core.motioncache_policy")
@@ -81,7 +81,7 @@ def generate(model, job: dict):
     req = streaming.VideoRequest(positives=[job["cond"]], negative=job["cond"], **job["video"])
     with PeakRSS() as mem:
         t0 = time.perf_counter()
-        video, report = streaming.StreamingRun(model, req).run()
+        video, report = pack("model_patches.families").new_video_run(model, req).run()
         wall = time.perf_counter() - t0
     return video, report, wall, mem.peak / 2**20
 

@@ -37,8 +37,8 @@ import torch  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 
-streaming = pack("model_patches.streaming")
-ar = pack("model_patches.ar_sampling")
+streaming = pack("model_patches.video_run")
+ar = pack("model_patches.df_sampling")
 
 TOY = REPO / "toy_world" / "weights" / "toy_world_df.safetensors"
 # the random-weights model: a table only (its "fidelity" says nothing about a real model)
@@ -108,7 +108,7 @@ def bench_streaming(unet: Path, vae_path: Path, out_dir: Path) -> list[dict]:
         rss0 = psutil.Process().memory_info().rss / 2**20
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            _, report = streaming.StreamingRun(model, req, sink=lambda f, i: writer.write(f)).run()
+            _, report = pack("model_patches.families").new_video_run(model, req, sink=lambda f, i: writer.write(f)).run()
             wall = time.perf_counter() - t0
         writer.close()
         rows.append({"windows": windows, "frames": writer.frames, "model_calls": report["model_calls"],

@@ -26,8 +26,8 @@ import torch  # noqa: E402
 
 import comfy.sd  # noqa: E402
 
-streaming = pack("model_patches.streaming")
-ar = pack("model_patches.ar_sampling")
+streaming = pack("model_patches.video_run")
+ar = pack("model_patches.df_sampling")
 TOY = REPO / "toy_world" / "weights" / "toy_world_df.safetensors"
 
 
@@ -37,7 +37,7 @@ def window(model, solver: str, steps: int, seed: int) -> torch.Tensor:
     cond = [[torch.zeros(1, 512, 4096), {}]]
     req = streaming.VideoRequest(width=128, height=128, length=29, seed=seed, steps=steps, cfg=1.0,
                                  schedule=sched, positives=[cond], negative=cond)
-    return streaming.StreamingRun(model, req).run()[0]
+    return pack("model_patches.families").new_video_run(model, req).run()[0]
 
 
 def main() -> int:

@@ -37,69 +37,16 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
-from . import flops as flop_count
+from .chunk_step import COMPUTE, ChunkPolicy, ChunkStep, ChunkView, Decision
 from .errors import InputError
-from .kv_store import ChunkLayout, CompressSettings, KVStore
+from .flops import FlopModel
+from .kv_store import ChunkLayout, CompressConfig, KVStore
 from .record import StepRecord
 
 # chunk_causal: the papers' restructuring, chunk g attends to chunks 0..g, finished chunks frozen.
 # bidirectional: the window attends as in the uncached model (every chunk forwarded each call);
 # a skipped chunk's or reused token's K/V are the last ones computed.
 ATTENTION_MODES = ("chunk_causal", "bidirectional")
-
-
-# --- decisions and policies ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Decision:
-    kind: str                               # "compute" | "skip" | "subset"
-    tokens: Optional[torch.Tensor] = None   # SUBSET: token indices within the chunk (int64)
-
-
-COMPUTE = Decision("compute")
-SKIP = Decision("skip")
-
-
-def subset(tokens: torch.Tensor) -> Decision:
-    return Decision("subset", tokens.to(torch.int64))
-
-
-@dataclass
-class ChunkView:
-    """What a policy may look at for one active chunk in one call (given to `see` first)."""
-    frames: tuple                       # (f0, f1) latent frames of the chunk in the window
-    tokens: int                         # its tokens
-    local_step: int                     # its denoising steps so far
-    latents: Optional[torch.Tensor] = None          # [rows, tokens, C*p] patchified input latent
-    latents_before: Optional[torch.Tensor] = None   # [rows, HW, C*p] the window's frame before f0
-
-
-class ChunkPolicy:
-    """A caching method, asked once per active chunk and call. This base computes everything:
-    the chunk-causal restructuring alone ("chunk_causal")."""
-
-    method = "chunk_causal"
-    needs_indicator = False     # True: decide() gets the adapter's indicator of the chunk
-    needs_view = False          # True: see() gets the chunk's ChunkView before decide()
-
-    def reset(self) -> None:
-        """A new segment (AR window) starts."""
-
-    def reset_branch(self, branch: int) -> None:
-        """One branch restarts (its rows or its chunks' activity changed)."""
-
-    def see(self, branch: int, chunk: int, view: ChunkView) -> None:
-        """Before `decide`: the chunk's frames, tokens and latents (for policies that want them)."""
-
-    def decide(self, branch: int, chunk: int, indicator, local_step: int, steps: int) -> Decision:
-        return COMPUTE
-
-    def observe(self, branch: int, chunk: int, h_in: torch.Tensor, h_out: torch.Tensor, tokens=None) -> None:
-        """After COMPUTE or SUBSET (`tokens`) of an active chunk: its block-stack input and output."""
-
-    def reuse(self, branch: int, chunk: int, h_in: torch.Tensor, tokens=None) -> torch.Tensor:
-        """SKIP (tokens None) or the tokens a SUBSET leaves out: the output without running."""
-        raise NotImplementedError(f"{type(self).__name__} never skips")
 
 
 # --- what a model family provides -------------------------------------------------------------
@@ -127,7 +74,7 @@ class ChunkCall:
 
 class ChunkAdapter(Protocol):
     """The few model operations the executor needs (one implementation per model family)."""
-    flop_shape: flop_count.DiTShape
+    flops: FlopModel           # the family's FLOP model
     num_layers: int
 
     def indicators(self, call: ChunkCall, frames: Sequence[int]) -> torch.Tensor:
@@ -183,15 +130,6 @@ def branch_rows(cond_or_uncond: Optional[Sequence[int]], batch: int) -> dict:
 
 # --- the executor, which is also the run state -------------------------------------------------------
 
-@dataclass(frozen=True)
-class CompressConfig:
-    """K/V compression of the finished history (see kv_compress)."""
-    budget_chunks: int = 1
-    lam: float = 0.07
-    kernel: int = 7
-    max_queries: int = 256
-
-
 class ChunkExecutor:
     """Chunk-by-chunk execution of one sampling run, with a policy and a KV store.
 
@@ -201,27 +139,26 @@ class ChunkExecutor:
 
     def __init__(self, policy: ChunkPolicy, chunk_frames: int = 5, compress: Optional[CompressConfig] = None,
                  attention: str = "chunk_causal"):
-        if attention not in ATTENTION_MODES:
-            raise InputError("attention", f"{attention!r}: choose one of {', '.join(ATTENTION_MODES)}")
-        if attention == "bidirectional" and compress is not None:
-            raise InputError("kv_compress", "compresses finished chunks' K/V, which exist only with attention "
-                                            "chunk_causal: switch kv_compress off or use chunk_causal")
-        self.policy, self.chunk_frames, self.compress = policy, int(chunk_frames), compress
+        check_attention(attention, compress)
+        self.chunk_frames, self.compress = int(chunk_frames), compress
         self.bidirectional = attention == "bidirectional"
+        self.step = ChunkStep(policy)
         self.reset()
 
     @property
     def method(self) -> str:
-        return self.policy.method
+        return self.step.method
+
+    @property
+    def counts(self) -> dict:
+        return self.step.counts
 
     def reset(self) -> None:
-        """Forget everything (K/V buffers freed); statistics restart too."""
-        self.policy.reset()
+        """Forget everything (K/V buffers freed); the counts restart too."""
+        self.step = ChunkStep(self.step.policy)
+        self.step.reset_segment()
         self.store: Optional[KVStore] = None
-        self.stats = {"calls": 0, "segments": 0, "chunks_computed": 0, "chunks_skipped": 0,
-                      "chunks_history": 0, "chunks_frozen": 0, "transformer_flops": 0.0,
-                      "transformer_flops_chunk_causal": 0.0, "transformer_flops_vanilla": 0.0, "kv_bytes_peak": 0,
-                      "tokens_active": 0, "tokens_computed": 0}
+        self._kv_peak = 0
         self._segment = None
         self._last_row = -1
         self._last_t: Optional[float] = None
@@ -229,10 +166,9 @@ class ChunkExecutor:
         self._reported: dict = {}         # summary at the last merge into the run report
 
     def summary(self) -> dict:
-        """Statistics so far, with the K/V peak."""
-        out = dict(self.stats)
-        if self.store is not None:
-            out["kv_bytes_peak"] = max(out["kv_bytes_peak"], self.store.peak_bytes)
+        """The counts so far, with the K/V peak."""
+        out = dict(self.counts)
+        out["kv_bytes_peak"] = max(self._kv_peak, 0 if self.store is None else self.store.peak_bytes)
         return out
 
     # -- segments ----------------------------------------------------------------------------------
@@ -249,24 +185,20 @@ class ChunkExecutor:
         if not new:
             return
         self._segment = key
-        self.policy.reset()
+        self.step.reset_segment()
         self._local_steps.clear()
-        settings = None
-        if self.compress is not None:
-            c = self.compress
-            settings = CompressSettings(budget_tokens=c.budget_chunks * max(layout.chunk_tokens), lam=c.lam,
-                                        kernel=c.kernel, max_queries=c.max_queries)
         if self.store is not None:
-            self.stats["kv_bytes_peak"] = max(self.stats["kv_bytes_peak"], self.store.peak_bytes)
+            self._kv_peak = max(self._kv_peak, self.store.peak_bytes)
             self.store.reset()
         # bidirectional: one slot for the whole window, written token by token
         store_layout = ChunkLayout((layout.total,)) if self.bidirectional else layout
-        self.store = KVStore(store_layout, num_layers=num_layers, compress=settings)
-        self.stats["segments"] += 1
+        budget = None if self.compress is None else self.compress.budget_chunks * max(layout.chunk_tokens)
+        self.store = KVStore(store_layout, num_layers=num_layers, compress=self.compress, budget_tokens=budget)
+        self.counts["segments"] += 1
 
     def _reset_branch(self, branch: int) -> None:
         self.store.reset_branch(branch)
-        self.policy.reset_branch(branch)
+        self.step.reset_branch(branch)
         for key in [k for k in self._local_steps if k[0] == branch]:
             del self._local_steps[key]
 
@@ -283,13 +215,22 @@ class ChunkExecutor:
         """(decision, local step) for chunk g, or (None, None) when it is finished and frozen."""
         if active:
             local = self._local_steps.get((branch, g), 0)
-            if self.policy.needs_view:
-                self.policy.see(branch, g, self._view(call, rows, layout, g, frames, local))
-            ind = None if indicators is None else indicators[rows, g]
-            return self.policy.decide(branch, g, ind, local, steps), local
+            decision = self.step.decide(branch, g, local, steps,
+                                        view=lambda: self._view(call, rows, layout, g, frames, local),
+                                        indicator=lambda: indicators[rows, g])
+            return decision, local
         if self.bidirectional or not self.store.is_written(branch, g):
             return COMPUTE, None   # history (chunk-causal: once per segment); bidirectional: every call
         return None, None
+
+    def _stepped(self, branch: int, g: int, local: Optional[int], steps: int) -> None:
+        """After an active chunk's call: one more local step; its last one freezes it (chunk-causal:
+        before the next chunk of the same call attends to it)."""
+        if local is None:
+            return
+        self._local_steps[(branch, g)] = local + 1
+        if local + 1 >= steps and not self.bidirectional:
+            self.store.freeze(branch, g)
 
     # -- one model call ------------------------------------------------------------------------------
     def forward(self, adapter: ChunkAdapter, call: ChunkCall, record: Optional[StepRecord], branches: dict,
@@ -309,12 +250,12 @@ class ChunkExecutor:
         # frames (a prefix that is not a multiple of the chunk) must not measure their constant t
         probe = [next((i for i in range(g * chunk_frames, min((g + 1) * chunk_frames, f)) if act[i]),
                       g * chunk_frames) for g in range(n_chunks)]
-        indicators = adapter.indicators(call, probe) if self.policy.needs_indicator else None
+        indicators = adapter.indicators(call, probe) if self.step.policy.needs_indicator else None
         self._begin_call(call, layout, record, adapter.num_layers)
-        store, policy, shape = self.store, self.policy, adapter.flop_shape
+        store, flops = self.store, adapter.flops
 
         out_h = torch.zeros_like(call.tokens)
-        heat = torch.zeros(layout.total if report is not None else 0)   # token-steps computed, per token
+        heat = torch.zeros(layout.total) if report is not None else None   # token-steps computed, per token
         forwarded = {}                       # branch -> (rows, chunks forwarded this call)
         call_flops = noskip_flops = 0.0
         for branch, rows in branches.items():
@@ -322,9 +263,9 @@ class ChunkExecutor:
             if self.bidirectional:
                 if store.rows(branch) not in (None, n_rows):
                     self._reset_branch(branch)
-                flops, noskip = self._window_pass(adapter, call, rows, branch, layout, chunk_frames, active,
+                spent, noskip = self._window_pass(adapter, call, rows, branch, layout, chunk_frames, active,
                                                   indicators, steps, out_h, n_rows, heat)
-                call_flops, noskip_flops = call_flops + flops, noskip_flops + noskip
+                call_flops, noskip_flops = call_flops + spent, noskip_flops + noskip
                 forwarded[branch] = (rows, set(range(n_chunks)))
                 continue
             if store.rows(branch) not in (None, n_rows) or any(
@@ -342,43 +283,30 @@ class ChunkExecutor:
                 h_in = call.tokens[rows, s:e_tok]
                 decision, local = self._decide(call, rows, branch, g, active[g], layout, (f0, f1), indicators, steps)
                 if decision is None:
-                    self.stats["chunks_frozen"] += 1
+                    self.step.frozen()
                     continue
-                if local is not None:
-                    self._count_tokens(decision, s, e_tok, heat)
-                if decision.kind == "skip":
-                    h_out = policy.reuse(branch, g, h_in)
-                    skipped.append(g)
-                    self.stats["chunks_skipped"] += 1
-                else:
-                    tokens = decision.tokens if decision.kind == "subset" else None
+
+                def run(tokens, g=g, f0=f0, f1=f1, h_in=h_in):
                     attention = KVAttention(store, branch, g, tokens=tokens)
-                    x_in = h_in if tokens is None else h_in[:, tokens]
-                    h_new = adapter.run_blocks(call, rows, (f0, f1), x_in, attention, tokens)
-                    if tokens is None:
-                        h_out = h_new
-                    else:                    # the others as the policy says, selected ones fresh
-                        h_out = policy.reuse(branch, g, h_in, tokens).clone()
-                        h_out[:, tokens] = h_new
-                        query_tokens[g] = int(tokens.numel())
+                    h_new = adapter.run_blocks(call, rows, (f0, f1), h_in if tokens is None else h_in[:, tokens],
+                                               attention, tokens)
                     computed.append(g)
                     key_lengths[g] = attention.key_len if attention.key_len is not None else layout.end(g)
-                    if local is not None:
-                        policy.observe(branch, g, h_in, h_out, tokens)
-                        self.stats["chunks_computed"] += 1
-                    else:
-                        self.stats["chunks_history"] += 1
-                if local is not None:
-                    self._local_steps[(branch, g)] = local + 1
-                    if local + 1 >= steps:   # its last step: frozen before the next chunk attends
-                        store.freeze(branch, g)
-                out_h[rows, s:e_tok] = h_out
+                    if tokens is not None:
+                        query_tokens[g] = int(tokens.numel())
+                    return h_new
+
+                if decision.kind == "skip":
+                    skipped.append(g)
+                out_h[rows, s:e_tok] = self.step.apply(branch, g, decision, h_in, run, active=local is not None,
+                                                       heat=None if heat is None else heat[s:e_tok])
+                self._stepped(branch, g, local, steps)
                 done.add(g)
             forwarded[branch] = (rows, done)
-            call_flops += flop_count.chunk_causal_flops(shape, layout.chunk_tokens, computed, key_lengths,
-                                                        frames=f, batch=n_rows, query_tokens=query_tokens)
-            noskip_flops += flop_count.chunk_causal_flops(shape, layout.chunk_tokens, computed + skipped,
-                                                          key_lengths, frames=f, batch=n_rows)
+            call_flops += flops.chunk_causal(layout.chunk_tokens, computed, key_lengths, frames=f, batch=n_rows,
+                                             query_tokens=query_tokens)
+            noskip_flops += flops.chunk_causal(layout.chunk_tokens, computed + skipped, key_lengths, frames=f,
+                                               batch=n_rows)
 
         out = adapter.head(call, out_h)
         for rows, done in forwarded.values():
@@ -386,29 +314,18 @@ class ChunkExecutor:
                 if g not in done:
                     out[rows, layout.start(g):layout.end(g)] = 0
         out = adapter.finish(call, out)
-        self._account(report, call_flops, noskip_flops, shape, layout.total, f, bs)
+        self.step.add_flops(call_flops, noskip_flops, flops.window(layout.total, f, bs))
         if report is not None:
+            report.add_forward(call_flops)
+            self._reported = report.merge_cache(self.method, self.summary(), self._reported)
             report.add_heat(0 if record is None else record.window_index, heat, call.tokens_per_frame)
         return out
-
-    def _count_tokens(self, decision: Decision, start: int, end: int, heat: torch.Tensor) -> None:
-        """Token-steps of active chunks, how many of them ran the blocks, and where (heat, when a
-        run report collects it)."""
-        self.stats["tokens_active"] += end - start
-        if decision.kind == "compute":
-            self.stats["tokens_computed"] += end - start
-            if heat.numel():
-                heat[start:end] += 1
-        elif decision.kind == "subset":
-            self.stats["tokens_computed"] += int(decision.tokens.numel())
-            if heat.numel():
-                heat[start + decision.tokens.cpu()] += 1
 
     def _window_pass(self, adapter, call, rows, branch, layout, chunk_frames, active, indicators, steps,
                      out_h, n_rows, heat) -> tuple[float, float]:
         """Bidirectional attention: every token the decisions select runs through the blocks in one
         pass over the window, attending to all of it (the others through their last K/V)."""
-        f, total, policy = call.frames, layout.total, self.policy
+        f, total = call.frames, layout.total
         decisions, parts = {}, []
         for g in range(layout.num_chunks):
             frames = (g * chunk_frames, min((g + 1) * chunk_frames, f))
@@ -429,34 +346,24 @@ class ChunkExecutor:
             new = h_sel if whole else h_all.new_zeros(h_all.shape).index_copy_(1, index, h_sel)
         for g, (d, local) in decisions.items():
             s, e = layout.start(g), layout.end(g)
-            h_in = h_all[:, s:e]
-            if local is not None:
-                self._count_tokens(d, s, e, heat)
-            if d.kind == "skip":
-                h_out = policy.reuse(branch, g, h_in)
-                self.stats["chunks_skipped"] += 1
-            else:
-                h_out = new[:, s:e]
-                if d.kind == "subset":
-                    h_out = policy.reuse(branch, g, h_in, d.tokens).clone()
-                    h_out[:, d.tokens] = new[:, s:e][:, d.tokens]
-                if local is not None:
-                    policy.observe(branch, g, h_in, h_out, d.tokens)
-                self.stats["chunks_computed" if local is not None else "chunks_history"] += 1
-            if local is not None:
-                self._local_steps[(branch, g)] = local + 1
-            out_h[rows, s:e] = h_out
-        shape = adapter.flop_shape
-        flops = flop_count.chunk_causal_flops(shape, (total,), [0] if tokens.numel() else [], {0: total}, frames=f,
-                                              batch=n_rows, query_tokens={0: int(tokens.numel())})
-        noskip = flop_count.chunk_causal_flops(shape, (total,), [0], {0: total}, frames=f, batch=n_rows)
-        return flops, noskip
 
-    def _account(self, report, call_flops, noskip_flops, shape, tokens, frames, batch) -> None:
-        self.stats["calls"] += 1
-        self.stats["transformer_flops"] += call_flops
-        self.stats["transformer_flops_chunk_causal"] += noskip_flops
-        self.stats["transformer_flops_vanilla"] += flop_count.window_flops(shape, tokens, frames, batch)
-        if report is not None:
-            report.add_forward(call_flops)
-            self._reported = report.merge_cache(self.method, self.summary(), self._reported)
+            def run(tokens, s=s, e=e):       # this chunk's part of the window pass
+                return new[:, s:e] if tokens is None else new[:, s:e][:, tokens]
+
+            out_h[rows, s:e] = self.step.apply(branch, g, d, h_all[:, s:e], run, active=local is not None,
+                                               heat=None if heat is None else heat[s:e])
+            self._stepped(branch, g, local, steps)
+        flops = adapter.flops
+        spent = flops.chunk_causal((total,), [0] if tokens.numel() else [], {0: total}, frames=f, batch=n_rows,
+                                   query_tokens={0: int(tokens.numel())})
+        noskip = flops.chunk_causal((total,), [0], {0: total}, frames=f, batch=n_rows)
+        return spent, noskip
+
+
+def check_attention(attention: str, compress: Optional[CompressConfig]) -> None:
+    """Settings a DF window cannot run, refused by name before any work."""
+    if attention not in ATTENTION_MODES:
+        raise InputError("attention", f"{attention!r}: choose one of {', '.join(ATTENTION_MODES)}")
+    if attention == "bidirectional" and compress is not None:
+        raise InputError("kv_compress", "compresses finished chunks' K/V, which exist only with attention "
+                                        "chunk_causal: switch kv_compress off or use chunk_causal")

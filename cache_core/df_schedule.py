@@ -22,6 +22,7 @@ Two deliberate differences from upstream:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -80,6 +81,7 @@ def template_timesteps(template: torch.Tensor) -> torch.Tensor:
 class DFSchedule:
     """The diffusion-forcing knobs (ARCacheDFSchedule); defaults are SkyReels-V2's. The
     streaming sampler dispatches on the schedule's type."""
+    node_title: ClassVar[str] = "Diffusion Forcing Schedule (ARCacheDFSchedule)"  # what users connect
     window_frames: int = 97          # pixel frames per window, history included
     overlap_frames: int = 17         # pixel frames of history carried into the next window
     ar_step: int = 0                 # 0: synchronous; >0: block b starts ar_step rows after b-1

@@ -21,3 +21,10 @@ def require_finite(input_name: str, value) -> None:
     """NaN and infinities pass ComfyUI's min/max checks (every comparison is False): refuse them."""
     if isinstance(value, float) and not math.isfinite(value):
         raise InputError(input_name, f"is {value}; enter a finite number")
+
+
+class ModelFamilyError(InputError):
+    """The MODEL input is not one the pack can serve; the message says what it is instead."""
+
+    def __init__(self, problem: str):
+        super().__init__("model", problem)

@@ -22,7 +22,18 @@ chunk; the count includes that.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Protocol, Sequence
+
+
+class FlopModel(Protocol):
+    """A family's FLOP model, as the chunk executor asks it (one per family: DiTShape for Wan)."""
+
+    def chunk_causal(self, chunk_tokens: Sequence[int], computed: Iterable[int], key_lengths: Optional[dict] = None,
+                     frames: Optional[int] = None, batch: int = 1, query_tokens: Optional[dict] = None) -> int:
+        """One chunk-wise call in which only the chunks in `computed` run the blocks."""
+
+    def window(self, tokens: int, frames: int, batch: int = 1) -> int:
+        """One bidirectional forward of the whole window (the uncached sampler's call)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,12 @@ class DiTShape:
     @classmethod
     def wan_14b(cls) -> "DiTShape":
         return cls(dim=5120, ffn_dim=13824, num_layers=40)
+
+    def chunk_causal(self, chunk_tokens, computed, key_lengths=None, frames=None, batch=1, query_tokens=None) -> int:
+        return chunk_causal_flops(self, chunk_tokens, computed, key_lengths, frames, batch, query_tokens)
+
+    def window(self, tokens: int, frames: int, batch: int = 1) -> int:
+        return window_flops(self, tokens, frames, batch)
 
 
 def _patch_volume(s: DiTShape) -> int:

@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .chunk_executor import COMPUTE, SKIP, ChunkPolicy, Decision
+from .chunk_step import COMPUTE, SKIP, ChunkPolicy, Decision
 from .errors import InputError
 
 IDENTITY = (1.0, 0.0)   # P(d) = d: for a model without a fitted polynomial
@@ -98,8 +98,6 @@ class ChunkState:
     acc: float = 0.0                          # accumulated rescaled distance since last compute
     prev: Optional[torch.Tensor] = None       # previous indicator ([6, dim] per row, fp32)
     residual: Optional[torch.Tensor] = None   # last block-stack output minus input
-    computed: int = 0                         # statistics
-    skipped: int = 0
 
 
 class FlowCachePolicy(ChunkPolicy):
@@ -157,18 +155,7 @@ class FlowCachePolicy(ChunkPolicy):
         return SKIP
 
     def observe(self, branch: int, chunk: int, h_in: torch.Tensor, h_out: torch.Tensor, tokens=None) -> None:
-        st = self.state(branch, chunk)
-        st.computed += 1
-        st.residual = h_out - h_in
+        self.state(branch, chunk).residual = h_out - h_in
 
     def reuse(self, branch: int, chunk: int, h_in: torch.Tensor, tokens=None) -> torch.Tensor:
-        st = self.state(branch, chunk)
-        st.skipped += 1
-        return h_in + st.residual
-
-    def counts(self) -> dict:
-        """Totals over all (branch, chunk): {'computed': n, 'skipped': n}."""
-        return {
-            "computed": sum(s.computed for s in self.states.values()),
-            "skipped": sum(s.skipped for s in self.states.values()),
-        }
+        return h_in + self.state(branch, chunk).residual

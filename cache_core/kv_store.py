@@ -81,9 +81,11 @@ class ChunkLayout:
 
 
 @dataclass(frozen=True)
-class CompressSettings:
-    """When and how the frozen history is squeezed (see kv_compress)."""
-    budget_tokens: int
+class CompressConfig:
+    """K/V compression of the finished history (see kv_compress): at most `budget_chunks` chunks'
+    worth of tokens per head, scored with weight `lam` on importance, pooled over `kernel`
+    tokens, by at most `max_queries` queries."""
+    budget_chunks: int = 1
     lam: float = 0.07
     kernel: int = 7
     max_queries: int = 256
@@ -201,7 +203,7 @@ class LayerKV:
                 block = t[:, src + p:src + q]
                 t[:, dst + p:dst + q].copy_(block.clone() if piece > shift else block)
 
-    def squeeze_history(self, upto: int, queries: torch.Tensor, heads: int, cfg: CompressSettings) -> bool:
+    def squeeze_history(self, upto: int, queries: torch.Tensor, heads: int, cfg: CompressConfig, budget: int) -> bool:
         """Merge chunks [first_live, upto) into the history; compress it to the budget in place.
 
         queries: [rows, Lq, heads*head_dim] of the chunk being forwarded now.
@@ -213,7 +215,6 @@ class LayerKV:
         if upto <= self.first_live:
             return False
         cut = self.offset(upto) if upto < self.started else self.used
-        budget = cfg.budget_tokens
         if cut <= budget:
             return False
         rows, cap, c = self.k.shape
@@ -249,13 +250,17 @@ class KVStore:
 
     Buffers are created on a branch's first write, with that write's rows, dtype and device,
     and hold only chunks that have started (see the module docstring for the memory bound).
-    `compress=None` keeps every chunk at full length.
+    `compress=None` keeps every chunk at full length; with it, the frozen history is squeezed to
+    `budget_tokens` per head.
     """
 
-    def __init__(self, layout: ChunkLayout, num_layers: int, compress: Optional[CompressSettings] = None):
+    def __init__(self, layout: ChunkLayout, num_layers: int, compress: Optional[CompressConfig] = None,
+                 budget_tokens: Optional[int] = None):
+        if compress is not None and budget_tokens is None:
+            raise ValueError("compression needs budget_tokens")
         self.layout = layout
         self.num_layers = num_layers
-        self.compress = compress
+        self.compress, self.budget_tokens = compress, budget_tokens
         self._layers: dict[tuple[int, int], LayerKV] = {}
         self._written: dict[int, set] = {}
         self._frozen: dict[int, set] = {}
@@ -356,4 +361,4 @@ class KVStore:
         upto = lkv.first_live
         while upto in frozen:
             upto += 1
-        return lkv.squeeze_history(upto, queries, heads, self.compress)
+        return lkv.squeeze_history(upto, queries, heads, self.compress, self.budget_tokens)

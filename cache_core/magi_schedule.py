@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,7 @@ from .errors import InputError
 @dataclass(frozen=True)
 class MagiSchedule:
     """What the Streaming AR Sampler needs to run a MAGI-1 model (upstream defaults)."""
+    node_title: ClassVar[str] = "MAGI-1 Schedule (ARCacheMagiSchedule)"  # what users connect
     chunk_width: int = 6                  # latent frames per chunk (24 video frames)
     window_size: int = 4                  # chunks denoised at once
     shift: float = 3.0                    # SD3 shift of the t^2 grid

@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .chunk_executor import COMPUTE, SKIP, ChunkPolicy, ChunkView, Decision, subset
+from .chunk_step import COMPUTE, SKIP, ChunkPolicy, ChunkView, Decision, subset
 from .errors import InputError
 from .flowcache_policy import IDENTITY, parse_coefficients, polyval
 
@@ -99,8 +99,6 @@ class TokenState:
     phase1_count: int = 0
     phase1_done: bool = False
     frames: int = 1
-    tokens_computed: int = 0                  # statistics: token-steps recomputed / reused
-    tokens_reused: int = 0
 
 
 def frame_weights(diff: torch.Tensor, floor: float, flat_is_one: bool = False) -> torch.Tensor:
@@ -208,9 +206,6 @@ class MotionCachePolicy(ChunkPolicy):
             st.residual = h_out - h_in
         else:
             st.residual[:, tokens] = h_out[:, tokens] - h_in[:, tokens]
-        n = h_in.shape[1] if tokens is None else int(tokens.numel())
-        st.tokens_computed += n
-        st.tokens_reused += h_in.shape[1] - n
         if st.acc is not None and st.prev is not None and not st.phase1_done and st.acc.numel() == h_in.shape[1]:
             if self._post_warmup(branch, chunk):
                 st.phase1_count += 1
@@ -221,7 +216,6 @@ class MotionCachePolicy(ChunkPolicy):
         st = self.state(branch, chunk)
         out = h_in + st.residual
         if tokens is None:
-            st.tokens_reused += h_in.shape[1]
             self._update_weights(branch, chunk, out)
         return out
 
@@ -242,7 +236,3 @@ class MotionCachePolicy(ChunkPolicy):
             d, last = hidden_motion(h_out, frames, self.last_frames.get((branch, chunk - 1)), chunk == 0)
             self.last_frames[(branch, chunk)] = last
         st.weights = frame_weights(d, self.config.weight_floor, flat_is_one=latents).flatten().to(h_out.device)
-
-    def token_counts(self) -> dict:
-        return {"computed": sum(s.tokens_computed for s in self.states.values()),
-                "reused": sum(s.tokens_reused for s in self.states.values())}

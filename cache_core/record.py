@@ -11,6 +11,10 @@ from dataclasses import dataclass
 import torch
 
 RECORD_KEY = "arcache_step"
+# The cache's state for one sampling run, put into transformer_options by the cache's OUTER_SAMPLE
+# wrapper and taken out in its `finally` (DF: the chunk executor; MAGI-1: its cache run).
+CACHE_RUN_KEY = "arcache_cache_run"
+CACHE_WRAPPER_KEY = "arcache_ar_cache"   # the key of the cache nodes' wrappers on a model clone
 
 
 @dataclass

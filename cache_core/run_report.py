@@ -5,6 +5,8 @@ dicts of transformer_options for every model call, so a dict would collect nothi
 """
 from __future__ import annotations
 
+import contextlib
+
 REPORT_KEY = "arcache_report"
 
 
@@ -29,6 +31,15 @@ class RunReport:
         old = self.heat.get(window)
         self.heat[window] = counts.clone() if old is None or old.shape != counts.shape else old + counts
 
+    @contextlib.contextmanager
+    def installed(self, transformer_options: dict):
+        """The report in `transformer_options` for the duration of a run, taken out in `finally`."""
+        transformer_options[REPORT_KEY] = self
+        try:
+            yield self
+        finally:
+            transformer_options.pop(REPORT_KEY, None)
+
     def add_forward(self, flops: float) -> None:
         self.data["transformer_flops"] += flops
         self.forwards += 1
@@ -45,11 +56,14 @@ class RunReport:
                 cache[key] = max(cache.get(key, 0), value)
             else:
                 cache[key] = cache.get(key, 0) + value - reported.get(key, 0)
-        # where the time went: the chunk-causal restructuring vs skipping redundant chunk steps
-        cache["chunk_steps_computed"] = cache["chunks_computed"]
-        cache["chunk_steps_skipped"] = cache["chunks_skipped"]
-        cache["flops_saved_restructure"] = cache["transformer_flops_vanilla"] - cache["transformer_flops_chunk_causal"]
-        cache["flops_saved_skipping"] = cache["transformer_flops_chunk_causal"] - cache["transformer_flops"]
-        if cache.get("tokens_active"):
-            cache["token_fraction_computed"] = cache["tokens_computed"] / cache["tokens_active"]
+        derive_savings(cache)
         return dict(summary)
+
+
+def derive_savings(cache: dict) -> None:
+    """Where the time went: the chunk-wise restructuring vs skipping redundant chunk steps, and the
+    share of active token-steps that ran the blocks (from the counts of cache_core.chunk_step)."""
+    cache["flops_saved_restructure"] = cache["transformer_flops_vanilla"] - cache["transformer_flops_noskip"]
+    cache["flops_saved_skipping"] = cache["transformer_flops_noskip"] - cache["transformer_flops"]
+    if cache.get("tokens_active"):
+        cache["token_fraction_computed"] = cache["tokens_computed"] / cache["tokens_active"]

@@ -1,10 +1,13 @@
-"""An AR cache on a ComfyUI MODEL: a clone with keyed wrappers, the chunk executor per sampling run.
+"""An AR cache on a ComfyUI MODEL: a clone with keyed wrappers, a fresh cache run per sampling run.
 
-The cache's spec (which policy, chunk size, compression) lives in the clone's
-transformer_options; each sampling run (OUTER_SAMPLE) gets a fresh `ChunkExecutor` that the
-DIFFUSION_MODEL wrapper drives through the model family's chunk adapter, and drops it in
-`finally`, so an interrupted run leaves nothing behind and the original model is never touched.
-Every cache method is a policy (cache_core); this file serves them all.
+The cache's spec (which policy, chunk size, compression, attention) lives in the clone's
+transformer_options. Each sampling run goes through the OUTER_SAMPLE wrapper, which asks the
+model's family for a fresh cache run (`Family.new_cache_run`: the DF chunk executor, or MAGI-1's
+cache run), puts it into transformer_options under CACHE_RUN_KEY and drops it in `finally`, so
+an interrupted run leaves nothing behind and the original model is never touched. A family whose
+model calls go through ComfyUI's forward (Wan) is driven by the DIFFUSION_MODEL wrapper through
+its chunk adapter; MAGI-1's run takes the cache run from transformer_options itself. Every cache
+method is a policy (cache_core); this file serves them all.
 """
 from __future__ import annotations
 
@@ -14,31 +17,29 @@ from typing import Callable, Optional
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..cache_core.chunk_executor import ChunkExecutor, ChunkPolicy, CompressConfig, branch_rows
+from ..cache_core.chunk_executor import ChunkExecutor, branch_rows
+from ..cache_core.chunk_step import ChunkPolicy
+from ..cache_core.errors import ModelFamilyError
 from ..cache_core.flowcache_policy import FlowCacheConfig, FlowCachePolicy
+from ..cache_core.kv_store import CompressConfig
 from ..cache_core.motioncache_policy import MotionCacheConfig, MotionCachePolicy
-from ..cache_core.record import RECORD_KEY
+from ..cache_core.record import CACHE_RUN_KEY, CACHE_WRAPPER_KEY, RECORD_KEY
 from ..cache_core.run_report import REPORT_KEY
 from . import families
-from .magi_cache import check_spec as check_magi_spec
-from .wan import ModelFamilyError
 
 SPEC_KEY = "arcache_ar_cache"       # one AR cache per model
-STATE_KEY = "arcache_ar_cache_run"
-WRAPPER_KEY = "arcache_ar_cache"
+WRAPPER_KEY = CACHE_WRAPPER_KEY
 MULTIGPU_NODE = "MultiGPU CFG Split (MultiGPU_WorkUnits)"
 
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """What one AR cache node asked for; a fresh policy and executor are made per sampling run."""
+    """What one AR cache node asked for; the family makes a fresh cache run of it per sampling run."""
     make_policy: Callable[[], ChunkPolicy]
     chunk_frames: int = 5
     compress: Optional[CompressConfig] = None
     attention: str = "chunk_causal"
-
-    def new_run(self) -> ChunkExecutor:
-        return ChunkExecutor(self.make_policy(), self.chunk_frames, self.compress, self.attention)
+    family: families.Family = None
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
@@ -47,10 +48,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     options = guider.model_options["transformer_options"]
     spec: CacheSpec = options[SPEC_KEY]
-    run = options[STATE_KEY] = spec.new_run()
+    run = options[CACHE_RUN_KEY] = spec.family.new_cache_run(spec)
     try:
         return executor(*args, **kwargs)
     finally:
+        options.pop(CACHE_RUN_KEY, None)
         run.reset()              # frees the K/V buffers
         guider.model_options = original
 
@@ -66,10 +68,10 @@ def _steps_per_chunk(record, transformer_options: dict) -> int:
 
 def diffusion_model_wrapper(executor, x, timestep, context, clip_fea=None, time_dim_concat=None,
                             transformer_options={}, **kwargs):
-    run: ChunkExecutor | None = transformer_options.get(STATE_KEY)
+    run: ChunkExecutor | None = transformer_options.get(CACHE_RUN_KEY)
     dm = executor.class_obj
     family = families.family_of(dm)
-    if run is None or family is None:
+    if run is None or family is None or family.chunk_adapter is None:
         return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
     if transformer_options.get("multigpu_thread_device") is not None:   # newer core: threads share the run state
         raise ModelFamilyError(f"AR caches cannot run under core multi-GPU: remove the {MULTIGPU_NODE} node "
@@ -88,12 +90,10 @@ def forward_chunkwise(run: ChunkExecutor, adapter, x, timestep, context, transfo
 
 def apply_ar_cache(model, spec: CacheSpec):
     """Return a clone of `model` that runs chunk-wise with the cache `spec` describes."""
-    family, dm = families.detect(model)
+    family, dm = spec.family, spec.family.transformer(model)
     if not family.supports_chunks(dm):
         raise ModelFamilyError(f"chunk-wise caches serve plain {family.title} transformers; this one has a "
                                f"changed forward ({type(dm).__name__})")
-    if family.sampler_kind == "magi":
-        check_magi_spec(spec)        # what cannot apply to MAGI-1 is refused at the cache node
     if SPEC_KEY in model.model_options.get("transformer_options", {}):
         raise ModelFamilyError("an AR cache (FlowCache/MotionCache) is already applied to this model; "
                                "connect the loader's MODEL instead of stacking two AR caches")
@@ -117,23 +117,25 @@ def flowcache_spec(config: FlowCacheConfig, family: families.Family, dm, skip: b
     if config.kv_compress:
         compress = CompressConfig(budget_chunks=config.kv_budget_chunks, lam=config.kv_lambda,
                                   kernel=config.kv_pool_kernel, max_queries=config.max_score_queries)
-    spec = CacheSpec(make_policy, config.chunk_frames, compress, attention)
-    spec.new_run()                   # refuses settings that do not fit the attention mode, now
+    spec = CacheSpec(make_policy, config.chunk_frames, compress, attention, family)
+    family.check_cache_spec(spec)   # settings the family cannot run are refused here, by name
     return spec
 
 
 def apply_flowcache(model, config: FlowCacheConfig, skip: bool = True, attention: str = "chunk_causal"):
+    """FlowCache on a MODEL: a clone that runs chunk-wise and skips redundant chunk steps."""
     family, dm = families.detect(model)
     return apply_ar_cache(model, flowcache_spec(config, family, dm, skip, attention))
 
 
 def motioncache_spec(config: MotionCacheConfig, family: families.Family, dm, attention: str = "chunk_causal"):
     coefficients = family.coefficients(config.coefficients, dm)
-    spec = CacheSpec(lambda: MotionCachePolicy(config, coefficients), config.chunk_frames, None, attention)
-    spec.new_run()
+    spec = CacheSpec(lambda: MotionCachePolicy(config, coefficients), config.chunk_frames, None, attention, family)
+    family.check_cache_spec(spec)
     return spec
 
 
 def apply_motioncache(model, config: MotionCacheConfig, attention: str = "chunk_causal"):
+    """MotionCache on a MODEL: a clone that runs chunk-wise and recomputes only moving tokens."""
     family, dm = families.detect(model)
     return apply_ar_cache(model, motioncache_spec(config, family, dm, attention))

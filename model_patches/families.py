@@ -1,23 +1,29 @@
 """The model-family registry: `detect(model)` says what a MODEL is and how the pack serves it.
 
-The sampler, the cache nodes and the preview ask the family instead of hard-coding Wan: latent
-geometry and frame rules, CFG branches, FLOP shape, preview format, chunk adapter, sampler kind.
-A new family is one file in model_patches/ plus one entry in FAMILIES.
+The sampler, the cache nodes, the presets and the preview ask the family instead of comparing
+kind strings: latent geometry and frame rules, CFG branches, FLOP model, preview format, the
+run that generates its videos (and with it the schedule it takes), the chunk adapter, the cache
+run a cache node gets per sampling run and the cache settings it refuses. A new family is one
+file (or folder) in model_patches/ plus one entry in FAMILIES.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import comfy.latent_formats
 
 from ..cache_core import df_schedule
-from ..cache_core import flops as flop_count
+from ..cache_core.chunk_executor import ChunkExecutor, check_attention
+from ..cache_core.errors import ModelFamilyError
 from ..cache_core.flowcache_policy import IDENTITY
 from . import wan
+from .df_sampling import DFRun
+from .magi_cache import MagiCacheRun, check_spec as magi_check_spec
 from .magi_loader import MagiLatentFormat
 from .magi_model import MagiDiT
-from .wan import ModelFamilyError
+from .magi_sampling import MagiRun
 
 
 @dataclass(frozen=True)
@@ -28,16 +34,23 @@ class Family:
     spatial_stride: int              # pixels per latent pixel
     temporal_stride: int             # pixel frames per latent frame after the first (causal VAE)
     latent_format: type              # ComfyUI latent format (preview factors, process_in/out)
-    sampler_kind: str                # the schedule type its AR sampler runs ("df" or "magi")
+    run: type                        # its VideoRun: the schedule it takes, request checks, the sampling loop
     transformer: Callable            # model_patcher -> its diffusion model, or ModelFamilyError
-    chunk_adapter: Callable          # diffusion model -> chunk adapter for the executor
+    chunk_adapter: Optional[Callable]  # diffusion model -> adapter for the chunk executor (None: the
+                                     # family's run drives its own chunk-wise forward)
     supports_chunks: Callable        # diffusion model -> bool (a cache can run it chunk-wise)
-    flop_shape: Callable             # diffusion model -> DiTShape
-    tokens_per_frame: Callable       # (latent h, latent w) -> transformer tokens per latent frame
-    token_grid: Callable             # (latent h, latent w) -> (token rows, token columns) of a frame
+    flops: Callable                  # diffusion model -> its FLOP model (cache_core.flops)
     coefficients: Callable           # (name or list, diffusion model) -> FlowCache polynomial
     prepare_sampling: Callable       # (model clone, schedule) -> report notes; per-frame timesteps etc.
+    new_cache_run: Callable          # CacheSpec -> the cache's state for one sampling run
+    check_cache_spec: Callable       # CacheSpec -> None, or an InputError naming the setting it cannot run
+    indicator_scale: Callable        # (diffusion model, coefficients) -> the presets' table: fitted | raw | magi
     causal_vae: bool = True          # 4k+1 pixel frames per k+1 latents (Wan); else 4k per k (MAGI-1)
+    patch: int = 2                   # latent pixels per transformer token, each way
+
+    def token_grid(self, latent_h: int, latent_w: int) -> tuple[int, int]:
+        """(token rows, token columns) of a latent frame (a partial patch is padded, as Wan does)."""
+        return -(-latent_h // self.patch), -(-latent_w // self.patch)
 
     def latent_frames(self, pixel_frames: int) -> int:
         if not self.causal_vae:
@@ -49,11 +62,17 @@ class Family:
             return latent_frames * self.temporal_stride
         return df_schedule.pixel_frames(latent_frames, self.temporal_stride)
 
+    def tokens_per_frame(self, latent_h: int, latent_w: int) -> int:
+        """Transformer tokens per latent frame: the one token count (FLOPs, heat, chunks)."""
+        return math.prod(self.token_grid(latent_h, latent_w))
+
     @staticmethod
     def cfg_branches(cfg: float) -> int:
         """Model rows per call: cond and uncond, or cond alone at cfg 1."""
         return 1 if cfg == 1.0 else 2
 
+
+# --- SkyReels-V2-DF: ComfyUI's Wan 2.1 transformer, diffusion-forcing windows ---------------------
 
 def _wan_prepare(model_patcher, schedule) -> dict:
     wan.install_per_frame_timesteps(model_patcher)
@@ -61,23 +80,32 @@ def _wan_prepare(model_patcher, schedule) -> dict:
     return {"fps_conditioning": wan.apply_fps_conditioning(model_patcher, fps) if fps else None}
 
 
+def _wan_cache_run(spec) -> ChunkExecutor:
+    return ChunkExecutor(spec.make_policy(), spec.chunk_frames, spec.compress, spec.attention)
+
+
+def _wan_indicator_scale(dm, coefficients) -> str:
+    fitted = tuple(wan.resolve_coefficients(coefficients, dm.dim)) != tuple(wan.COEFFICIENTS["none"])
+    return "fitted" if fitted else "raw"
+
+
 WAN21 = Family(
     name="wan21", title="SkyReels-V2-DF (Wan 2.1)", latent_channels=16, spatial_stride=8, temporal_stride=4,
-    latent_format=comfy.latent_formats.Wan21, sampler_kind="df",
+    latent_format=comfy.latent_formats.Wan21, run=DFRun,
     transformer=wan.wan_transformer, chunk_adapter=wan.WanChunkAdapter, supports_chunks=wan.supports_chunks,
-    flop_shape=wan.flop_shape, tokens_per_frame=wan.tokens_per_frame,
-    token_grid=lambda h, w: (-(-h // 2), -(-w // 2)),
-    coefficients=lambda name, dm: wan.resolve_coefficients(name, dm.dim), prepare_sampling=_wan_prepare)
+    flops=wan.flop_shape,
+    coefficients=lambda name, dm: wan.resolve_coefficients(name, dm.dim), prepare_sampling=_wan_prepare,
+    new_cache_run=_wan_cache_run, check_cache_spec=lambda spec: check_attention(spec.attention, spec.compress),
+    indicator_scale=_wan_indicator_scale)
+
+
+# --- MAGI-1: the pack's own DiT, chunk-wise stages ------------------------------------------------
 
 def magi_transformer(model_patcher) -> MagiDiT:
     dm = getattr(model_patcher.model, "diffusion_model", None)
     if not isinstance(dm, MagiDiT):
         raise ModelFamilyError(f"this is {wan.describe_model(model_patcher.model)}, not MAGI-1")
     return dm
-
-
-def _magi_flop_shape(dm) -> flop_count.MagiShape:
-    return dm.config.flop_shape()
 
 
 def _magi_coefficients(name, dm):
@@ -90,17 +118,13 @@ def _magi_coefficients(name, dm):
     return tuple(name)
 
 
-def _magi_chunk_adapter(dm):
-    raise ModelFamilyError("MAGI-1 runs chunk by chunk in the Streaming AR Sampler only")
-
-
 MAGI1 = Family(
     name="magi1", title="MAGI-1", latent_channels=16, spatial_stride=8, temporal_stride=4,
-    latent_format=MagiLatentFormat, sampler_kind="magi", transformer=magi_transformer,
-    chunk_adapter=_magi_chunk_adapter, supports_chunks=lambda dm: isinstance(dm, MagiDiT), flop_shape=_magi_flop_shape,
-    tokens_per_frame=lambda h, w: (h // 2) * (w // 2), token_grid=lambda h, w: (h // 2, w // 2),
-    coefficients=_magi_coefficients, prepare_sampling=lambda model_patcher, schedule: {},
-    causal_vae=False)
+    latent_format=MagiLatentFormat, run=MagiRun, transformer=magi_transformer,
+    chunk_adapter=None, supports_chunks=lambda dm: isinstance(dm, MagiDiT), flops=lambda dm: dm.config.flop_shape(),
+    coefficients=_magi_coefficients,
+    prepare_sampling=lambda model_patcher, schedule: {}, new_cache_run=MagiCacheRun, check_cache_spec=magi_check_spec,
+    indicator_scale=lambda dm, coefficients: "magi", causal_vae=False)
 
 FAMILIES: dict[str, Family] = {WAN21.name: WAN21, MAGI1.name: MAGI1}
 
@@ -108,20 +132,28 @@ FAMILIES: dict[str, Family] = {WAN21.name: WAN21, MAGI1.name: MAGI1}
 def detect(model_patcher) -> tuple[Family, object]:
     """(family, diffusion model) of a MODEL, or a ModelFamilyError that says what it is instead.
 
-    A model one family nearly serves (a causal Wan, a Wan 2.2) gets that family's own message."""
-    errors = {}
+    A model one family nearly serves (a causal Wan, a Wan 2.2) gets that family's own message.
+    Only the messages are kept: a caught exception kept past its handler holds its traceback's
+    frames, and with them the model patcher, in a reference cycle."""
+    problems = {}
     for family in FAMILIES.values():
         try:
             return family, family.transformer(model_patcher)
         except ModelFamilyError as e:
-            errors[family.name] = e
+            problems[family.name] = e.problem
     dm = getattr(model_patcher.model, "diffusion_model", None)
     if type(dm).__module__.startswith("comfy.ldm.wan"):
-        raise errors[WAN21.name]
+        raise ModelFamilyError(problems[WAN21.name])
     raise ModelFamilyError(f"this is {wan.describe_model(model_patcher.model)}; the pack serves: "
                            + ", ".join(f.title for f in FAMILIES.values()))
 
 
-def family_of(diffusion_model):
-    """The family whose chunk adapter runs this diffusion model, or None."""
+def family_of(diffusion_model) -> Optional[Family]:
+    """The family whose chunk-wise forward runs this diffusion model, or None."""
     return next((f for f in FAMILIES.values() if f.supports_chunks(diffusion_model)), None)
+
+
+def new_video_run(model_patcher, req, on_window=None, sink=None):
+    """The sampler run for a request on this MODEL: its family's run (the node and the bench use it)."""
+    family, dm = detect(model_patcher)
+    return family.run(model_patcher, req, family, dm, on_window=on_window, sink=sink)

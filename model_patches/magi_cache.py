@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 
-from ..cache_core import flops as flop_count
-from ..cache_core.chunk_executor import ChunkView
+from ..cache_core.chunk_step import ChunkStep, ChunkView
 from ..cache_core.errors import InputError
 from ..cache_core.magi_schedule import ForwardStep, first_key_chunk
-from .magi_model import ChunkCall, KVCache, tokens_to_video, video_to_tokens
+from ..cache_core.run_report import derive_savings
+from .magi_model import ChunkForward, KVCache, tokens_to_video, video_to_tokens
 
 TEXT, HISTORY, ALONE = 0, 1, 2          # branch ids: the base models' guidance passes (distilled: TEXT)
 
@@ -47,16 +47,26 @@ def cached_keep(plan: list[ForwardStep], steps: int, kv_range: tuple) -> int | N
 
 
 class MagiCacheRun:
-    """The cache state of one MAGI-1 run: a fresh policy, a K/V cache per guidance pass, statistics."""
+    """The cache state of one MAGI-1 sampling run: the policy's chunk step, a K/V cache per
+    guidance pass. Made by the cache's OUTER_SAMPLE wrapper (`new_run`), bound to the run's plan
+    by the sampler (`bind`), dropped by the wrapper in `finally` (`reset`)."""
 
-    def __init__(self, spec, dm, plan, steps: int, kv_range: tuple, offload: bool, shape: flop_count.MagiShape,
-                 grid_hw: tuple, chunk_frames: int, total_frames: int):
+    def __init__(self, spec):
         check_spec(spec)
-        self.dm, self.policy, self.steps, self.kv_range, self.shape = dm, spec.make_policy(), steps, kv_range, shape
-        self.compress = spec.compress
+        self.spec, self.compress = spec, spec.compress
+        self.step = ChunkStep(spec.make_policy())
+        self.caches: dict = {}
+
+    @property
+    def method(self) -> str:
+        return self.step.method
+
+    def bind(self, dm, plan, steps: int, kv_range: tuple, offload: bool, grid_hw: tuple, chunk_frames: int,
+             total_frames: int) -> None:
         if self.compress is not None and kv_range:
             raise InputError("kv_compress", "compresses the full history, as the MAGI-1 reference does: set the "
                              "MAGI-1 Schedule's kv_range to all (with 5,4,3,2 the cache is bounded already)")
+        self.dm, self.steps, self.kv_range = dm, steps, kv_range
         keep = cached_keep(plan, steps, kv_range)
         layers = dm.config.num_layers
         self.caches = {b: KVCache(layers, keep=keep, offload=offload, keep_queries=self.compress is not None)
@@ -66,57 +76,43 @@ class MagiCacheRun:
         self.cw = chunk_frames
         self.tokens = chunk_frames * self.ht * self.wt
         self.heat = torch.zeros(total_frames, self.ht * self.wt)
-        self.stats = {"chunk_steps_computed": 0, "chunk_steps_skipped": 0, "chunk_steps_subset": 0,
-                      "tokens_active": 0, "tokens_computed": 0, "transformer_flops_chunk_causal": 0.0}
+        self.step.counts["segments"] += 1
+
+    def reset(self) -> None:
+        """Free the K/V caches (the cache wrapper's `finally`)."""
+        self.caches = {}
 
     def write_prefix(self, forward, prefix, n: int, t: float, null, null_row: bool, dt) -> None:
         """Whole prefix chunks into every pass's cache that attends to history (clean, self-only)."""
         for b in (TEXT, HISTORY):
-            forward(prefix[:, :, :n * self.cw], ChunkCall(0, [t] * n, [null] * n, list(range(n)), null_row=null_row,
-                                                         write=tuple(range(n)), dt=dt), self.caches[b])
+            forward(prefix[:, :, :n * self.cw], ChunkForward(0, [t] * n, [null] * n, list(range(n)),
+                                                             null_row=null_row, write=tuple(range(n)), dt=dt),
+                    self.caches[b])
 
-    def chunk_velocity(self, forward, branch: int, x, c: int, j: int, t: float, text, null_row: bool,
-                       dt, alone: bool = False) -> torch.Tensor:
+    def chunk_velocity(self, forward, flops, branch: int, x, c: int, j: int, call: ChunkForward) -> torch.Tensor:
         """Velocity [1, C, cw, h, w] of chunk c (absolute) at its step j, for one guidance pass.
 
-        x: the run's whole latent state (model space, prefix written in), chunk c at its input."""
-        cw, p, S = self.cw, self.dm.config.patch, self.steps
+        x: the run's whole latent state (model space, prefix written in), chunk c at its input;
+        call: the chunk's forward (its time, text, key range); flops(call, cache): its FLOPs.
+        Returns the velocity and the FLOPs the chunk would cost computed in full."""
+        cw, p = self.cw, self.dm.config.patch
         xc = x[:, :, c * cw:(c + 1) * cw]
         cache = self.caches[branch]
-        policy = self.policy
-        if policy.needs_view:
+
+        def view() -> ChunkView:
             before = video_to_tokens(x[:, :, c * cw - 1:c * cw], p) if c > 0 else None
-            policy.see(branch, c, ChunkView(frames=(0, cw), tokens=self.tokens, local_step=j,
-                                            latents=video_to_tokens(xc, p), latents_before=before))
-        indicator = self.dm.embed(xc)[0] if policy.needs_indicator else None
-        decision = policy.decide(branch, c, indicator, j, S)
+            return ChunkView(frames=(0, cw), tokens=self.tokens, local_step=j, latents=video_to_tokens(xc, p),
+                             latents_before=before)
+
+        decision = self.step.decide(branch, c, j, self.steps, view=view, indicator=lambda: self.dm.embed(xc)[0])
         zeros = torch.zeros(1, self.tokens, p * p * xc.shape[1], device=x.device)
-        first = c if alone else first_key_chunk(c, j, S, self.kv_range)
-        self.stats["tokens_active"] += self.tokens
-        frames = slice(c * cw, (c + 1) * cw)
-        if decision.kind == "skip":
-            v = policy.reuse(branch, c, zeros)
-            self.stats["chunk_steps_skipped"] += 1
-        else:
-            tokens = decision.tokens if decision.kind == "subset" else None
-            call = ChunkCall(c, [t], [text], [first], null_row=null_row, write=(c,), dt=dt, token_major=True,
-                             tokens=None if tokens is None else tokens.to(x.device))
-            fresh = forward(xc, call, cache)
-            if tokens is None:
-                v = fresh
-                self.stats["chunk_steps_computed"] += 1
-                self.stats["tokens_computed"] += self.tokens
-                self.heat[frames] += 1
-            else:
-                v = policy.reuse(branch, c, zeros, tokens).clone()
-                v[:, tokens] = fresh
-                self.stats["chunk_steps_subset"] += 1
-                self.stats["tokens_computed"] += int(tokens.numel())
-                counts = torch.zeros(self.tokens)
-                counts[tokens.cpu()] = 1
-                self.heat[frames] += counts.view(cw, -1)
-            policy.observe(branch, c, zeros, v, tokens)
-        return tokens_to_video(v, cw, self.ht, self.wt, p, xc.shape[1])
+        noskip = flops(call, cache)
+
+        def run(tokens):
+            return forward(xc, call if tokens is None else call.with_tokens(tokens.to(x.device)), cache)
+
+        v = self.step.apply(branch, c, decision, zeros, run, heat=self.heat[c * cw:(c + 1) * cw].view(-1))
+        return tokens_to_video(v, cw, self.ht, self.wt, p, xc.shape[1]), noskip
 
     def chunk_finished(self, chunk: int) -> None:
         """K/V compression (FlowCache B3): finished chunks' K/V squeezed to the history budget."""
@@ -124,12 +120,11 @@ class MagiCacheRun:
             return
         budget = self.compress.budget_chunks * self.tokens
         for b in (TEXT, HISTORY):
-            self.caches[b].compress(chunk, budget, self.compress.lam, self.compress.kernel, self.compress.max_queries)
+            self.caches[b].compress(chunk, budget, self.compress)
 
-    def summary(self, method: str) -> dict:
-        s = dict(self.stats)
-        s["method"] = method
-        s["token_fraction_computed"] = s["tokens_computed"] / max(1, s["tokens_active"])
+    def summary(self) -> dict:
+        s = dict(self.step.counts, method=self.method)
+        derive_savings(s)
         s["kv_bytes"] = sum(cache.nbytes() for cache in self.caches.values())
         s["kv_bytes_peak"] = sum(cache.peak_bytes for cache in self.caches.values())
         s["kv_history_tokens"] = self.caches[TEXT].history_tokens() or self.caches[HISTORY].history_tokens()

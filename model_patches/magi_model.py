@@ -14,6 +14,7 @@ layers is in the model dtype.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -254,8 +255,9 @@ class KVCache:
             return self.history[0][0].shape[2] + (chunk - self.history_upto) * chunk_tokens
         return (chunk - first + 1) * chunk_tokens
 
-    def compress(self, upto: int, budget: int, lam: float = 0.07, kernel: int = 7, max_queries: int = 256) -> None:
-        """Merge the chunks up to `upto` (finished) and the history into at most `budget` tokens per head."""
+    def compress(self, upto: int, budget: int, cfg) -> None:
+        """Merge the chunks up to `upto` (finished) and the history into at most `budget` tokens per
+        head, as `cfg` (a CompressConfig) says."""
         from ..cache_core.kv_compress import select_tokens
         for layer, store in enumerate(self.layers):
             parts = ([self.history[layer]] if self.history[layer] is not None else []) + \
@@ -269,8 +271,8 @@ class KVCache:
                 B, Hq, Lq, D = q.shape
                 g = Hq // k.shape[1]                                      # a group's query heads score its KV head
                 queries = q.to(k.device).unflatten(1, (k.shape[1], g)).permute(0, 2, 3, 1, 4).reshape(B, g * Lq, -1, D)
-                kk, vv, _ = select_tokens(k.transpose(1, 2), v.transpose(1, 2), queries, budget, lam, kernel,
-                                          max_queries)
+                kk, vv, _ = select_tokens(k.transpose(1, 2), v.transpose(1, 2), queries, budget, cfg.lam, cfg.kernel,
+                                          cfg.max_queries)
                 k, v = kk.transpose(1, 2).contiguous(), vv.transpose(1, 2).contiguous()
             self.history[layer] = (k, v)
         self.history_upto = max(self.history_upto, upto)
@@ -287,7 +289,7 @@ class KVCache:
 
 
 @dataclass
-class ChunkCall:
+class ChunkForward:
     """One forward over consecutive chunks start.. of the run, and what each chunk sees."""
     start: int                    # absolute index of the first chunk in x
     t: list                       # per chunk, 0 = noise .. 1 = clean
@@ -299,6 +301,9 @@ class ChunkCall:
     tokens: torch.Tensor | None = None   # one-chunk calls: only these of its tokens run (the others'
                                          # K/V come from the cache, where the new rows are written back)
     token_major: bool = False     # return [B, tokens, patch*patch*C] instead of the latent video
+
+    def with_tokens(self, tokens: torch.Tensor) -> "ChunkForward":
+        return dataclasses.replace(self, tokens=tokens)
 
 
 class MagiLayer(nn.Module):
@@ -330,7 +335,7 @@ class MagiLayer(nn.Module):
     def heads(self, x, n):           # [B, L, n*hd] -> [B, n, L, hd]
         return x.unflatten(-1, (n, self.c.head_dim)).transpose(1, 2)
 
-    def forward(self, x, cond, text, rope, call: ChunkCall, cache: KVCache | None, layer: int, chunk_tokens: int):
+    def forward(self, x, cond, text, rope, call: ChunkForward, cache: KVCache | None, layer: int, chunk_tokens: int):
         """x [B, L, d] (model dtype), cond [n, cond_dim] per chunk, text: per chunk [B, Lt, d] states."""
         c, sa, n = self.c, self.self_attention, len(call.t)
         B, L, _ = x.shape
@@ -450,8 +455,7 @@ class MagiDiT(nn.Module):
             x = torch.cat([x, x], dim=1)
         return self.x_embedder(x).flatten(2).transpose(1, 2)
 
-    def forward_chunks(self, x: torch.Tensor, call: ChunkCall, cache: KVCache | None = None,
-                       transformer_options: dict | None = None) -> torch.Tensor:
+    def forward_chunks(self, x: torch.Tensor, call: ChunkForward, cache: KVCache | None = None) -> torch.Tensor:
         """Velocity for x [B, C_latent, n*chunk_frames, h, w] (model-space latents, B = 1 per run)."""
         c = self.config
         B, _, T, H, W = x.shape

@@ -10,24 +10,21 @@ When a chunk leaves the window, the next step re-runs it at clean_t into the K/V
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 import comfy.model_management
-import comfy.utils
 
 from ..cache_core import flops as flop_count
 from ..cache_core.errors import InputError
 from ..cache_core.magi_schedule import (MagiSchedule, cached_chunks_needed, distill_dt, first_key_chunk, latent_length,
                                         plan_steps, time_grid)
-from ..cache_core.run_report import REPORT_KEY, RunReport
-from . import families
-from .ar_cache import SPEC_KEY
-from .magi_cache import ALONE, HISTORY, TEXT, MagiCacheRun
-from .magi_model import ChunkCall, KVCache
+from ..cache_core.record import CACHE_RUN_KEY
+from .magi_cache import ALONE, HISTORY, TEXT
+from .magi_model import ChunkForward, KVCache
 from .magi_text import SPECIAL_KEY, chunk_text
+from .video_run import VideoRun, check_image, check_prefix_latent, resize_image
 
 
 @dataclass(frozen=True)
@@ -47,22 +44,34 @@ def magi_conditioning(positive, name: str = "positive") -> tuple[torch.Tensor, d
     return cond[0].float(), extra[SPECIAL_KEY]
 
 
-def resize_exact(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Upstream's i2v resize: to width x height without keeping the aspect ratio."""
-    return comfy.utils.common_upscale(image[:1].movedim(-1, 1), width, height, "bilinear", "disabled").movedim(1, -1)
+class MagiRun(VideoRun):
+    """A MAGI-1 video: chunk by chunk at staggered noise levels (see the module docstring); each
+    chunk is emitted the moment it is finished. With a cache node on the model, the cache's
+    OUTER_SAMPLE wrapper makes the run's cache state (magi_cache.MagiCacheRun) and the chunk-wise
+    steps go through its chunk step."""
 
+    schedule = MagiSchedule
 
-class MagiRun:
-    """One MAGI-1 run: the same interface as streaming.StreamingRun (plans, total_rows, run, heat)."""
+    @staticmethod
+    def validate(width, height, length, schedule, vae, start_image, prefix_latent, end_image, family) -> None:
+        if length < 4:
+            raise InputError("length", f"{length}: MAGI-1 makes 4 video frames per latent frame; ask for at least 4")
+        if end_image is not None:
+            raise InputError("end_image", "is not supported with MAGI-1 (it has no end-frame conditioning); "
+                             "disconnect it")
+        if start_image is not None:
+            if vae is None:
+                raise InputError("start_image", "needs a vae: connect the MAGI-1 VAE (MAGI-1 VAE Loader)")
+            check_image("start_image", start_image)
+        if start_image is not None and prefix_latent is not None:
+            raise InputError("start_image", "and prefix_latent: give one (image-to-video) or the other "
+                             "(video-to-video)")
+        check_prefix_latent(prefix_latent, width, height, family)
 
-    def __init__(self, model, req, on_window=None, sink=None):
-        self.req, self.on_window, self.sink = req, on_window, sink
-        self.family, self.dm = families.detect(model)
+    def __init__(self, model, req, family, dm, on_window=None, sink=None):
+        super().__init__(model, req, family, dm, on_window, sink)
+        self.refuse_foreign_wrappers()
         sch: MagiSchedule = req.schedule
-        if not isinstance(sch, MagiSchedule) or self.family.sampler_kind != "magi":
-            raise families.ModelFamilyError(f"{self.family.title} models take a {self.family.sampler_kind} schedule, "
-                                            f"not {type(sch).__name__}")
-        self.model = model.clone()
         cfg = self.dm.config
         self.distill = model.model.magi_distill if sch.distill == "auto" else sch.distill == "on"
         self.captions = [magi_conditioning(p, "positive" if i == 0 else "prompt_schedule") for i, p in
@@ -77,10 +86,13 @@ class MagiRun:
                              f"window_size={sch.window_size} (e.g. 16, 32, 64)")
         if sch.kv_range and self.steps % len(sch.kv_range):
             raise InputError("steps", f"{self.steps} is not divisible by the {len(sch.kv_range)} kv_range entries")
-        self.lat_h, self.lat_w = req.height // 8, req.width // 8
+        stride = family.spatial_stride
+        self.lat_h, self.lat_w = req.height // stride, req.width // stride
+        self.grid = family.token_grid(self.lat_h, self.lat_w)
         self.prefix = None                                      # raw latents the run continues from
         if req.start_image is not None:
-            self.prefix = req.vae.encode(resize_exact(req.start_image, req.width, req.height)[..., :3]).float()[:, :, :1]
+            image = resize_image(req.start_image, req.width, req.height, crop="disabled")[..., :3]
+            self.prefix = req.vae.encode(image).float()[:, :, :1]
         elif req.prefix_latent is not None:
             self.prefix = req.prefix_latent.float()
         P = 0 if self.prefix is None else self.prefix.shape[2]
@@ -88,12 +100,12 @@ class MagiRun:
         self.num_chunks, self.prefix_chunks = self.T // cw, P // cw
         self.plan = plan_steps(self.num_chunks, self.prefix_chunks, sch.window_size, self.steps)
         self.plans = [ChunkPlan(i) for i in range(self.num_chunks - self.prefix_chunks)]
-        self.heat = None
+        self.calls_per_segment = [len(self.plan)]
         self._texts: dict = {}
 
-    @property
-    def total_rows(self) -> int:
-        return len(self.plan)
+    def report_fields(self) -> dict:
+        return dict(model="MAGI-1 " + self.dm.config.size_name, distill=self.distill,
+                    passes_run={"text": 0, "history": 0, "alone": 0, "refresh_only": 0})
 
     def text_for(self, chunk: int) -> torch.Tensor:
         """A generated chunk's text (fixed for the run: built once, asked for every forward)."""
@@ -104,18 +116,14 @@ class MagiRun:
                                             self.dm.config.caption_max_length)
         return self._texts[chunk]
 
-    @torch.no_grad()
-    def run(self, on_row=None) -> tuple[torch.Tensor, dict]:
+    def _generate(self, run_report, on_call) -> torch.Tensor:
+        return self.outer_wrapped(self._sample, run_report, on_call)
+
+    def _sample(self, run_report, on_call) -> torch.Tensor:
         req, sch, cfg = self.req, self.req.schedule, self.dm.config
-        t0 = time.perf_counter()
-        report = RunReport(windows=len(self.plans), model_calls=0, rows=[len(self.plan)], steps=self.steps,
-                           latent_frames=0, first_window_seconds=None, transformer_flops=0.0,
-                           transformer_flops_vanilla=0.0, cache=None, model="MAGI-1 " + cfg.size_name,
-                           distill=self.distill, passes_run={"text": 0, "history": 0, "alone": 0, "refresh_only": 0})
-        data = report.data
-        self.model.model_options["transformer_options"][REPORT_KEY] = report
+        data = run_report.data
         cw, S, fmt = sch.chunk_width, self.steps, self.model.model.latent_format
-        tokens = cw * (self.lat_h // cfg.patch) * (self.lat_w // cfg.patch)
+        tokens = cw * self.grid[0] * self.grid[1]
         # Working memory beyond the weights: a window's activations (fp32 residual temporaries, the MLP).
         mem = 12 * (sch.window_size + 2) * tokens * (cfg.hidden + cfg.ffn * (2 if cfg.gated else 1))
         comfy.model_management.load_models_gpu([self.model], memory_required=mem)
@@ -128,54 +136,66 @@ class MagiRun:
         grid = time_grid(S, sch.shift).tolist()
         cache = KVCache(cfg.num_layers, keep=cached_chunks_needed(self.plan, S, sch.kv_range), offload=sch.kv_on_cpu)
         null = dm.null_text(device)
-        topts = self.model.model_options["transformer_options"]
         base = not self.distill
-        shape = cfg.flop_shape()
+        shape = self.family.flops(dm)
+        cached = self.model.model_options["transformer_options"].get(CACHE_RUN_KEY)
+        if cached is not None:
+            cached.bind(dm, self.plan, S, sch.kv_range, sch.kv_on_cpu, self.grid, cw, self.T)
 
-        spec = topts.get(SPEC_KEY)
-        cached = None if spec is None else MagiCacheRun(
-            spec, dm, self.plan, S, sch.kv_range, sch.kv_on_cpu, shape, (self.lat_h // cfg.patch, self.lat_w // cfg.patch),
-            cw, self.T)
-
-        def call_flops(call: ChunkCall, kv=None) -> float:
+        def call_flops(call: ChunkForward, kv=None) -> float:
             lq = tokens if call.tokens is None else int(call.tokens.numel())
             keys = [(kv.key_tokens(call.first[i], call.start + i, tokens) if kv is not None
                      else (call.start + i - call.first[i] + 1) * tokens) for i in range(len(call.t))]
             return float(sum(flop_count.magi_chunk_flops(shape, lq, lk, len(tx)) for lk, tx in zip(keys, call.texts)))
 
-        def forward(x_in, call: ChunkCall, kv=cache):
+        def forward(x_in, call: ChunkForward, kv=cache):
             f = call_flops(call, kv)                  # before the call: its writes do not change its own keys
-            out = dm.forward_chunks(x_in.to(dtype), call, kv, transformer_options=topts).float()
+            out = dm.forward_chunks(x_in.to(dtype), call, kv).float()
             data["transformer_flops"] += f
             if cached is None:
                 data["transformer_flops_vanilla"] += f
             data["model_calls"] += 1
             return out
 
-        def vanilla_flops(x_in, call: ChunkCall, kv=None):   # what the uncached run would spend
+        def vanilla_flops(x_in, call: ChunkForward, kv=None):   # what the uncached run would spend
             data["transformer_flops_vanilla"] += call_flops(call)
             return torch.zeros_like(x_in)
+
+        def counted(fn, *args):        # a cached step's FLOPs into the cache's counts, where they are spent
+            spent, vanilla = data["transformer_flops"], data["transformer_flops_vanilla"]
+            noskip = fn(*args)
+            spent, vanilla = data["transformer_flops"] - spent, data["transformer_flops_vanilla"] - vanilla
+            cached.step.add_flops(spent, spent if noskip is None else noskip, vanilla)
 
         if P:
             x[:, :, :P] = prefix                # the given frames stay as given all run long
         dt0 = distill_dt(S, 0) if self.distill else None
         if self.prefix_chunks:      # whole prefix chunks go straight into the K/V cache, clean and self-only
             n = self.prefix_chunks
-            call = ChunkCall(start=0, t=[sch.clean_t] * n, texts=[null] * n, first=list(range(n)), null_row=base,
-                             write=tuple(range(n)), dt=dt0)
+            call = ChunkForward(start=0, t=[sch.clean_t] * n, texts=[null] * n, first=list(range(n)), null_row=base,
+                                write=tuple(range(n)), dt=dt0)
             if cached is None:
                 forward(prefix[:, :, :n * cw], call)
             else:
-                cached.write_prefix(forward, prefix, n, sch.clean_t, null, base, dt0)
-                vanilla_flops(prefix[:, :, :n * cw], call)
+                def write_prefix():
+                    cached.write_prefix(forward, prefix, n, sch.clean_t, null, base, dt0)
+                    vanilla_flops(prefix[:, :, :n * cw], call)
+                counted(write_prefix)
         for step in self.plan:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            v = self._vanilla_step(step, x, grid, null, forward if cached is None else vanilla_flops, data)
-            if cached is not None:
-                v = self._cached_step(step, x, grid, null, forward, cached)
+            if cached is None:
+                v = self._vanilla_step(step, x, grid, null, forward, data)
+            else:
+                out = {}
+
+                def cached_step():
+                    self._vanilla_step(step, x, grid, null, vanilla_flops, data)
+                    out["v"], noskip = self._cached_step(step, x, grid, null, forward, call_flops, cached)
+                    return noskip
+                counted(cached_step)
+                v = out["v"]
             t_call = [grid[j] for j in step.step_of]
-            a = step.start * cw
-            x_in = x[:, :, a: step.end * cw]
+            x_in = x[:, :, step.start * cw: step.end * cw]
             dts = torch.tensor([grid[j + 1] - grid[j] for j in step.step_of], dtype=torch.float32, device=device)
             ts = torch.tensor(t_call, dtype=torch.float32, device=device)
             xs = x_in.clone()
@@ -183,27 +203,23 @@ class MagiRun:
             x[:, :, step.start * cw: step.end * cw] = new
             if P > step.start * cw:   # the given frames stay exactly as given (upstream leaves them one Euler step off)
                 x[:, :, step.start * cw:P] = prefix[:, :, step.start * cw:P]
-            if on_row is not None:
+            if on_call is not None:
                 x0 = xs + v * (1 - ts).repeat_interleave(cw).view(1, 1, -1, 1, 1)
                 preview = x.clone()
                 preview[:, :, step.start * cw: step.end * cw] = x0
-                on_row(step.index, preview, x)
+                on_call(step.index, preview, x)
             if step.finished is not None:
                 if cached is not None:
                     cached.chunk_finished(step.finished)
-                self._emit(fmt, x, step.finished, P, data, t0)
+                self._emit_chunk(fmt, x, step.finished, P, data)
         video = self._assemble(fmt.process_out(x.float()).cpu(), P)
         if cached is not None:
-            data["cache"] = cached.summary(getattr(cached.policy, "method", "ar_cache"))
-            data["cache"]["flops_saved_skipping"] = data["transformer_flops_vanilla"] - data["transformer_flops"]
-            self.heat = cached.heat.reshape(self.T, self.lat_h // cfg.patch, self.lat_w // cfg.patch)
-        data["latent_frames"] = int(video.shape[2])
-        data["pixel_frames"] = 4 * int(video.shape[2])
+            data["cache"] = cached.summary()
+            self.heat = cached.heat.reshape(self.T, *self.grid)
+        data["pixel_frames"] = self.family.pixel_frames(int(video.shape[2]))
         data["kv_cache_chunks"] = cache.chunks()
         data["kv_cache_bytes"] = cache.nbytes()
-        data["seconds"] = time.perf_counter() - t0
-        self.model.model_options["transformer_options"].pop(REPORT_KEY, None)
-        return video, data
+        return video
 
     def _vanilla_step(self, step, x, grid, null, forward, data) -> torch.Tensor:
         """Velocity of the window's active chunks at one forward step, as upstream computes it."""
@@ -223,65 +239,71 @@ class MagiRun:
         cond_texts = [null if c == step.refresh else self.text_for(c) for c in chunks]
         if self.distill:
             dt = distill_dt(S, step.inner)
-            v = forward(x_in, ChunkCall(lo, t_call, cond_texts, first, write=write, dt=dt))[:, :, a:]
+            v = forward(x_in, ChunkForward(lo, t_call, cond_texts, first, write=write, dt=dt))[:, :, a:]
             if t_call[off] > sch.nearly_clean_threshold:      # oldest active chunk, alone, mixed in
-                alone = forward(x_in[:, :, a:a + cw], ChunkCall(step.start, t_call[off:off + 1],
-                                                                cond_texts[off:off + 1], [step.start], dt=dt))
+                alone = forward(x_in[:, :, a:a + cw], ChunkForward(step.start, t_call[off:off + 1],
+                                                                   cond_texts[off:off + 1], [step.start], dt=dt))
                 w = sch.nearly_clean_weight
                 v[:, :, :cw] = w * v[:, :, :cw] + (1 - w) * alone
             return v
         scales = [sch.scales(t, req.cfg) for t in t_call[off:]]
         need_a, need_b, need_c = passes_needed(scales)
         zero = torch.zeros_like(x_in[:, :, a:])
-        A = forward(x_in, ChunkCall(lo, t_call, cond_texts, first))[:, :, a:] if need_a else zero
+        A = forward(x_in, ChunkForward(lo, t_call, cond_texts, first))[:, :, a:] if need_a else zero
         if need_b:
-            B = forward(x_in, ChunkCall(lo, t_call, [null] * len(chunks), first, null_row=True, write=write))[:, :, a:]
+            B = forward(x_in, ChunkForward(lo, t_call, [null] * len(chunks), first, null_row=True, write=write))[:, :, a:]
         else:
             B = zero
             if write:       # the clean re-run is still due: it attends to itself only
-                forward(x_in[:, :, :cw], ChunkCall(lo, t_call[:1], [null], first[:1], null_row=True, write=write))
+                forward(x_in[:, :, :cw], ChunkForward(lo, t_call[:1], [null], first[:1], null_row=True, write=write))
                 data["passes_run"]["refresh_only"] += 1
         n = len(step.step_of)
-        C = forward(x_in[:, :, a:], ChunkCall(step.start, t_call[off:], [null] * n, list(range(step.start, step.end)),
-                                              null_row=True)) if need_c else zero
+        C = forward(x_in[:, :, a:], ChunkForward(step.start, t_call[off:], [null] * n,
+                                                 list(range(step.start, step.end)), null_row=True)) if need_c else zero
         for name, ran in (("text", need_a), ("history", need_b), ("alone", need_c)):
             data["passes_run"][name] += int(ran)
         return guided(scales, A, B, C, cw)
 
-    def _cached_step(self, step, x, grid, null, forward, cached) -> torch.Tensor:
-        """The same step chunk by chunk under the cache's policy (no clean re-run, as the references)."""
+    def _cached_step(self, step, x, grid, null, forward, flops, cached) -> tuple[torch.Tensor, float]:
+        """The same step chunk by chunk under the cache's policy (no clean re-run, as the references):
+        (velocity, the FLOPs of the step with nothing skipped)."""
         sch, S = self.req.schedule, self.steps
         ts = [grid[j] for j in step.step_of]
         items = list(zip(step.chunks, step.step_of, ts))
+        noskip = 0.0
+
+        def velocity(branch, c, j, t, text, null_row, dt, alone=False):
+            nonlocal noskip
+            first = c if alone else first_key_chunk(c, j, S, sch.kv_range)
+            call = ChunkForward(c, [t], [text], [first], null_row=null_row, write=(c,), dt=dt, token_major=True)
+            v, cost = cached.chunk_velocity(forward, flops, branch, x, c, j, call)
+            noskip += cost
+            return v
+
         if self.distill:
             dt = distill_dt(S, step.inner)
-            return torch.cat([cached.chunk_velocity(forward, TEXT, x, c, j, t, self.text_for(c), False, dt)
-                              for c, j, t in items], dim=2)
+            return torch.cat([velocity(TEXT, c, j, t, self.text_for(c), False, dt) for c, j, t in items], dim=2), noskip
         scales = [sch.scales(t, self.req.cfg) for t in ts]
         need = dict(zip((TEXT, HISTORY, ALONE), passes_needed(scales)))
         out = {}
         for branch, ran in need.items():
             if ran:
-                out[branch] = [cached.chunk_velocity(forward, branch, x, c, j, t,
-                                                     self.text_for(c) if branch == TEXT else null, branch != TEXT,
-                                                     None, alone=branch == ALONE) for c, j, t in items]
+                out[branch] = [velocity(branch, c, j, t, self.text_for(c) if branch == TEXT else null, branch != TEXT,
+                                        None, alone=branch == ALONE) for c, j, t in items]
         zero = torch.zeros_like(x[:, :, :len(items) * sch.chunk_width])
         A, B, C = (torch.cat(out[b], dim=2) if b in out else zero for b in (TEXT, HISTORY, ALONE))
-        return guided(scales, A, B, C, sch.chunk_width)
+        return guided(scales, A, B, C, sch.chunk_width), noskip
 
-    def _emit(self, fmt, x, chunk, P, data, t0):
-        k = chunk - self.prefix_chunks
+    def _emit_chunk(self, fmt, x, chunk, P, data):
         cw = self.req.schedule.chunk_width
-        if k == 0:
-            data["first_window_seconds"] = time.perf_counter() - t0
+        frames = None
         if self.req.vae is not None and self.sink is not None:
             lo = max(chunk * cw, P) if self.req.start_image is None else chunk * cw
             latent = fmt.process_out(x[:, :, lo:(chunk + 1) * cw].float()).cpu()
             if latent.shape[2]:
                 frames = self.req.vae.decode(latent)
-                self.sink(frames.reshape(-1, *frames.shape[-3:]).float().cpu(), k)
-        if self.on_window is not None:
-            self.on_window(self.plans[k], len(self.plans))
+                frames = frames.reshape(-1, *frames.shape[-3:]).float().cpu()
+        self.emit(chunk - self.prefix_chunks, frames, data)
 
     def _assemble(self, video: torch.Tensor, P: int) -> torch.Tensor:
         """The output: a continued video's prefix as given, then every generated frame; image-to-video

@@ -15,7 +15,7 @@ Which values apply depends on how the model's change indicator is scaled:
 from __future__ import annotations
 
 from ..cache_core.errors import InputError
-from . import families, wan
+from . import families
 
 PRESETS = ("custom", "quality", "balanced", "fast")
 PRESET_TOOLTIP = ("custom: the threshold and attention inputs as set. quality / balanced / fast: both chosen for the "
@@ -43,10 +43,7 @@ VALUES = {
 def indicator_scale(model, coefficients) -> str:
     """fitted | raw | magi: which preset table a model's change indicator belongs to."""
     family, dm = families.detect(model)
-    if family.sampler_kind == "magi":
-        return "magi"
-    fitted = tuple(family.coefficients(coefficients, dm)) != tuple(wan.COEFFICIENTS["none"])
-    return "fitted" if fitted else "raw"
+    return family.indicator_scale(dm, coefficients)
 
 
 def resolve(method: str, preset: str, model, coefficients, threshold: float, attention: str) -> tuple[float, str]:

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from ..cache_core import flops as flop_count
 from ..cache_core.chunk_executor import ChunkCall, KVAttention
-from ..cache_core.errors import InputError
+from ..cache_core.errors import InputError, ModelFamilyError
 from ..cache_core.flowcache_policy import IDENTITY, parse_coefficients
 from ..cache_core.record import RECORD_KEY, StepRecord, frame_timesteps
 from ..cache_core.run_report import REPORT_KEY, RunReport
@@ -34,13 +34,6 @@ OVERRIDE_KEY = "optimized_attention_override"
 PER_FRAME_KEY = "arcache_per_frame_t"
 FPS_KEYS = ("fps_embedding.weight", "fps_projection.0.weight", "fps_projection.0.bias",
             "fps_projection.2.weight", "fps_projection.2.bias")
-
-
-class ModelFamilyError(InputError):
-    """The MODEL input is not one the pack can serve; the message says what it is instead."""
-
-    def __init__(self, problem: str):
-        super().__init__("model", problem)
 
 
 def describe_model(base) -> str:
@@ -246,7 +239,7 @@ class WanChunkAdapter:
             raise ModelFamilyError(f"chunk-wise caches serve plain Wan 2.1 transformers, not {type(dm).__name__}")
         self.dm = dm
         self.num_layers = len(dm.blocks)
-        self.flop_shape = flop_shape(dm)
+        self.flops = flop_shape(dm)
 
     def embed(self, x, timestep, context, transformer_options: dict, record=None, clip_fea=None,
               time_dim_concat=None, **kwargs) -> ChunkCall:

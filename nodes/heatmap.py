@@ -6,11 +6,11 @@ import json
 import torch
 from comfy_api.latest import io
 
+from ..model_patches.families import FAMILIES, WAN21
 from .errors import InputError, named_errors
 
-HEAT_KEY = "arcache_heat"     # [latent frames, token rows, token cols] in the sampler's LATENT
-PIXELS_PER_TOKEN = 16         # Wan 2.1: 8x VAE, 2x2 patches
-FRAMES_PER_LATENT = 4         # pixel frames per latent frame after the first
+HEAT_KEY = "arcache_heat"       # [latent frames, token rows, token cols] in the sampler's LATENT
+FAMILY_KEY = "arcache_family"   # beside it: the family's name (its pixel and frame geometry)
 
 
 def colormap(v: torch.Tensor) -> torch.Tensor:
@@ -51,16 +51,20 @@ class ComputeHeatmapNode(io.ComfyNode):
         if heat is None:
             raise InputError("samples", "carries no compute heatmap: connect the Streaming AR Sampler's LATENT "
                                         "from a run whose model went through FlowCache or MotionCache")
+        family = FAMILIES.get(samples.get(FAMILY_KEY), WAN21)
         total = float(heat.sum())
         norm = heat.float() / max(float(heat.max()), 1.0)
         rgb = colormap(norm)                                        # [F, gh, gw, 3]
-        rgb = rgb.repeat_interleave(PIXELS_PER_TOKEN, 1).repeat_interleave(PIXELS_PER_TOKEN, 2)
-        frames = torch.cat([rgb[:1], rgb[1:].repeat_interleave(FRAMES_PER_LATENT, 0)])   # causal VAE timing
+        px = family.spatial_stride * family.patch                   # pixels per token, each way
+        rgb = rgb.repeat_interleave(px, 1).repeat_interleave(px, 2)
+        stride = family.temporal_stride
+        if family.causal_vae:                                       # 1 + 4 (F - 1) frames (Wan)
+            frames = torch.cat([rgb[:1], rgb[1:].repeat_interleave(stride, 0)])
+        else:                                                       # 4 F frames (MAGI-1)
+            frames = rgb.repeat_interleave(stride, 0)
         if images is not None:
             if images.shape[0] == heat.shape[0]:              # one image per latent frame (Latent Preview)
                 frames = rgb
-            elif images.shape[0] == FRAMES_PER_LATENT * heat.shape[0]:   # a non-causal VAE (MAGI-1): 4 per latent
-                frames = rgb.repeat_interleave(FRAMES_PER_LATENT, 0)
             elif images.shape[0] != frames.shape[0]:
                 raise InputError("images", f"has {images.shape[0]} frames; the video has {frames.shape[0]} "
                                            f"({heat.shape[0]} latent frames): decode the same LATENT")

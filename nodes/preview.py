@@ -1,7 +1,8 @@
 """A no-VAE preview of a whole video's latents, in seconds."""
 from comfy_api.latest import io
 
-from ..model_patches.preview import FAMILIES, latent_to_rgb
+from ..model_patches.families import FAMILIES
+from ..model_patches.preview import latent_to_rgb
 from .errors import InputError, named_errors
 
 

@@ -9,13 +9,10 @@ from comfy_api.latest import io
 import folder_paths
 import latent_preview
 
-from ..cache_core.df_schedule import DFSchedule
-from ..cache_core.magi_schedule import MagiSchedule
 from ..model_patches import families
-from ..model_patches.magi_sampling import MagiRun
-from ..model_patches.streaming import StreamingRun, VideoRequest
+from ..model_patches.video_run import VideoRequest
 from .errors import InputError, named_errors
-from .heatmap import HEAT_KEY
+from .heatmap import FAMILY_KEY, HEAT_KEY
 from .schedules import ARPrompts, ARSchedule
 from .video_stream import StreamingVideoWriter
 
@@ -29,44 +26,14 @@ def progress_text(text: str, node_id) -> None:
         pass
 
 
-def check_image(name: str, image) -> None:
-    if image is None:
-        return
-    if image.ndim != 4 or image.shape[-1] not in (3, 4):
-        raise InputError(name, f"expected an IMAGE [batch, height, width, 3], got shape {tuple(image.shape)}")
-    if image.shape[0] != 1:
-        raise InputError(name, f"holds {image.shape[0]} images; give one (pick it with ImageFromBatch)")
-
-
-def check_prefix_latent(latent, width: int, height: int, family: families.Family) -> None:
-    if latent is None:
-        return
-    c_want, s = family.latent_channels, family.spatial_stride
-    if latent.ndim != 5:
-        raise InputError("prefix_latent", f"is a {latent.ndim}-D latent {tuple(latent.shape)}; it needs a video "
-                         f"latent [1, {c_want}, frames, height/{s}, width/{s}] (VAEEncode of a video with the "
-                         f"model's VAE)")
-    b, c = latent.shape[:2]
-    if c != c_want:
-        raise InputError("prefix_latent", f"has {c} channels; {family.title} latents have {c_want}: encode the "
-                         "video with the model's VAE")
-    if b != 1:
-        raise InputError("prefix_latent", f"holds a batch of {b} videos; the sampler extends one video at a time")
-    if latent.shape[-2:] != (height // s, width // s):
-        raise InputError("prefix_latent", f"is {latent.shape[-1] * s}x{latent.shape[-2] * s} pixels; "
-                         f"set width/height to match it (now {width}x{height})")
-
-
-SCHEDULES = {"df": (DFSchedule, "Diffusion Forcing Schedule (ARCacheDFSchedule)"),
-             "magi": (MagiSchedule, "MAGI-1 Schedule (ARCacheMagiSchedule)")}
-
-
 def check_schedule(schedule, family: families.Family):
-    kind, node = SCHEDULES[family.sampler_kind]
+    """The family's schedule (its defaults when none is connected), or a named error."""
+    kind = family.run.schedule
     if schedule is None:
         return kind()
     if not isinstance(schedule, kind):
-        raise InputError("schedule", f"is a {type(schedule).__name__}, but {family.title} models take the {node}")
+        raise InputError("schedule", f"is a {type(schedule).__name__}, but {family.title} models take the "
+                         f"{kind.node_title}")
     return schedule
 
 
@@ -75,36 +42,7 @@ def validate(width, height, length, schedule, vae, start_image, prefix_latent, e
     """Everything that can be checked before the model runs (so a bad input costs nothing)."""
     if width % 16 or height % 16:
         raise InputError("width", f"width={width}, height={height}: both must be multiples of 16 (e.g. 960x544)")
-    if family.sampler_kind == "magi":
-        validate_magi(length, vae, start_image, prefix_latent, end_image, family, width, height)
-        return
-    if (length - 1) % 4:
-        raise InputError("length", f"{length}: must be of the form 4k+1 pixel frames (e.g. 97, 257, 737)")
-    for name, image in (("start_image", start_image), ("end_image", end_image)):
-        if image is not None and vae is None:
-            raise InputError(name, "needs a vae: connect the Wan 2.1 VAE to the sampler's vae input")
-        check_image(name, image)
-    if schedule.prefix_mode == "reencode_pixels" and vae is None:
-        raise InputError("schedule.prefix_mode", "reencode_pixels needs a vae: connect one, or use prefix_mode latent")
-    if start_image is not None and prefix_latent is not None:
-        raise InputError("start_image", "and prefix_latent: give one (image-to-video) or the other (extension), not both")
-    check_prefix_latent(prefix_latent, width, height, family)
-    if schedule.overlap_frames == 0 and prefix_latent is not None:
-        raise InputError("prefix_latent", "needs schedule.overlap_frames > 0 to continue from it")
-
-
-def validate_magi(length, vae, start_image, prefix_latent, end_image, family, width, height):
-    if length < 4:
-        raise InputError("length", f"{length}: MAGI-1 makes 4 video frames per latent frame; ask for at least 4")
-    if end_image is not None:
-        raise InputError("end_image", "is not supported with MAGI-1 (it has no end-frame conditioning); disconnect it")
-    if start_image is not None:
-        if vae is None:
-            raise InputError("start_image", "needs a vae: connect the MAGI-1 VAE (MAGI-1 VAE Loader)")
-        check_image("start_image", start_image)
-    if start_image is not None and prefix_latent is not None:
-        raise InputError("start_image", "and prefix_latent: give one (image-to-video) or the other (video-to-video)")
-    check_prefix_latent(prefix_latent, width, height, family)
+    family.run.validate(width, height, length, schedule, vae, start_image, prefix_latent, end_image, family)
 
 
 def video_path(filename_prefix: str, width: int, height: int) -> str:
@@ -170,7 +108,7 @@ class StreamingSamplerNode(io.ComfyNode):
                 prompt_schedule=None, vae=None, start_image=None, prefix_latent=None, end_image=None,
                 save_video=False, filename_prefix="ARCache/video") -> io.NodeOutput:
         prefix = prefix_latent["samples"] if prefix_latent is not None else None
-        family, _ = families.detect(model)                  # says what the model is, before anything runs
+        family, dm = families.detect(model)                 # says what the model is, before anything runs
         schedule = check_schedule(schedule, family)
         validate(width, height, length, schedule, vae, start_image, prefix, end_image, family)
         if save_video and vae is None:
@@ -188,11 +126,11 @@ class StreamingSamplerNode(io.ComfyNode):
 
         sink = (lambda frames, i: writer.write(frames)) if writer else None
         try:
-            run = (MagiRun if family.sampler_kind == "magi" else StreamingRun)(model, req, on_window=on_window, sink=sink)
-            total = run.total_rows
+            run = family.run(model, req, family, dm, on_window=on_window, sink=sink)
+            total = run.total_calls
             preview = latent_preview.prepare_callback(run.model, total)
             progress_text(f"{len(run.plans)} windows, {total} model calls", node_id)
-            video, report = run.run(on_row=lambda row, x0, x: preview(row, x0, x, total))
+            video, report = run.run(on_call=lambda call, x0, x: preview(call, x0, x, total))
             if writer:
                 report["video_file"] = os.path.relpath(writer.close(), folder_paths.get_output_directory())
                 report["video_frames"] = writer.frames
@@ -204,4 +142,5 @@ class StreamingSamplerNode(io.ComfyNode):
         latent = {"samples": video}
         if run.heat is not None:                   # for ARCacheComputeHeatmap: where the cache spent compute
             latent[HEAT_KEY] = run.heat
+            latent[FAMILY_KEY] = family.name
         return io.NodeOutput(latent, text, ui={"text": [text]})

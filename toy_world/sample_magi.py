@@ -90,7 +90,7 @@ def rollout(dm, num_chunks: int, cw: int, steps: int = 16, seed: int = 0, prefix
 
     if pc:
         x[:, :, :P] = prefix
-        forward(prefix, magi.ChunkCall(start=0, t=[sch.clean_t] * pc, texts=[null] * pc, first=list(range(pc)),
+        forward(prefix, magi.ChunkForward(start=0, t=[sch.clean_t] * pc, texts=[null] * pc, first=list(range(pc)),
                                        null_row=True, write=tuple(range(pc))))
     for step in plan:
         lo = step.start if step.refresh is None else step.refresh
@@ -102,11 +102,11 @@ def rollout(dm, num_chunks: int, cw: int, steps: int = 16, seed: int = 0, prefix
         write = (step.refresh,) if step.refresh is not None else ()
         off = 1 if step.refresh is not None else 0
         a = off * cw
-        v = forward(x_in, magi.ChunkCall(lo, t_call, [null] * len(chunks), first, null_row=True, write=write))[:, :, a:]
+        v = forward(x_in, magi.ChunkForward(lo, t_call, [null] * len(chunks), first, null_row=True, write=write))[:, :, a:]
         scales = [history_scale if t < sch.guidance_until - 1e-7 else 1.0 for t in t_call[off:]]
         if any(s != 1.0 for s in scales):
             n = len(step.step_of)
-            C = forward(x_in[:, :, a:], magi.ChunkCall(step.start, t_call[off:], [null] * n,
+            C = forward(x_in[:, :, a:], magi.ChunkForward(step.start, t_call[off:], [null] * n,
                                                        list(range(step.start, step.end)), null_row=True))
             v = torch.cat([C[:, :, i * cw:(i + 1) * cw] + s * (v - C)[:, :, i * cw:(i + 1) * cw]
                            for i, s in enumerate(scales)], dim=2)
@@ -119,7 +119,7 @@ def pack_sampler_check(weights: str, ours: torch.Tensor, cw: int, steps: int, se
     """The same rollout through the pack's own MagiRun (ComfyUI model, text scale 0, null text):
     the toy loop above must give the same latents (MagiRun returns raw latents, x / 0.18215)."""
     sampling = pack("model_patches.magi_sampling")
-    streaming = pack("model_patches.streaming")
+    streaming = pack("model_patches.video_run")
     text = pack("model_patches.magi_text")
     patcher = magi_loader.load_magi_model(weights, dtype=torch.float32)
     c = patcher.model.diffusion_model.config.caption_channels
@@ -129,7 +129,7 @@ def pack_sampler_check(weights: str, ours: torch.Tensor, cw: int, steps: int, se
     req = streaming.VideoRequest(width=8 * ours.shape[-1], height=8 * ours.shape[-2], length=4 * T, seed=seed,
                                  steps=steps, cfg=0.0, schedule=ms.MagiSchedule(chunk_width=cw, history_scale=history_scale),
                                  positives=[positive], negative=None)
-    video, report = sampling.MagiRun(patcher, req).run()
+    video, report = pack("model_patches.families").new_video_run(patcher, req).run()
     theirs = patcher.model.latent_format.process_in(video.float())
     diff = (theirs - ours).abs().max().item()
     return {"max_abs_diff": diff, "ok": diff < 1e-4, "chunk_width": cw, "steps": steps, "seed": seed,

@@ -249,10 +249,10 @@ def noised(z: torch.Tensor, eps: torch.Tensor, st: dict) -> torch.Tensor:
     return tt * z + (1 - tt) * eps
 
 
-def chunk_call(model, st: dict) -> "magi.ChunkCall":
+def chunk_call(model, st: dict) -> "magi.ChunkForward":
     k = st["h"] + st["n"]
     null = model.null_text(torch.device("cpu"))
-    return magi.ChunkCall(start=0, t=list(st["t"]), texts=[null] * k, first=list(st["first"]))
+    return magi.ChunkForward(start=0, t=list(st["t"]), texts=[null] * k, first=list(st["first"]))
 
 
 def sample_loss(model, z, eps, st) -> torch.Tensor:
@@ -350,9 +350,9 @@ def load_check(path: str, cfg, model, val) -> dict:
         a = fresh.forward_chunks(x, chunk_call(fresh, st))
         b = model.forward_chunks(x, chunk_call(model, st))
         st_alone = dict(st, first=list(range(st["h"] + st["n"])))
-        null_row = fresh.forward_chunks(x, magi.ChunkCall(0, st["t"], chunk_call(fresh, st).texts,
+        null_row = fresh.forward_chunks(x, magi.ChunkForward(0, st["t"], chunk_call(fresh, st).texts,
                                                           st_alone["first"], null_row=True))
-        cond_row = fresh.forward_chunks(x, magi.ChunkCall(0, st["t"], chunk_call(fresh, st).texts, st_alone["first"]))
+        cond_row = fresh.forward_chunks(x, magi.ChunkForward(0, st["t"], chunk_call(fresh, st).texts, st_alone["first"]))
     diff = (a - b).abs().max().item()
     row_diff = (null_row - cond_row).abs().max().item()
     assert diff < 1e-4, diff

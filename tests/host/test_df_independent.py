@@ -20,8 +20,8 @@ import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 from toy_world.sample_check import flow_sigmas, sample_async  # noqa: E402
 
-streaming = pack("model_patches.streaming")
-ar = pack("model_patches.ar_sampling")
+streaming = pack("model_patches.video_run")
+ar = pack("model_patches.df_sampling")
 STEPS, BLOCK, AR_STEP = 6, 2, 2
 
 
@@ -48,7 +48,7 @@ def ours(model, length, seed, native_template=False):
     cond = [[torch.zeros(1, 512, 4096), {}]]
     req = streaming.VideoRequest(width=64, height=64, length=length, seed=seed, steps=STEPS, cfg=1.0,
                                  schedule=sched, positives=[cond], negative=cond)
-    raw, report = streaming.StreamingRun(model, req).run()
+    raw, report = pack("model_patches.families").new_video_run(model, req).run()
     return comfy.latent_formats.Wan21().process_in(raw), report
 
 
@@ -106,7 +106,7 @@ def test_model_sees_hand_written_integer_timesteps(model):
                                  positives=[cond], negative=cond)
     dm.forward_orig = spy
     try:
-        streaming.StreamingRun(model, req).run()
+        pack("model_patches.families").new_video_run(model, req).run()
     finally:
         del dm.forward_orig
     assert seen == [

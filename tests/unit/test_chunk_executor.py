@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache_core.chunk_executor import (COMPUTE, SKIP, ChunkCall, ChunkExecutor, ChunkPolicy, branch_rows,
-                                       subset)
+from cache_core.chunk_executor import ChunkCall, ChunkExecutor, branch_rows
+from cache_core.chunk_step import COMPUTE, SKIP, ChunkPolicy, subset
 from cache_core.flops import DiTShape
 from cache_core.record import StepRecord
 
@@ -26,7 +26,7 @@ class ToyFamily:
                        f1=rnd(DIM, 2 * DIM), f2=rnd(2 * DIM, DIM)) for _ in range(layers)]
         self.pos = rnd(FRAMES * TPF, DIM)
         self.num_layers = layers
-        self.flop_shape = DiTShape(dim=DIM, ffn_dim=2 * DIM, num_layers=layers, text_len=0, text_dim=0,
+        self.flops = DiTShape(dim=DIM, ffn_dim=2 * DIM, num_layers=layers, text_len=0, text_dim=0,
                                    freq_dim=1, in_dim=DIM, out_dim=DIM, patch=(1, 1, 1))
 
     def embed(self, x, t):
@@ -131,13 +131,13 @@ def test_subset_of_some_tokens_equals_the_full_forward_rows_when_the_rest_is_fre
     picked = torch.tensor([0, 2, 5])              # tokens of chunk 1 (its 6 tokens are 6..11)
     run = ChunkExecutor(Residuals(lambda g, k: subset(picked) if (k == 1 and g == 1) else COMPUTE))
     full = call_once(run, toy, x, t, record([True] * FRAMES, 0))
-    first_flops = run.stats["transformer_flops"]
+    first_flops = run.counts["transformer_flops"]
     again = call_once(run, toy, x, t, record([True] * FRAMES, 1))
     rows = 6 + picked
     torch.testing.assert_close(again[:, rows], full[:, rows], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(again, full, atol=1e-6, rtol=1e-6)   # the others: residual of the same input
-    assert run.stats["chunks_computed"] == 2 * 2 * 3                # a subset counts as computed
-    assert run.stats["transformer_flops"] - first_flops < first_flops   # and costs less
+    assert run.counts["chunk_steps_computed"] == 2 * 2 * 3                # a subset counts as computed
+    assert run.counts["transformer_flops"] - first_flops < first_flops   # and costs less
 
 
 def test_not_started_chunks_are_not_forwarded(toy):
@@ -145,7 +145,7 @@ def test_not_started_chunks_are_not_forwarded(toy):
     run = ChunkExecutor(ChunkPolicy())
     out = call_once(run, toy, x, t, record([True, True, False, False, False], 0))
     assert torch.count_nonzero(out[:, CF * TPF:]) == 0           # chunks after the last active one: zeros
-    assert run.stats["chunks_computed"] == 2 and run.stats["chunks_frozen"] == 0   # chunk 0, both branches
+    assert run.counts["chunk_steps_computed"] == 2 and run.counts["chunk_steps_frozen"] == 0   # chunk 0, both branches
 
 
 def test_skip_reuses_the_residual_and_keeps_stale_kv(toy):
@@ -164,7 +164,7 @@ def test_skip_reuses_the_residual_and_keeps_stale_kv(toy):
     c = chunk_of_token()
     ref = toy.reference(mix, c[None, :] <= c[:, None])
     torch.testing.assert_close(out2[:, n0:2 * n0], ref[:, n0:2 * n0], atol=1e-5, rtol=1e-5)
-    assert run.stats["chunks_skipped"] == 2
+    assert run.counts["chunk_steps_skipped"] == 2
 
 
 def test_branches_from_cond_or_uncond():
@@ -183,7 +183,7 @@ def test_a_chunk_is_frozen_after_its_last_step_and_reset_clears_everything(toy):
         call_once(run, toy, x, t, record([True] * FRAMES, row, steps=2))
     assert all(run.store.is_frozen(b, g) for b in (0, 1) for g in range(3))
     run.reset()
-    assert run.store is None and run.stats["calls"] == 0
+    assert run.store is None and run.counts["calls"] == 0
 
 
 def test_bidirectional_computing_everything_equals_the_unmasked_forward(toy):
@@ -192,7 +192,7 @@ def test_bidirectional_computing_everything_equals_the_unmasked_forward(toy):
     out = call_once(run, toy, x, t, record([True, True, False, False, False], 0))
     full = toy.reference(x, torch.ones(15, 15, dtype=torch.bool))
     torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)       # every chunk forwarded, all attend
-    assert run.stats["chunks_computed"] == 2 and run.stats["chunks_history"] == 4
+    assert run.counts["chunk_steps_computed"] == 2 and run.counts["chunk_steps_history"] == 4
 
 
 def test_bidirectional_subset_and_skip_keep_the_last_kv(toy):
@@ -218,6 +218,6 @@ def test_bidirectional_subset_and_skip_keep_the_last_kv(toy):
 
 
 def test_bidirectional_refuses_compression():
-    from cache_core.chunk_executor import CompressConfig
+    from cache_core.kv_store import CompressConfig
     with pytest.raises(ValueError, match="kv_compress"):
         ChunkExecutor(ChunkPolicy(), compress=CompressConfig(), attention="bidirectional")

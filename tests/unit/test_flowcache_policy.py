@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cache_core.chunk_executor import COMPUTE, SKIP
+from cache_core.chunk_step import COMPUTE, SKIP
 from cache_core.flowcache_policy import IDENTITY, FlowCacheConfig, FlowCachePolicy, polyval
 
 H = torch.zeros(1)  # any block input/output: the policy only needs to know a residual exists
@@ -90,8 +90,7 @@ def test_per_branch_and_per_chunk_state_is_independent():
     assert trace[(0, 0)] == [True, False, False, True, False]
     assert trace[(1, 0)] == [True] * 5
     assert trace[(0, 1)] == [True] * 5
-    assert p.state(0, 0).computed + p.state(0, 0).skipped == 5
-    assert p.counts() == {"computed": 12, "skipped": 3}
+    assert sum(sum(t) for t in trace.values()) == 12          # computed; the other 3 skipped
     p.reset()
     assert p.states == {}
 

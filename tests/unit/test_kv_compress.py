@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cache_core.kv_compress import importance, pick_queries, redundancy, score_tokens, select_tokens
-from cache_core.kv_store import ChunkLayout, CompressSettings, KVStore
+from cache_core.kv_store import ChunkLayout, CompressConfig, KVStore
 
 # Five 2-d keys of one head: three identical, one orthogonal, one opposite.
 KEYS = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]).view(1, 5, 1, 2)
@@ -145,7 +145,7 @@ def test_compression_keeps_budget_and_frees_memory():
     torch.manual_seed(2)
     heads, d, T = 2, 3, 4
     lay = ChunkLayout((T, T, T))
-    store = KVStore(lay, num_layers=1, compress=CompressSettings(budget_tokens=T, lam=0.07, kernel=7))
+    store = KVStore(lay, num_layers=1, compress=CompressConfig(lam=0.07, kernel=7), budget_tokens=T)
     ks = [torch.randn(1, T, heads * d) for _ in range(3)]
     vs = [torch.randn(1, T, heads * d) for _ in range(3)]
     for g in range(3):
@@ -182,8 +182,8 @@ def _async_run(compress: bool, n=8, active=2, T=4, heads=2, d=3, layers=2, plan=
     during steps g .. g+active-1, then frozen. Mirrors forward_chunked: freeze, then per live
     chunk and layer: squeeze (with that chunk's queries), write, attend."""
     torch.manual_seed(4)
-    cfg = CompressSettings(budget_tokens=T) if compress else None
-    store = KVStore(ChunkLayout((T,) * n), num_layers=layers, compress=cfg)
+    cfg = CompressConfig() if compress else None
+    store = KVStore(ChunkLayout((T,) * n), num_layers=layers, compress=cfg, budget_tokens=T if compress else None)
     held, keys = [], []
     for step in range(n + active - 1):
         for g in range(n):
@@ -229,8 +229,8 @@ def test_chunks_starting_together_allocate_once():
     """Synchronous schedule: all chunks live at once, the peak is the window (no overlap)."""
     n, T, heads, d, layers = 4, 4, 2, 3, 2
     window = layers * 2 * n * T * heads * d * 4
-    for cfg, plan in ((None, True), (CompressSettings(budget_tokens=T), True), (None, False)):
-        store = KVStore(ChunkLayout((T,) * n), num_layers=layers, compress=cfg)
+    for cfg, plan in ((None, True), (CompressConfig(), True), (None, False)):
+        store = KVStore(ChunkLayout((T,) * n), num_layers=layers, compress=cfg, budget_tokens=T)
         if plan:
             store.plan(0, n - 1)
         for g in range(n):

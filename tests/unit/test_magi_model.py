@@ -124,7 +124,7 @@ def texts(lengths, seed, channels=32):
 def run_pack(model, x, **call):
     with torch.no_grad():
         cache = call.pop("cache", None)
-        return model.forward_chunks(x, magi.ChunkCall(**call), cache)
+        return model.forward_chunks(x, magi.ChunkForward(**call), cache)
 
 
 def assert_close(got, want, atol=1e-5):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cache_core.chunk_executor import COMPUTE, SKIP, ChunkView
+from cache_core.chunk_step import COMPUTE, SKIP, ChunkView
 from cache_core.motioncache_policy import (MotionCacheConfig, MotionCachePolicy, frame_weights, hidden_motion,
                                            latent_motion)
 

@@ -97,7 +97,7 @@ def opts(rec=None, cou=(0, 1)):
 def new_state(cfg=None, skip=True):
     """The run state FlowCache makes per sampling run (its coefficients resolved for dim 256)."""
     spec = ar_cache.flowcache_spec(cfg or FlowCacheConfig(), families.WAN21, types.SimpleNamespace(dim=256), skip)
-    return spec.new_run()
+    return families.WAN21.new_cache_run(spec)
 
 
 def forward(dm, x, t, ctx, o, state):
@@ -165,11 +165,11 @@ def test_skip_reuses_residual_and_stale_kv(dm):
     rec1 = record([0.9, 0.9, 1.0, 1.0, 1.0], [True, True, False, False, False], row=0)
     rec2 = record([0.8, 0.8, 0.9, 0.9, 1.0], [True, True, True, True, False], row=1)
     run(dm, state, x1, ctx, rec1)
-    res = {b: state.policy.state(b, 0).residual.clone() for b in (0, 1)}
+    res = {b: state.step.policy.state(b, 0).residual.clone() for b in (0, 1)}
     out2 = run(dm, state, x2, ctx, rec2)
-    assert state.stats["chunks_skipped"] == 2 and state.stats["chunks_computed"] == 4
+    assert state.counts["chunk_steps_skipped"] == 2 and state.counts["chunk_steps_computed"] == 4
     for b in (0, 1):
-        assert torch.equal(state.policy.state(b, 0).residual, res[b])
+        assert torch.equal(state.step.policy.state(b, 0).residual, res[b])
 
     # chunk 0 of call 2 = head(embed(x2) + residual), by hand with the model's modules
     with torch.no_grad():
@@ -201,7 +201,7 @@ def test_history_chunk_is_computed_once_then_frozen(dm):
         if variant:
             x2[:, :, :CF] += 1.0                  # history input changes: must not matter now
         outs.append(run(dm, state, x2, ctx, record(sig, act, prefix=2, row=1)))
-        assert state.stats["chunks_history"] == 2 and state.stats["chunks_frozen"] == 2
+        assert state.counts["chunk_steps_history"] == 2 and state.counts["chunk_steps_frozen"] == 2
     assert torch.count_nonzero(outs[0][:, :, :CF]) == 0
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 
@@ -214,8 +214,8 @@ def test_indicator_is_the_first_active_frame_of_a_chunk(dm):
     run(dm, state, x, ctx, record(sig, [False, True, True, True, True], prefix=1))
     with torch.no_grad():
         e0 = reference_modulation(dm, 900.0)
-    torch.testing.assert_close(state.policy.state(0, 0).prev, e0, atol=1e-6, rtol=1e-6)
-    assert state.policy.state(0, 0).prev.shape == (1, 6, 256)      # [rows, 6, dim]: no per-token copy
+    torch.testing.assert_close(state.step.policy.state(0, 0).prev, e0, atol=1e-6, rtol=1e-6)
+    assert state.step.policy.state(0, 0).prev.shape == (1, 6, 256)      # [rows, 6, dim]: no per-token copy
 
 
 def reference_modulation(model, t: float) -> torch.Tensor:
@@ -238,7 +238,7 @@ def test_indicator_is_built_in_float32_in_a_bf16_model(dm):
     x, ctx = inputs(seed=7)
     state = new_state(FlowCacheConfig())
     run(bf, state, x.bfloat16(), ctx.bfloat16(), record([0.9] * F, [True] * F))
-    ours = state.policy.state(0, 0).prev
+    ours = state.step.policy.state(0, 0).prev
     with torch.no_grad():
         expected = reference_modulation(bf, 900.0)
         own = bf.time_projection(bf.time_embedding(
@@ -262,8 +262,8 @@ def test_branches_batched_equal_separate_calls(dm):
         c = run(dm, swapped, xr.flip(0), ctx.flip(0), rec, cou=(1, 0))
         torch.testing.assert_close(a, torch.cat([b0, b1]), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a, c.flip(0), atol=1e-5, rtol=1e-5)
-    assert 0 < together.stats["chunks_skipped"] < 5 * 2 * 3
-    assert together.stats["chunks_skipped"] == apart.stats["chunks_skipped"] == swapped.stats["chunks_skipped"]
+    assert 0 < together.counts["chunk_steps_skipped"] < 5 * 2 * 3
+    assert together.counts["chunk_steps_skipped"] == apart.counts["chunk_steps_skipped"] == swapped.counts["chunk_steps_skipped"]
 
 
 def test_compression_shrinks_kv_memory(dm):
@@ -272,7 +272,7 @@ def test_compression_shrinks_kv_memory(dm):
     x, ctx = inputs(seed=5)
     run(dm, state, x, ctx, record(SIGMAS, [True] * F, row=0))
     full = state.store.bytes_allocated()
-    flops_before = state.stats["transformer_flops"]
+    flops_before = state.counts["transformer_flops"]
     # chunks 0 and 1 finished: the next forward of chunk 2 squeezes them to one chunk's tokens
     out = run(dm, state, x, ctx, record([0, 0, 0, 0, 0.2], [False] * 4 + [True], row=1))
     assert torch.isfinite(out).all()
@@ -287,7 +287,7 @@ def test_compression_shrinks_kv_memory(dm):
     shape = wan.flop_shape(dm)
     from arcache_pack.cache_core.flops import chunk_causal_flops
     expect = chunk_causal_flops(shape, (12, 12, 6), [2], {2: 18}, frames=F, batch=1) * 2
-    assert state.stats["transformer_flops"] - flops_before == expect
+    assert state.counts["transformer_flops"] - flops_before == expect
 
 
 def test_a_chunk_is_compressed_right_after_its_last_step(dm):
@@ -361,7 +361,7 @@ def test_inputs_the_chunk_executor_cannot_serve_are_refused(dm):
     class Executor:                              # what ComfyUI's WrapperExecutor gives a wrapper
         class_obj = dm
     o = opts()
-    o.update({ar_cache.STATE_KEY: new_state(), "multigpu_thread_device": "cuda:1"})
+    o.update({ar_cache.CACHE_RUN_KEY: new_state(), "multigpu_thread_device": "cuda:1"})
     with pytest.raises(wan.ModelFamilyError, match="MultiGPU CFG Split"):
         ar_cache.diffusion_model_wrapper(Executor(), x, torch.tensor([900.0, 900.0]), ctx, transformer_options=o)
 

@@ -1,0 +1,175 @@
+"""The per-chunk cache step: decide -> run | reuse -> observe, and the one set of counts.
+
+Plain torch, no ComfyUI. Every loop that runs a model chunk by chunk calls it, whatever the
+family and the schedule: the DF window executor (chunk-causal and bidirectional, chunk_executor)
+and MAGI-1's staggered chunk-wise forward (model_patches/magi_cache). A caching method is a
+`ChunkPolicy` (one file per method); it is checked against this one driver.
+
+Per active chunk and call:
+1. `decide`: the policy sees the chunk (`ChunkView`, for policies that want it) and its
+   indicator, and answers COMPUTE, SKIP or SUBSET(tokens);
+2. `apply`: COMPUTE runs the loop's `run(None)` (its blocks on the chunk, against its K/V);
+   SKIP asks the policy to `reuse` the chunk's last output; SUBSET runs `run(tokens)` and
+   takes the others from `reuse`; then the policy `observe`s what was computed.
+A history chunk (one the loop must forward but that is not being denoised) just runs.
+
+`counts` is the run's one vocabulary (COUNT_KEYS), merged into the sampler's RunReport. Chunk
+steps and tokens are counted here; transformer FLOPs are counted by the loop that ran the
+forward, through its family's FLOP model (`add_flops`), as spent, what the same chunk-wise run
+would have spent without skipping (`noskip`), and what the family's vanilla sampler spends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: str                               # "compute" | "skip" | "subset"
+    tokens: Optional[torch.Tensor] = None   # SUBSET: token indices within the chunk (int64)
+
+
+COMPUTE = Decision("compute")
+SKIP = Decision("skip")
+
+
+def subset(tokens: torch.Tensor) -> Decision:
+    return Decision("subset", tokens.to(torch.int64))
+
+
+@dataclass
+class ChunkView:
+    """What a policy may look at for one active chunk in one call (given to `see` first)."""
+    frames: tuple                       # (f0, f1) latent frames of the chunk in the model call's input
+    tokens: int                         # its tokens
+    local_step: int                     # its denoising steps so far
+    latents: Optional[torch.Tensor] = None          # [rows, tokens, C*p] patchified input latent
+    latents_before: Optional[torch.Tensor] = None   # [rows, HW, C*p] the latent frame before f0
+
+
+class ChunkPolicy:
+    """A caching method, asked once per active chunk and call. This base computes everything:
+    the chunk-wise restructuring alone ("chunk_causal")."""
+
+    method = "chunk_causal"
+    needs_indicator = False     # True: decide() gets the family's indicator of the chunk
+    needs_view = False          # True: see() gets the chunk's ChunkView before decide()
+
+    def reset(self) -> None:
+        """A new segment (AR window) starts."""
+
+    def reset_branch(self, branch: int) -> None:
+        """One branch restarts (its rows or its chunks' activity changed)."""
+
+    def see(self, branch: int, chunk: int, view: ChunkView) -> None:
+        """Before `decide`: the chunk's frames, tokens and latents (for policies that want them)."""
+
+    def decide(self, branch: int, chunk: int, indicator, local_step: int, steps: int) -> Decision:
+        return COMPUTE
+
+    def observe(self, branch: int, chunk: int, h_in: torch.Tensor, h_out: torch.Tensor, tokens=None) -> None:
+        """After COMPUTE or SUBSET (`tokens`) of an active chunk: its input and output."""
+
+    def reuse(self, branch: int, chunk: int, h_in: torch.Tensor, tokens=None) -> torch.Tensor:
+        """SKIP (tokens None) or the tokens a SUBSET leaves out: the output without running."""
+        raise NotImplementedError(f"{type(self).__name__} never skips")
+
+
+# The run's counts, one vocabulary for every family (README "The run report").
+COUNT_KEYS = (
+    "calls",                  # model calls (DF) or chunk-wise forward steps (MAGI-1) the cache served
+    "segments",               # AR segments (DF windows; one per MAGI-1 run)
+    "chunk_steps_computed",   # active chunk steps whose blocks ran (all tokens, or a subset)
+    "chunk_steps_subset",     # ... of which on a token subset only
+    "chunk_steps_skipped",    # active chunk steps reused without running a block
+    "chunk_steps_history",    # inactive chunks forwarded so later chunks can attend to them
+    "chunk_steps_frozen",     # finished chunks not forwarded (their K/V kept)
+    "tokens_active",          # token-steps of active chunks
+    "tokens_computed",        # ... that ran the blocks
+    "transformer_flops",      # spent
+    "transformer_flops_noskip",   # the same chunk-wise run with nothing skipped
+    "transformer_flops_vanilla",  # the family's uncached sampler
+)
+
+
+def new_counts() -> dict:
+    return {key: 0.0 if key.startswith("transformer_flops") else 0 for key in COUNT_KEYS}
+
+
+class ChunkStep:
+    """One policy's decisions applied, counted and observed (see the module docstring).
+
+    One object per sampling run: `counts` span the run; `reset_segment()` restarts the policy."""
+
+    def __init__(self, policy: ChunkPolicy):
+        self.policy = policy
+        self.counts = new_counts()
+
+    @property
+    def method(self) -> str:
+        return self.policy.method
+
+    def reset_segment(self) -> None:
+        self.policy.reset()
+
+    def reset_branch(self, branch: int) -> None:
+        self.policy.reset_branch(branch)
+
+    def decide(self, branch: int, chunk: int, local_step: int, steps: int,
+               view: Callable[[], ChunkView] = None, indicator: Callable[[], torch.Tensor] = None) -> Decision:
+        """The policy's decision for an active chunk. `view` and `indicator` are built only if the
+        policy asks for them."""
+        policy = self.policy
+        if policy.needs_view:
+            policy.see(branch, chunk, view())
+        ind = indicator() if policy.needs_indicator else None
+        return policy.decide(branch, chunk, ind, local_step, steps)
+
+    def apply(self, branch: int, chunk: int, decision: Decision, h_in: torch.Tensor,
+              run: Callable[[Optional[torch.Tensor]], torch.Tensor], active: bool = True,
+              heat: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The chunk's output: `run(tokens)` gives the blocks' output of all (None) or some of its
+        tokens; `h_in` is what the policy's residuals are taken against. `heat` (a 1-D view over
+        the chunk's tokens) counts where blocks ran. An inactive (history) chunk just runs."""
+        c = self.counts
+        if not active:
+            c["chunk_steps_history"] += 1
+            return run(None)
+        n = h_in.shape[1]
+        c["tokens_active"] += n
+        policy = self.policy
+        if decision.kind == "skip":
+            c["chunk_steps_skipped"] += 1
+            return policy.reuse(branch, chunk, h_in)
+        c["chunk_steps_computed"] += 1
+        tokens = decision.tokens if decision.kind == "subset" else None
+        fresh = run(tokens)
+        if tokens is None:
+            h_out = fresh
+            c["tokens_computed"] += n
+            if heat is not None:
+                heat += 1
+        else:                               # the others as the policy says, the selected ones fresh
+            h_out = policy.reuse(branch, chunk, h_in, tokens).clone()
+            h_out[:, tokens] = fresh
+            c["chunk_steps_subset"] += 1
+            c["tokens_computed"] += int(tokens.numel())
+            if heat is not None:
+                heat[tokens.cpu()] += 1
+        policy.observe(branch, chunk, h_in, h_out, tokens)
+        return h_out
+
+    def frozen(self) -> None:
+        """A finished chunk the loop does not forward."""
+        self.counts["chunk_steps_frozen"] += 1
+
+    def add_flops(self, spent: float, noskip: float, vanilla: float) -> None:
+        """One model call's (or forward step's) transformer FLOPs, counted where it ran."""
+        c = self.counts
+        c["calls"] += 1
+        c["transformer_flops"] += spent
+        c["transformer_flops_noskip"] += noskip
+        c["transformer_flops_vanilla"] += vanilla

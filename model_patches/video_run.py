@@ -1,0 +1,179 @@
+"""What every family's AR video run shares: the request, the report, emission and the cache run.
+
+A family's run (`Family.run`: df_sampling.DFRun, magi_sampling.MagiRun) is a `VideoRun`: it
+plans its pieces (DF windows, MAGI-1 chunks) from the request and the schedule, then `run()`
+generates them. The base owns what does not depend on the family:
+- the run report (one RunReport, one vocabulary, in transformer_options only while the run
+  lasts, taken out in `finally`);
+- emission: each finished piece decoded once, handed to the sink (the video file), the time
+  to the first piece, the window callback;
+- the cache's per-run state, created by the cache's OUTER_SAMPLE wrapper (ar_cache) around the
+  run, so a family whose loop does not go through ComfyUI's CFGGuider still meets the cache
+  only through its keyed wrappers;
+- the compute heatmap, and the checks of a request's images and latents.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.utils
+
+from ..cache_core.errors import InputError, ModelFamilyError
+from ..cache_core.record import CACHE_WRAPPER_KEY
+from ..cache_core.run_report import RunReport
+
+
+@dataclass
+class VideoRequest:
+    width: int
+    height: int
+    length: int                        # pixel frames to generate
+    seed: int
+    steps: int
+    cfg: float
+    schedule: object                   # the family's schedule (DFSchedule, MagiSchedule)
+    positives: list                    # per-window/chunk positive conditionings (last one repeats)
+    negative: list
+    vae: object = None
+    start_image: torch.Tensor | None = None
+    prefix_latent: torch.Tensor | None = None   # raw latent of a video to extend
+    end_image: torch.Tensor | None = None
+
+
+def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
+    return vae.encode(frames[..., :3]).to(comfy.model_management.intermediate_device(), torch.float32)
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Raw latent [1,C,F,h,w] -> pixel frames [N,H,W,3] in 0..1."""
+    img = vae.decode(latents)
+    return img.reshape(-1, *img.shape[-3:]).float().cpu()
+
+
+def resize_image(image: torch.Tensor, width: int, height: int, crop: str = "center") -> torch.Tensor:
+    """The first image to width x height: centre-cropped to the aspect ratio (SkyReels-V2), or
+    stretched (crop "disabled": MAGI-1's upstream resize)."""
+    return comfy.utils.common_upscale(image[:1].movedim(-1, 1), width, height, "bilinear", crop).movedim(1, -1)
+
+
+def check_image(name: str, image) -> None:
+    if image is None:
+        return
+    if image.ndim != 4 or image.shape[-1] not in (3, 4):
+        raise InputError(name, f"expected an IMAGE [batch, height, width, 3], got shape {tuple(image.shape)}")
+    if image.shape[0] != 1:
+        raise InputError(name, f"holds {image.shape[0]} images; give one (pick it with ImageFromBatch)")
+
+
+def check_prefix_latent(latent, width: int, height: int, family) -> None:
+    if latent is None:
+        return
+    c_want, s = family.latent_channels, family.spatial_stride
+    if latent.ndim != 5:
+        raise InputError("prefix_latent", f"is a {latent.ndim}-D latent {tuple(latent.shape)}; it needs a video "
+                         f"latent [1, {c_want}, frames, height/{s}, width/{s}] (VAEEncode of a video with the "
+                         f"model's VAE)")
+    b, c = latent.shape[:2]
+    if c != c_want:
+        raise InputError("prefix_latent", f"has {c} channels; {family.title} latents have {c_want}: encode the "
+                         "video with the model's VAE")
+    if b != 1:
+        raise InputError("prefix_latent", f"holds a batch of {b} videos; the sampler extends one video at a time")
+    if latent.shape[-2:] != (height // s, width // s):
+        raise InputError("prefix_latent", f"is {latent.shape[-1] * s}x{latent.shape[-2] * s} pixels; "
+                         f"set width/height to match it (now {width}x{height})")
+
+
+class VideoRun:
+    """One sampler run of any family (see the module docstring).
+
+    A subclass sets `plans` (one per emitted piece, each with an `index`), `steps` and
+    `calls_per_segment` (model calls per DF window; MAGI-1 runs one segment), and implements
+    `_generate(report, on_call) -> video latent`. Callbacks must not refer back to the run:
+    a cycle through it keeps its model clone alive until the cyclic collector runs, and ComfyUI
+    then finds a loaded model whose patcher (and parent) died together, which it reports as a leak
+    and answers with a full garbage collect on every later model load. `run(on_call=...)` takes
+    the per-call callback for that reason.
+    """
+
+    schedule: type = None                     # the schedule type this run takes
+
+    def __init__(self, model, req: VideoRequest, family, dm, on_window=None, sink=None):
+        if not isinstance(req.schedule, self.schedule):
+            raise ModelFamilyError(f"{family.title} models take the {self.schedule.node_title}, not a "
+                                   f"{type(req.schedule).__name__}")
+        self.req, self.family, self.dm = req, family, dm
+        self.on_window, self.sink = on_window, sink
+        self.model = model.clone()
+        self.heat = None
+        self.plans: list = []
+        self.calls_per_segment: list = []
+        self.steps = req.steps
+
+    @property
+    def model_options(self) -> dict:          # what an OUTER_SAMPLE wrapper reads and replaces
+        return self.model.model_options
+
+    @model_options.setter
+    def model_options(self, options: dict) -> None:
+        self.model.model_options = options
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls_per_segment)
+
+    def new_report(self, **fields) -> RunReport:
+        return RunReport(windows=len(self.plans), model_calls=0, rows=list(self.calls_per_segment),
+                         steps=self.steps, latent_frames=0, first_window_seconds=None, transformer_flops=0.0,
+                         transformer_flops_vanilla=0.0, cache=None, **fields)
+
+    @torch.no_grad()   # ComfyUI's executor already disables autograd; callers outside it must not grow graphs
+    def run(self, on_call=None) -> tuple[torch.Tensor, dict]:
+        """(video latent, report). on_call(call, x0, x): after every model call (previews, progress)."""
+        self._t0 = time.perf_counter()
+        report = self.new_report(**self.report_fields())
+        with report.installed(self.model.model_options["transformer_options"]):
+            video = self._generate(report, on_call)
+        report.data["latent_frames"] = int(video.shape[2])
+        report.data["seconds"] = time.perf_counter() - self._t0
+        return video, report.data
+
+    def report_fields(self) -> dict:
+        return {}
+
+    def _generate(self, report: RunReport, on_call) -> torch.Tensor:
+        raise NotImplementedError
+
+    def refuse_foreign_wrappers(self) -> None:
+        """For a family whose loop runs its own chunk-wise forward instead of ComfyUI's sampler and
+        model call: other packs' and core's wrappers hook exactly those, which such a loop never
+        makes, so they are refused by name rather than silently doing nothing."""
+        mp = comfy.patcher_extension.WrappersMP
+        for kind in (mp.OUTER_SAMPLE, mp.DIFFUSION_MODEL, mp.APPLY_MODEL, mp.PREDICT_NOISE, mp.SAMPLER_SAMPLE):
+            foreign = sorted(k for k, fns in self.model.wrappers.get(kind, {}).items() if fns and k != CACHE_WRAPPER_KEY)
+            if foreign:
+                raise ModelFamilyError(f"carries {', '.join(foreign)} ({kind} wrappers, e.g. core's EasyCache or "
+                                       f"another pack's cache), which hook ComfyUI's own sampling; {self.family.title} "
+                                       "runs its own chunk-wise forward, so they cannot work: remove that node and "
+                                       "use the pack's FlowCache or MotionCache")
+
+    def outer_wrapped(self, fn, *args):
+        """fn(*args) inside the cache node's OUTER_SAMPLE wrapper, as CFGGuider runs its sampling: the
+        cache's keyed wrapper sets up and tears down the run's cache state."""
+        mp = comfy.patcher_extension.WrappersMP
+        wrappers = self.model.wrappers.get(mp.OUTER_SAMPLE, {}).get(CACHE_WRAPPER_KEY, [])
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(fn, self, wrappers).execute(*args)
+
+    def emit(self, index: int, frames: torch.Tensor | None, data: dict) -> None:
+        """Piece `index` is final: its decoded frames to the sink, the time to the first piece."""
+        if frames is not None and self.sink is not None and frames.shape[0]:
+            self.sink(frames, index)
+        if index == 0:
+            data["first_window_seconds"] = time.perf_counter() - self._t0
+        if self.on_window is not None:
+            self.on_window(self.plans[index], len(self.plans))
