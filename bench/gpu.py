@@ -748,7 +748,7 @@ def bench_magi(b: Bench, dims: dict, lat_hw, reps: int) -> dict:
     tokens = 6 * (h // 2) * (w // 2)
     text = [torch.randn(40, b.text_dim, device=b.dev)]
     x = torch.randn(1, 16, 6 * 5, h, w, device=b.dev, dtype=b.dtype)
-    cache = magi.KVCache(cfg.num_layers)
+    cache = magi.kv_store(cfg, 5, tokens)
     with torch.no_grad():
         model.forward_chunks(x[:, :, :6 * 4], magi.ChunkForward(0, [0.9999] * 4, text * 4, [0, 1, 2, 3], write=(0, 1, 2, 3)),
                              cache)                                    # 4 clean chunks in the cache
@@ -771,7 +771,7 @@ def bench_magi(b: Bench, dims: dict, lat_hw, reps: int) -> dict:
         sdpa = {"dtype": str(b.dtype), "max_abs_err_vs_fp32": (fast - ref).abs().max().item(),
                 "rel_err_vs_fp32": ((fast - ref).norm() / ref.norm()).item()}
     out.update(tokens_per_chunk=tokens, per_chunk=rows, window=win, sdpa=sdpa,
-               kv_cache_bytes_per_chunk=cache.nbytes() // 4)
+               kv_cache_bytes_per_chunk=cache.bytes_allocated() // 4)
     del model, cache
     return out
 

@@ -1,13 +1,19 @@
-"""Per-layer, per-branch K/V buffers for chunk-causal execution of one AR window.
+"""The one K/V store: per-layer, per-branch K/V buffers of chunks, for every family and schedule.
 
-A window of N chunks runs chunk by chunk; chunk g writes its own K/V into its slot and attends
-to everything up to the end of g. Every (branch, layer) owns one contiguous buffer
-[rows, capacity, channels] in the model's dtype (the reference keeps keys in fp32, twice the
-memory), laid out as
+Chunks run chunk by chunk; chunk g writes its own K/V (all its tokens, or a token subset) into
+its slot and attends to the keys of a range of chunks `visible(first, last)`. The store serves:
+- the DF window executor: one store per AR window (a segment), chunks 0..N-1 of the window,
+  finished chunks frozen and optionally compressed;
+- MAGI-1's stages: one store per guidance pass for the whole video, K/V that persist across
+  forward steps, chunks that no key range can reach again evicted (`keep`), optional CPU
+  residence (`offload`), compression of the finished history at a chunk's end.
+Every (branch, layer) owns one contiguous buffer [rows, capacity, channels] in the model's dtype
+(the reference keeps keys in fp32, twice the memory), laid out as
 
     [ compressed history | chunk first_live | ... | chunk started-1 | spare ]
 
-so the keys visible to a chunk are always a prefix view of the buffer (no copy per call).
+so the keys visible to a chunk are always a contiguous view of the buffer (no copy per call).
+Evicted chunks leave the front the same way compressed ones do, without a history.
 
 Memory (spec flowcache.md A3/B3):
 - Slots are allocated lazily: a chunk gets its slot when it is first written ("starts");
@@ -113,7 +119,8 @@ class LayerKV:
         self.layout = layout
         self.account = account
         self.hist_len = 0       # tokens of compressed history at the front
-        self.first_live = 0     # chunks before this one live inside the history
+        self.first_live = 0     # chunks before this one live inside the history (or were evicted)
+        self.dropped = 0        # chunks before this one were evicted: no range may reach them
         self.started = 0        # chunks [0, started) have been written (own a slot or are history)
         self.used = 0           # tokens in use: history + slots of chunks first_live .. started-1
         self.k = torch.empty(rows, 0, channels, dtype=dtype, device=device)
@@ -147,7 +154,7 @@ class LayerKV:
         if g < self.first_live:
             raise IndexError(f"chunk {g} was merged into the compressed history")
         if g >= self.started:
-            raise IndexError(f"chunk {g} has not started (chunks 0..{self.started - 1} have)")
+            raise IndexError(f"chunk {g} has not started (chunks {self.dropped}..{self.started - 1} have)")
         return self.hist_len + self.layout.start(g) - self.layout.start(self.first_live)
 
     def write(self, g: int, k: torch.Tensor, v: torch.Tensor, upto: Optional[int] = None,
@@ -169,6 +176,8 @@ class LayerKV:
             return
         if k.shape[1] != n or v.shape[1] != n:
             raise ValueError(f"chunk {g} has {n} tokens, got K/V with {k.shape[1]}/{v.shape[1]}")
+        if g > self.started and self.used == 0:      # a first write may start anywhere: chunks before it
+            self.first_live = self.dropped = self.started = g    # were never written, as if evicted
         if g > self.started:
             raise RuntimeError(f"chunk {g} cannot start before chunk {self.started} (chunks start in order)")
         if g == self.started:           # a new chunk takes its slot (growing only when full)
@@ -184,7 +193,9 @@ class LayerKV:
     def visible(self, last: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of chunks first..last (views). Chunks merged into the compressed
         history cannot be told apart: a range that starts inside it includes all of it."""
-        e = self.offset(last) + self.layout.chunk_tokens[last]
+        if first < self.dropped:
+            raise RuntimeError(f"chunk {first} was evicted (chunks {self.dropped}..{self.started - 1} are held)")
+        e = self.hist_len if last < self.first_live else self.offset(last) + self.layout.chunk_tokens[last]
         s = 0 if first < self.first_live else self.offset(first)
         return self.k[:, s:e], self.v[:, s:e]
 
@@ -202,6 +213,24 @@ class LayerKV:
             for t in (self.k, self.v):
                 block = t[:, src + p:src + q]
                 t[:, dst + p:dst + q].copy_(block.clone() if piece > shift else block)
+
+    def evict_before(self, upto: int) -> None:
+        """Drop the chunks before `upto` (none may be reached again); the live ones slide down."""
+        upto = min(upto, self.started)
+        if upto <= self.first_live:
+            return
+        if self.hist_len:
+            raise RuntimeError("a store evicts or compresses its history, not both")
+        cut = self.offset(upto) if upto < self.started else self.used
+        self._slide_down(cut, 0, self.used - cut)
+        self.first_live = self.dropped = upto
+        self.used -= cut
+
+    def key_count(self, first: int, last: int) -> int:
+        """Keys of chunks first..last as `visible` gives them (chunks not written yet at full size)."""
+        if first < self.first_live:
+            return self.hist_len + sum(self.layout.chunk_tokens[self.first_live:last + 1])
+        return sum(self.layout.chunk_tokens[first:last + 1])
 
     def squeeze_history(self, upto: int, queries: torch.Tensor, heads: int, cfg: CompressConfig, budget: int) -> bool:
         """Merge chunks [first_live, upto) into the history; compress it to the budget in place.
@@ -248,19 +277,25 @@ class LayerKV:
 class KVStore:
     """All (branch, layer) K/V buffers of one AR window, plus which chunks are written/frozen.
 
-    Buffers are created on a branch's first write, with that write's rows, dtype and device,
-    and hold only chunks that have started (see the module docstring for the memory bound).
-    `compress=None` keeps every chunk at full length; with it, the frozen history is squeezed to
-    `budget_tokens` per head.
+    Buffers are created on a branch's first write, with that write's rows, dtype and device
+    (`offload`: in CPU memory, moved to the compute device by the reader), and hold only chunks
+    that have started (see the module docstring for the memory bound). `compress=None` keeps
+    every chunk at full length; with it, the frozen history is squeezed to `budget_tokens` per
+    head. `keep`: after a write of chunk c, chunks before c - keep are evicted (no key range
+    reaches back further); None keeps them all.
     """
 
     def __init__(self, layout: ChunkLayout, num_layers: int, compress: Optional[CompressConfig] = None,
-                 budget_tokens: Optional[int] = None):
+                 budget_tokens: Optional[int] = None, keep: Optional[int] = None, offload: bool = False):
         if compress is not None and budget_tokens is None:
             raise ValueError("compression needs budget_tokens")
+        if compress is not None and keep is not None:
+            raise ValueError("a store evicts or compresses its history, not both")
         self.layout = layout
         self.num_layers = num_layers
         self.compress, self.budget_tokens = compress, budget_tokens
+        self.keep, self.offload = keep, offload
+        self._queries: dict[tuple[int, int], torch.Tensor] = {}
         self._layers: dict[tuple[int, int], LayerKV] = {}
         self._written: dict[int, set] = {}
         self._frozen: dict[int, set] = {}
@@ -275,6 +310,7 @@ class KVStore:
         self._written.clear()
         self._frozen.clear()
         self._plan.clear()
+        self._queries.clear()
 
     def reset_branch(self, branch: int) -> None:
         for key in [k for k in self._layers if k[0] == branch]:
@@ -334,17 +370,52 @@ class KVStore:
         lkv = self._layers.get((branch, layer))
         if lkv is None:
             lkv = self._layers[(branch, layer)] = LayerKV(
-                self.layout, k.shape[0], k.shape[-1], k.dtype, k.device, self._account)
+                self.layout, k.shape[0], k.shape[-1], k.dtype, "cpu" if self.offload else k.device, self._account)
         elif lkv.rows != k.shape[0]:
             raise ValueError(f"branch {branch} has {lkv.rows} rows, got {k.shape[0]}: reset_branch first")
+        if tokens is not None:
+            tokens, k, v = tokens.to(lkv.k.device), k.to(lkv.k.device), v.to(lkv.k.device)
         lkv.write(chunk, k, v, self._plan.get(branch), tokens)
+        if self.keep is not None:
+            lkv.evict_before(chunk - self.keep)
         if layer == self.num_layers - 1:
             self._written.setdefault(branch, set()).add(int(chunk))
 
     def visible(self, branch: int, layer: int, last: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of chunks first..last (chunk-causal: first 0, last the chunk itself), views
         [rows, L, C]; a range from 0 includes the compressed history."""
-        return self._layers[(branch, layer)].visible(last, first)
+        lkv = self._layers.get((branch, layer))
+        if lkv is None:
+            raise RuntimeError(f"no K/V of branch {branch} has been written (asked for chunks {first}..{last})")
+        return lkv.visible(last, first)
+
+    def key_count(self, branch: int, first: int, last: int) -> int:
+        """Keys a query of chunk `last` sees with its range starting at `first` (for FLOP counts)."""
+        lkv = self._layers.get((branch, 0))
+        return sum(self.layout.chunk_tokens[first:last + 1]) if lkv is None else lkv.key_count(first, last)
+
+    def chunks(self, branch: int = 0) -> list[int]:
+        """The chunks held at full length (not evicted, not merged into the compressed history)."""
+        lkv = self._layers.get((branch, 0))
+        return [] if lkv is None else list(range(lkv.first_live, lkv.started))
+
+    def history_tokens(self, branch: int = 0) -> int:
+        lkv = self._layers.get((branch, 0))
+        return 0 if lkv is None else lkv.hist_len
+
+    def note_queries(self, branch: int, layer: int, queries: torch.Tensor) -> None:
+        """The queries [rows, Lq, heads*head_dim] of the chunk last forwarded: they score a later
+        `compress_finished` (families that compress at a chunk's end rather than in attention)."""
+        if self.compress is not None:
+            self._queries[(branch, layer)] = queries
+
+    def compress_finished(self, branch: int, upto: int, heads: int) -> None:
+        """Chunks up to `upto` are finished: squeeze them and the history to the budget, scored by
+        each layer's noted queries."""
+        for layer in range(self.num_layers):
+            lkv, q = self._layers.get((branch, layer)), self._queries.get((branch, layer))
+            if lkv is not None and q is not None:
+                lkv.squeeze_history(upto + 1, q.to(lkv.k.device), heads, self.compress, self.budget_tokens)
 
     def maybe_compress(self, branch: int, layer: int, queries: torch.Tensor, heads: int) -> bool:
         """Squeeze the frozen front of (branch, layer) to the budget, scored by `queries`.

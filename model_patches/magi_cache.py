@@ -25,7 +25,7 @@ from ..cache_core.chunk_step import ChunkStep, ChunkView
 from ..cache_core.errors import InputError
 from ..cache_core.magi_schedule import ForwardStep, first_key_chunk
 from ..cache_core.run_report import derive_savings
-from .magi_model import ChunkForward, KVCache, tokens_to_video, video_to_tokens
+from .magi_model import ChunkForward, kv_store, tokens_to_video, video_to_tokens
 
 TEXT, HISTORY, ALONE = 0, 1, 2          # branch ids: the base models' guidance passes (distilled: TEXT)
 
@@ -67,14 +67,14 @@ class MagiCacheRun:
             raise InputError("kv_compress", "compresses the full history, as the MAGI-1 reference does: set the "
                              "MAGI-1 Schedule's kv_range to all (with 5,4,3,2 the cache is bounded already)")
         self.dm, self.steps, self.kv_range = dm, steps, kv_range
-        keep = cached_keep(plan, steps, kv_range)
-        layers = dm.config.num_layers
-        self.caches = {b: KVCache(layers, keep=keep, offload=offload, keep_queries=self.compress is not None)
-                       for b in (TEXT, HISTORY)}
-        self.caches[ALONE] = KVCache(layers, keep=max(len(s.step_of) for s in plan), offload=offload)
         self.ht, self.wt = grid_hw
         self.cw = chunk_frames
         self.tokens = chunk_frames * self.ht * self.wt
+        keep, chunks = cached_keep(plan, steps, kv_range), total_frames // chunk_frames
+        self.caches = {b: kv_store(dm.config, chunks, self.tokens, keep=keep, offload=offload, compress=self.compress)
+                       for b in (TEXT, HISTORY)}
+        self.caches[ALONE] = kv_store(dm.config, chunks, self.tokens, keep=max(len(s.step_of) for s in plan),
+                                      offload=offload)
         self.heat = torch.zeros(total_frames, self.ht * self.wt)
         self.step.counts["segments"] += 1
 
@@ -118,14 +118,13 @@ class MagiCacheRun:
         """K/V compression (FlowCache B3): finished chunks' K/V squeezed to the history budget."""
         if self.compress is None:
             return
-        budget = self.compress.budget_chunks * self.tokens
         for b in (TEXT, HISTORY):
-            self.caches[b].compress(chunk, budget, self.compress)
+            self.caches[b].compress_finished(0, chunk, self.dm.config.kv_heads)
 
     def summary(self) -> dict:
         s = dict(self.step.counts, method=self.method)
         derive_savings(s)
-        s["kv_bytes"] = sum(cache.nbytes() for cache in self.caches.values())
+        s["kv_bytes"] = sum(cache.bytes_allocated() for cache in self.caches.values())
         s["kv_bytes_peak"] = sum(cache.peak_bytes for cache in self.caches.values())
         s["kv_history_tokens"] = self.caches[TEXT].history_tokens() or self.caches[HISTORY].history_tokens()
         s["kv_budget_tokens"] = None if self.compress is None else self.compress.budget_chunks * self.tokens

@@ -25,6 +25,7 @@ import comfy.ops
 
 from ..cache_core.errors import InputError
 from ..cache_core.flops import MagiShape
+from ..cache_core.kv_store import ChunkLayout, CompressConfig, KVStore
 
 PROJ_GROUPS = 8          # upstream's hard-coded 8-way interleave before linear_proj ("TP8 training")
 ADALN_COND_ROW, ADALN_NULL_ROW = -2, -1   # null_caption_embedding rows that condition the gates
@@ -204,88 +205,16 @@ def attend(q, k, v):
                       for i in range(0, q.shape[-2], rows)], dim=-2)
 
 
-class KVCache:
-    """Clean chunks' self-attention K/V per layer, by absolute chunk index.
-
-    `keep`: how far behind the newest written chunk a key range can still reach (older chunks
-    are dropped; keep + 1 chunks are held); `offload` keeps them in CPU memory and moves each to
-    the compute device when read. `compress` (full-history attention only) merges finished
-    chunks into one history block of at most a budget of tokens per head (importance-redundancy
-    selection against the last forwarded chunk's queries, which the layers leave here).
-    """
-
-    def __init__(self, num_layers: int, keep: int | None = None, offload: bool = False, keep_queries: bool = False):
-        self.layers = [dict() for _ in range(num_layers)]
-        self.keep, self.offload = keep, offload
-        self.history: list = [None] * num_layers        # (k, v) of the merged finished chunks
-        self.history_upto = -1                          # last chunk merged into the history
-        self.keep_queries = keep_queries
-        self.last_query: list = [None] * num_layers
-        self.peak_bytes = 0
-
-    def write(self, layer: int, chunk: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        store = self.layers[layer]
-        if self.offload:
-            k, v = k.to("cpu", copy=True), v.to("cpu", copy=True)
-        store[chunk] = (k, v)
-        if self.keep is not None:
-            for old in [c for c in store if c < chunk - self.keep]:
-                del store[old]
-        if layer == len(self.layers) - 1:
-            self.peak_bytes = max(self.peak_bytes, self.nbytes())
-
-    def read(self, layer: int, first: int, last: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """K/V of chunks first..last (inclusive); a chunk that was never written is an error.
-        Chunks merged into the history come as that one block (full-history ranges start at 0)."""
-        store, out = self.layers[layer], []
-        if first <= self.history_upto:
-            k, v = self.history[layer]
-            out.append((k.to(device, non_blocking=True), v.to(device, non_blocking=True)))
-            first = self.history_upto + 1
-        for c in range(first, last + 1):
-            if c not in store:
-                raise RuntimeError(f"MAGI-1 K/V cache has no chunk {c} (holds {sorted(store)})")
-            k, v = store[c]
-            out.append((k.to(device, non_blocking=True), v.to(device, non_blocking=True)))
-        return out
-
-    def key_tokens(self, first: int, chunk: int, chunk_tokens: int) -> int:
-        """Keys a query of `chunk` attends to when its range starts at `first` (for FLOP counts)."""
-        if first <= self.history_upto and self.history[0] is not None:
-            return self.history[0][0].shape[2] + (chunk - self.history_upto) * chunk_tokens
-        return (chunk - first + 1) * chunk_tokens
-
-    def compress(self, upto: int, budget: int, cfg) -> None:
-        """Merge the chunks up to `upto` (finished) and the history into at most `budget` tokens per
-        head, as `cfg` (a CompressConfig) says."""
-        from ..cache_core.kv_compress import select_tokens
-        for layer, store in enumerate(self.layers):
-            parts = ([self.history[layer]] if self.history[layer] is not None else []) + \
-                    [store.pop(c) for c in sorted(store) if c <= upto]
-            if not parts:
-                continue
-            k = torch.cat([p[0] for p in parts], dim=2)                  # [B, Hkv, L, D]
-            v = torch.cat([p[1] for p in parts], dim=2)
-            q = self.last_query[layer]
-            if k.shape[2] > budget and q is not None:
-                B, Hq, Lq, D = q.shape
-                g = Hq // k.shape[1]                                      # a group's query heads score its KV head
-                queries = q.to(k.device).unflatten(1, (k.shape[1], g)).permute(0, 2, 3, 1, 4).reshape(B, g * Lq, -1, D)
-                kk, vv, _ = select_tokens(k.transpose(1, 2), v.transpose(1, 2), queries, budget, cfg.lam, cfg.kernel,
-                                          cfg.max_queries)
-                k, v = kk.transpose(1, 2).contiguous(), vv.transpose(1, 2).contiguous()
-            self.history[layer] = (k, v)
-        self.history_upto = max(self.history_upto, upto)
-
-    def history_tokens(self) -> int:
-        return 0 if self.history[0] is None else int(self.history[0][0].shape[2])
-
-    def chunks(self) -> list[int]:
-        return sorted(self.layers[0]) if self.layers else []
-
-    def nbytes(self) -> int:
-        pairs = [kv for layer in self.layers for kv in layer.values()] + [h for h in self.history if h is not None]
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in pairs)
+def kv_store(config: MagiConfig, num_chunks: int, chunk_tokens: int, keep: int | None = None, offload: bool = False,
+             compress: CompressConfig | None = None) -> KVStore:
+    """The K/V store of one guidance pass over a whole video: clean chunks' self-attention K/V per
+    layer, by absolute chunk index, token-major [1, tokens, kv_heads * head_dim]. `keep`: how far
+    behind the newest written chunk a key range can still reach (older chunks are evicted);
+    `offload`: held in CPU memory; `compress`: the finished history squeezed to budget_chunks
+    chunks' worth of tokens at each chunk's end (full-history attention only)."""
+    budget = None if compress is None else compress.budget_chunks * chunk_tokens
+    return KVStore(ChunkLayout((chunk_tokens,) * num_chunks), config.num_layers, compress=compress,
+                   budget_tokens=budget, keep=keep, offload=offload)
 
 
 @dataclass
@@ -335,36 +264,39 @@ class MagiLayer(nn.Module):
     def heads(self, x, n):           # [B, L, n*hd] -> [B, n, L, hd]
         return x.unflatten(-1, (n, self.c.head_dim)).transpose(1, 2)
 
-    def forward(self, x, cond, text, rope, call: ChunkForward, cache: KVCache | None, layer: int, chunk_tokens: int):
+    def forward(self, x, cond, text, rope, call: ChunkForward, cache: KVStore | None, layer: int, chunk_tokens: int):
         """x [B, L, d] (model dtype), cond [n, cond_dim] per chunk, text: per chunk [B, Lt, d] states."""
         c, sa, n = self.c, self.self_attention, len(call.t)
         B, L, _ = x.shape
         h = sa.linear_qkv.layer_norm(x)
         cos, sin = rope
         q = apply_rope(sa.q_layernorm(self.heads(sa.linear_qkv.q(h), c.heads).float()), cos, sin).to(x.dtype)
-        if cache is not None and cache.keep_queries:     # the last forwarded chunk's queries score compression
-            cache.last_query[layer] = q[:, :, -chunk_tokens:] if call.tokens is None else q
+        if cache is not None and cache.compress is not None:   # the last forwarded chunk's queries score compression
+            last = q[:, :, -chunk_tokens:] if call.tokens is None else q
+            g = c.heads // c.kv_heads                           # a group's query heads score its KV head
+            cache.note_queries(0, layer, last.unflatten(1, (c.kv_heads, g)).permute(0, 2, 3, 1, 4).reshape(B, -1, c.kv_heads * c.head_dim))
         k = apply_rope(sa.k_layernorm(self.heads(sa.linear_qkv.k(h), c.kv_heads).float()), cos, sin).to(x.dtype)
         v = self.heads(sa.linear_qkv.v(h), c.kv_heads)
         qx = sa.q_layernorm_xattn(self.heads(sa.linear_qkv.qx(h), c.heads))
+
+        def stored(first: int, last: int):          # K/V of chunks first..last from the store, [B, Hkv, L, D]
+            return tuple(t.to(x.device, non_blocking=True).view(B, -1, c.kv_heads, c.head_dim).transpose(1, 2)
+                         .contiguous() for t in cache.visible(0, layer, last, first))
+
         self_out, cross_out = [], []
         for i in range(n):
             rows = slice(i * chunk_tokens, (i + 1) * chunk_tokens) if call.tokens is None else slice(0, L)
             chunk = call.start + i
             lo = max(call.first[i], call.start) - call.start          # first of the call's own chunks in range
-            if call.tokens is not None:   # a token subset: the chunk's other rows keep their cached K/V
-                (k_old, v_old), = cache.read(layer, chunk, chunk, x.device)
-                k_c, v_c = k_old.clone(), v_old.clone()
-                k_c[:, :, call.tokens], v_c[:, :, call.tokens] = k, v
-                keys = [(k_c, v_c)]
-                write_k, write_v = k_c, v_c
+            if chunk in call.write and cache is not None:             # token-major [B, L, Hkv*D], as the store holds them
+                cache.write(0, layer, chunk, k[:, :, rows].transpose(1, 2).flatten(2),
+                            v[:, :, rows].transpose(1, 2).flatten(2), call.tokens)
+            if call.tokens is not None:   # a token subset: the chunk's other rows come from the store
+                keys = [stored(call.first[i], chunk)]
             else:
                 keys = [(k[:, :, lo * chunk_tokens:rows.stop], v[:, :, lo * chunk_tokens:rows.stop])]
-                write_k, write_v = k[:, :, rows], v[:, :, rows]
-            if call.first[i] < call.start:
-                keys = cache.read(layer, call.first[i], call.start - 1, x.device) + keys
-            if chunk in call.write and cache is not None:
-                cache.write(layer, chunk, write_k, write_v)
+                if call.first[i] < call.start:
+                    keys = [stored(call.first[i], call.start - 1)] + keys
             ks = torch.cat([a for a, _ in keys], dim=2) if len(keys) > 1 else keys[0][0]
             vs = torch.cat([b for _, b in keys], dim=2) if len(keys) > 1 else keys[0][1]
             self_out.append(attend(q[:, :, rows], ks, vs))
@@ -455,7 +387,7 @@ class MagiDiT(nn.Module):
             x = torch.cat([x, x], dim=1)
         return self.x_embedder(x).flatten(2).transpose(1, 2)
 
-    def forward_chunks(self, x: torch.Tensor, call: ChunkForward, cache: KVCache | None = None) -> torch.Tensor:
+    def forward_chunks(self, x: torch.Tensor, call: ChunkForward, cache: KVStore | None = None) -> torch.Tensor:
         """Velocity for x [B, C_latent, n*chunk_frames, h, w] (model-space latents, B = 1 per run)."""
         c = self.config
         B, _, T, H, W = x.shape

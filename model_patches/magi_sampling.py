@@ -22,7 +22,7 @@ from ..cache_core.magi_schedule import (MagiSchedule, cached_chunks_needed, dist
                                         plan_steps, time_grid)
 from ..cache_core.record import CACHE_RUN_KEY
 from .magi_cache import ALONE, HISTORY, TEXT
-from .magi_model import ChunkForward, KVCache
+from .magi_model import ChunkForward, kv_store
 from .magi_text import SPECIAL_KEY, chunk_text
 from .video_run import VideoRun, check_image, check_prefix_latent, resize_image
 
@@ -134,7 +134,8 @@ class MagiRun(VideoRun):
         prefix = None if self.prefix is None else fmt.process_in(self.prefix).to(device)
         P = 0 if prefix is None else prefix.shape[2]
         grid = time_grid(S, sch.shift).tolist()
-        cache = KVCache(cfg.num_layers, keep=cached_chunks_needed(self.plan, S, sch.kv_range), offload=sch.kv_on_cpu)
+        cache = kv_store(cfg, self.num_chunks, tokens, keep=cached_chunks_needed(self.plan, S, sch.kv_range),
+                         offload=sch.kv_on_cpu)
         null = dm.null_text(device)
         base = not self.distill
         shape = self.family.flops(dm)
@@ -144,7 +145,7 @@ class MagiRun(VideoRun):
 
         def call_flops(call: ChunkForward, kv=None) -> float:
             lq = tokens if call.tokens is None else int(call.tokens.numel())
-            keys = [(kv.key_tokens(call.first[i], call.start + i, tokens) if kv is not None
+            keys = [(kv.key_count(0, call.first[i], call.start + i) if kv is not None
                      else (call.start + i - call.first[i] + 1) * tokens) for i in range(len(call.t))]
             return float(sum(flop_count.magi_chunk_flops(shape, lq, lk, len(tx)) for lk, tx in zip(keys, call.texts)))
 
@@ -218,7 +219,7 @@ class MagiRun(VideoRun):
             self.heat = cached.heat.reshape(self.T, *self.grid)
         data["pixel_frames"] = self.family.pixel_frames(int(video.shape[2]))
         data["kv_cache_chunks"] = cache.chunks()
-        data["kv_cache_bytes"] = cache.nbytes()
+        data["kv_cache_bytes"] = cache.bytes_allocated()
         return video
 
     def _vanilla_step(self, step, x, grid, null, forward, data) -> torch.Tensor:

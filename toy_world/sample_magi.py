@@ -9,7 +9,7 @@ sampler (`model_patches/magi_sampling.MagiRun.run`, base branch) restated withou
 plumbing: `cache_core.magi_schedule.plan_steps` / `time_grid` / `first_key_chunk` /
 `cached_chunks_needed`, window 4, kv_range (5, 4, 3, 2), shift 3, Euler x += v (t_next - t); a
 finished chunk is re-run at clean_t = 0.9999 attending to itself only at the next stage's first
-step, and its K/V go into `magi_model.KVCache`. Text: the null caption on every chunk (the pass
+step, and its K/V go into the pack's K/V store (`magi_model.kv_store`). Text: the null caption on every chunk (the pass
 MagiRun calls "history"; null_row=True, which the trainer made equal to row -2). With
 --history-scale s != 1 the history-free pass (each chunk alone) is run too while a chunk's
 t < 0.3, and v = C + s (B - C), MagiRun's base-model guidance with text scale 0.
@@ -76,7 +76,8 @@ def rollout(dm, num_chunks: int, cw: int, steps: int = 16, seed: int = 0, prefix
     S, W = steps, sch.window_size
     plan = ms.plan_steps(num_chunks, pc, W, S)
     tgrid = ms.time_grid(S, sch.shift).tolist()
-    cache = magi.KVCache(cfg.num_layers, keep=ms.cached_chunks_needed(plan, S, sch.kv_range))
+    cache = magi.kv_store(cfg, num_chunks, cw * (size[0] // 2) * (size[1] // 2),
+                          keep=ms.cached_chunks_needed(plan, S, sch.kv_range))
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((1, cfg.latent_channels, num_chunks * cw, *size), generator=gen)
     null = dm.null_text(dev)

@@ -121,6 +121,11 @@ def texts(lengths, seed, channels=32):
     return [torch.randn(n, channels, generator=g) for n in lengths]
 
 
+def store(cfg, frames=CHUNK_FRAMES, chunks=8, **kw):
+    """The pack's K/V store for one guidance pass, chunks of `frames` latent frames."""
+    return magi.kv_store(cfg, chunks, frames * (LAT_H // 2) * (LAT_W // 2), **kw)
+
+
 def run_pack(model, x, **call):
     with torch.no_grad():
         cache = call.pop("cache", None)
@@ -380,7 +385,7 @@ def test_cached_chunks_equal_one_dense_forward(variant, scenario, offload):
     na, nb = len(a["t"]), len(b["t"])
     x = latents(na + nb, 3)
     xa, xb = x[:, :, :na * CHUNK_FRAMES], x[:, :, na * CHUNK_FRAMES:]
-    cache = magi.KVCache(cfg.num_layers, offload=offload)
+    cache = store(cfg, offload=offload)
     out_a = run_pack(model, xa, cache=cache, **a)
     assert cache.chunks() == list(a["write"])
     out_b = run_pack(model, xb, cache=cache, **b)
@@ -397,8 +402,8 @@ def test_cached_chunks_equal_one_dense_forward(variant, scenario, offload):
 
 def test_cache_read_of_unwritten_chunk_raises():
     model, sd, cfg = model_for("tiny")
-    cache = magi.KVCache(cfg.num_layers)
-    with pytest.raises(RuntimeError, match="no chunk 0"):
+    cache = store(cfg)
+    with pytest.raises(RuntimeError, match="chunks 0..0"):
         run_pack(model, latents(1, 0), cache=cache, start=1, t=[0.5], texts=texts([3], 0), first=[0])
 
 
@@ -545,7 +550,7 @@ def test_cached_chunk_read_by_a_call_whose_frames_equal_the_token_height():
     the same grid. Chunks of 2 latent frames, tokens 4 x 5: call B has T_total = 4 = token height."""
     model, sd, cfg = model_for("tiny")
     x = torch.randn(1, 16, 4, LAT_H, LAT_W, generator=torch.Generator().manual_seed(12))
-    cache = magi.KVCache(cfg.num_layers)
+    cache = store(cfg, frames=2)
     a = dict(start=0, t=[0.5], texts=texts([5], 12), first=[0], write=(0,))
     b = dict(start=1, t=[0.25], texts=texts([6], 13), first=[0])
     out_a = run_pack(model, x[:, :, :2], cache=cache, **a)
@@ -678,7 +683,7 @@ def test_token_subset_equals_the_matching_rows_of_the_full_forward():
     model = model_for("tiny")[0]
     x = latents(2, 11)
     tx = texts([5, 6], 11)
-    cache = magi.KVCache(model.config.num_layers)
+    cache = store(model.config)
     run_pack(model, x[:, :, :CHUNK_FRAMES], start=0, t=[0.4], texts=tx[:1], first=[0], write=(0,), cache=cache)
     second = dict(start=1, t=[0.6], texts=tx[1:], first=[0], write=(1,), cache=cache, token_major=True)
     full = run_pack(model, x[:, :, CHUNK_FRAMES:], **second)
@@ -688,10 +693,11 @@ def test_token_subset_equals_the_matching_rows_of_the_full_forward():
     assert sub.shape == (1, len(idx), full.shape[-1])
     assert_close(sub, full[:, idx], atol=1e-5)
     # the same rows without the chunk's cached K/V (its other tokens missing) would differ
-    alone = magi.KVCache(model.config.num_layers)
+    alone = store(model.config)
     run_pack(model, x[:, :, :CHUNK_FRAMES], start=0, t=[0.4], texts=tx[:1], first=[0], write=(0,), cache=alone)
-    for layer in alone.layers:
-        layer[1] = tuple(torch.zeros_like(t) for t in cache.layers[0][1])
+    for layer in range(model.config.num_layers):
+        zero = torch.zeros_like(cache.visible(0, layer, 1, 1)[0])
+        alone.write(0, layer, 1, zero, zero)
     assert_far(run_pack(model, x[:, :, CHUNK_FRAMES:], **dict(second, cache=alone, tokens=idx)), full[:, idx])
 
 
