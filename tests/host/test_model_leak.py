@@ -12,8 +12,12 @@ import uuid
 
 import pytest
 
+from pathlib import Path
+
 from tools.comfy_server import ComfyServer
-from tools.graphs import streaming_graph
+from tools.graphs import magi_graph, streaming_graph
+
+REPO = Path(__file__).resolve().parents[2]
 
 UNET, VAE = "tiny_skyreels_df_1.3b_layout.safetensors", "tiny_wan21_vae.safetensors"
 SMALL = dict(window_frames=21, overlap_frames=9, ar_step=1, causal_block_size=3)
@@ -26,6 +30,8 @@ def fresh_comfy(tmp_path_factory, tiny_models):
     server = ComfyServer(tmp_path_factory.mktemp("leak_base")).prepare()
     server.add_model(tiny_models["1.3b"], "diffusion_models")
     server.add_model(tiny_models["vae"], "vae")
+    server.add_model_tree(Path(tiny_models["magi_special_tokens"]).parent, "magi1")
+    server.add_custom_node(REPO / "tests" / "fixtures" / "arcache_testkit")
     server.start()
     yield server
     server.stop()
@@ -39,6 +45,11 @@ def timed_run(comfy, seed, **kw) -> float:
     return time.perf_counter() - t0
 
 
+def leak_lines(comfy) -> list[str]:
+    log = comfy.log_path.read_text(errors="replace")
+    return [line for line in log.splitlines() if any(s in line for s in LEAK_LINES)]
+
+
 def test_no_memory_leak_warning_after_cached_and_streaming_runs(fresh_comfy):
     comfy = fresh_comfy
     timed_run(comfy, 0)                                     # warm-up: imports, first load
@@ -48,8 +59,30 @@ def test_no_memory_leak_warning_after_cached_and_streaming_runs(fresh_comfy):
     timed_run(comfy, 5, cache=FC)
     timed_run(comfy, 6, cache=FC, vae=VAE)
     last = min(timed_run(comfy, 7), timed_run(comfy, 8))
-    log = comfy.log_path.read_text(errors="replace")
-    leaks = [line for line in log.splitlines() if any(s in line for s in LEAK_LINES)]
+    leaks = leak_lines(comfy)
     assert not leaks, "ComfyUI saw dead model clones:\n" + "\n".join(leaks[:10])
     # a full garbage collect on every load made tiny runs 3-4x slower; allow for a noisy machine
     assert last < 3.0 * first, f"plain run took {last:.2f} s after cached runs, {first:.2f} s before"
+
+
+MAGI_CACHES = [None, dict(class_type="ARCacheFlowCache", rel_l1_thresh=0.3, warmup_steps=1, coefficients="none"),
+               dict(class_type="ARCacheMotionCache", threshold=0.1, warmup_steps=1, coefficients="none")]
+
+
+def test_no_memory_leak_warning_after_magi_runs(fresh_comfy):
+    """MAGI-1 (base and distilled; vanilla and both caches, twice over): family detection once kept
+    the exceptions it caught, whose frames held the sampler's model clone in a cycle."""
+    comfy = fresh_comfy
+    for round_ in range(2):
+        for variant in ("distill", "base"):
+            for i, cache in enumerate(MAGI_CACHES):
+                g, sid = magi_graph(variant=variant, seed=round_ * 10 + i, length=48, steps=8,
+                                    save_prefix=f"latents/{uuid.uuid4().hex[:8]}")
+                if cache:
+                    cache = dict(cache)
+                    loader = next(k for k, v in g.prompt.items() if v["class_type"] == "ARCacheMagiModelLoader")
+                    g.prompt["cache"] = {"class_type": cache.pop("class_type"), "inputs": {"model": [loader, 0], **cache}}
+                    g.prompt[sid]["inputs"]["model"] = ["cache", 0]
+                comfy.run(g.prompt)
+    leaks = leak_lines(comfy)
+    assert not leaks, "ComfyUI saw dead model clones:\n" + "\n".join(leaks[:10])

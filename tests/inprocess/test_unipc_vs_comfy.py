@@ -15,23 +15,13 @@ Two comparisons, all frames in sync, same sigmas, same deterministic toy denoise
    - it uses order 3 (min(3, steps-1)); upstream uses order 2;
    - it replaces the final sigma 0 by 0.001, which leaves a trace of noise.
 """
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-COMFY = REPO / ".host" / "ComfyUI"
-sys.path.insert(0, str(REPO))
-if not (COMFY / "comfy" / "extra_samplers" / "uni_pc.py").exists():
-    pytest.skip("no ComfyUI tree at .host/ComfyUI", allow_module_level=True)
-sys.path.append(str(COMFY))  # appended: its nodes.py must not shadow our nodes/
+from comfy.extra_samplers import uni_pc
 
-from comfy.extra_samplers import uni_pc  # noqa: E402
-
-from cache_core.df_schedule import flow_template  # noqa: E402
-from cache_core.frame_solver import EulerFrameSolver, UniPCFrameSolver  # noqa: E402
+from cache_core.df_schedule import flow_template
+from cache_core.frame_solver import EulerFrameSolver, UniPCFrameSolver
 
 D64 = torch.float64
 

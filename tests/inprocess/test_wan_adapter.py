@@ -7,40 +7,22 @@ place without raising the K/V peak.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-COMFY = Path(os.environ.get("COMFYUI_PATH", REPO / ".host" / "ComfyUI"))
-if not (COMFY / "comfy").is_dir():
-    pytest.skip(f"no ComfyUI tree at {COMFY}", allow_module_level=True)
-sys.path.insert(0, str(COMFY))
+import comfy.model_management  # noqa: F401
+import comfy.ops
+import comfy.ldm.wan.model as wan_model
+from tools.inprocess import pack
 
-import comfy.cli_args  # noqa: E402
-
-comfy.cli_args.args.cpu = True
-import comfy.model_management  # noqa: E402,F401
-import comfy.ops  # noqa: E402
-import comfy.ldm.wan.model as wan_model  # noqa: E402
-
-# Import the pack as a package (its modules use relative imports) without running its
-# ComfyUI entry point.
-if "arcache_pack" not in sys.modules:
-    _pkg = types.ModuleType("arcache_pack")
-    _pkg.__path__ = [str(REPO)]
-    sys.modules["arcache_pack"] = _pkg
-ar_cache = importlib.import_module("arcache_pack.model_patches.ar_cache")
-families = importlib.import_module("arcache_pack.model_patches.families")
-wan = importlib.import_module("arcache_pack.model_patches.wan")
-from arcache_pack.cache_core.flowcache_policy import FlowCacheConfig  # noqa: E402
-from arcache_pack.cache_core.record import RECORD_KEY, StepRecord  # noqa: E402
-from arcache_pack.cache_core.run_report import RunReport  # noqa: E402
+ar_cache = pack("model_patches.ar_cache")
+families = pack("model_patches.families")
+wan = pack("model_patches.wan")
+FlowCacheConfig = pack("cache_core.flowcache_policy").FlowCacheConfig
+RECORD_KEY, StepRecord = pack("cache_core.record").RECORD_KEY, pack("cache_core.record").StepRecord
+RunReport = pack("cache_core.run_report").RunReport
 
 CF = 2                        # latent frames per chunk in these tests
 F, H, W = 5, 6, 4             # chunks of 2, 2, 1 frames; 3x2 = 6 tokens per frame

@@ -4,32 +4,18 @@ path as WAN21_T2V with no missing or unexpected keys.  This is what makes the we
 without ComfyUI mean the same thing inside it.  Runs ComfyUI in-process (CPU)."""
 import json
 import logging
-import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COMFY = os.environ.get("COMFYUI_PATH") or os.path.join(ROOT, ".host", "ComfyUI")
-for p in (ROOT, COMFY):
-    if p not in sys.path:
-        sys.path.insert(0, p)
+import comfy.model_management  # noqa: F401
+import comfy.latent_formats
+import comfy.model_detection
+import comfy.sd
+import comfy.utils
 
-if not os.path.isfile(os.path.join(COMFY, "comfy", "ldm", "wan", "model.py")):
-    pytest.skip(f"no ComfyUI at {COMFY}", allow_module_level=True)
-
-import comfy.cli_args  # noqa: E402
-
-comfy.cli_args.args.cpu = True
-import comfy.model_management  # noqa: E402,F401
-import comfy.latent_formats  # noqa: E402
-import comfy.model_detection  # noqa: E402
-import comfy.sd  # noqa: E402
-import comfy.utils  # noqa: E402
-
-from toy_world import scenes  # noqa: E402
-from toy_world.model import ToyWan, ToyWanConfig, comfy_wan_model, save_safetensors  # noqa: E402
+from toy_world import scenes
+from toy_world.model import ToyWan, ToyWanConfig, comfy_wan_model, save_safetensors
 
 
 def _random_toy(cfg, seed=0):
