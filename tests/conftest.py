@@ -13,6 +13,16 @@ sys.path.insert(0, str(REPO / "scripts"))
 from tools.comfy_server import ComfyServer  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a small shared machine: extra threads only spin against other jobs."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random checkpoints in the real SkyReels-V2-DF / Wan 2.1 layouts."""

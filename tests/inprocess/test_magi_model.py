@@ -57,13 +57,7 @@ ZC_NORMS = ("q_layernorm", "k_layernorm", "q_layernorm_xattn", "k_layernorm_xatt
             "mlp_post_norm", "final_layernorm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a small shared machine: extra threads only spin against other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,13 +29,7 @@ KV_RANGE = (5, 4, 3, 2)          # runtime_config.noise2clean_kvrange
 CLEAN_KV = 1                     # runtime_config.clean_chunk_kvrange
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a small shared machine: extra threads only spin against other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------
