@@ -318,7 +318,7 @@ class Bench:
         act = [f // CHUNK_FRAMES in active_chunks for f in range(frames)]
         return self.StepRecord(frame_sigmas=self.frame_sigmas(frames), active=self.torch.tensor(act),
                                prefix_frames=0, chunk_frames=CHUNK_FRAMES, steps=STEPS, window_index=0,
-                               row=row, rows=STEPS)
+                               call=row, calls=STEPS)
 
     def run_state(self, dm, cfg, skip: bool):
         """The run state FlowCache makes per sampling run (skip False: restructure only)."""

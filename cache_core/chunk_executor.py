@@ -160,7 +160,7 @@ class ChunkExecutor:
         self.store: Optional[KVStore] = None
         self._kv_peak = 0
         self._segment = None
-        self._last_row = -1
+        self._last_call = -1
         self._last_t: Optional[float] = None
         self._local_steps: dict = {}      # (branch, chunk) -> active calls so far in this segment
         self._reported: dict = {}         # summary at the last merge into the run report
@@ -176,8 +176,8 @@ class ChunkExecutor:
         key = (None if record is None else record.window_index, call.shape_key, layout)
         new = key != self._segment
         if record is not None:
-            new = new or record.row < self._last_row
-            self._last_row = record.row
+            new = new or record.call < self._last_call
+            self._last_call = record.call
         else:  # a plain sampler: a rising timestep means a new run through the same shapes
             t_max = float(call.timesteps.max())
             new = new or (self._last_t is not None and t_max > self._last_t + 1e-3)
@@ -261,14 +261,14 @@ class ChunkExecutor:
         for branch, rows in branches.items():
             n_rows = len(range(bs)[rows]) if isinstance(rows, slice) else len(rows)
             if self.bidirectional:
-                if store.rows(branch) not in (None, n_rows):
+                if store.batch_rows(branch) not in (None, n_rows):
                     self._reset_branch(branch)
                 spent, noskip = self._window_pass(adapter, call, rows, branch, layout, chunk_frames, active,
                                                   indicators, steps, out_h, n_rows, heat)
                 call_flops, noskip_flops = call_flops + spent, noskip_flops + noskip
                 forwarded[branch] = (rows, set(range(n_chunks)))
                 continue
-            if store.rows(branch) not in (None, n_rows) or any(
+            if store.batch_rows(branch) not in (None, n_rows) or any(
                     active[g] and store.is_frozen(branch, g) for g in range(n_chunks)):
                 self._reset_branch(branch)
             for g in range(n_chunks):        # finished chunks are never written again

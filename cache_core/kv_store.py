@@ -326,7 +326,7 @@ class KVStore:
     def peak_bytes(self) -> int:
         return self._account.peak
 
-    def rows(self, branch: int) -> Optional[int]:
+    def batch_rows(self, branch: int) -> Optional[int]:
         lkv = self._layers.get((branch, 0))
         return None if lkv is None else lkv.rows
 

@@ -25,8 +25,8 @@ class StepRecord:
     chunk_frames: int            # latent frames per chunk (the causal block size)
     steps: int                   # solver steps every frame walks (the template length)
     window_index: int            # which window (AR segment) of the video this call belongs to
-    row: int                     # index of this call within the window (0-based)
-    rows: int                    # number of calls in this window
+    call: int                    # index of this model call within the window (0-based): a step-matrix row
+    calls: int                   # model calls in this window
     timesteps: torch.Tensor | None = None   # [F] what the model sees; None: 1000 * frame_sigmas
 
     @property

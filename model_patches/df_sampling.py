@@ -101,7 +101,7 @@ def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disabl
             transformer_options[RECORD_KEY] = StepRecord(
                 frame_sigmas=f_sig, active=upd.clone(), prefix_frames=P,
                 chunk_frames=sch.causal_block_size, steps=steps, window_index=job.plan.index,
-                row=row, rows=counters.shape[0], timesteps=f_t)
+                call=row, calls=counters.shape[0], timesteps=f_t)
             denoised = model_k(x_in, sigma_call.to(state) * state.new_ones(B), **extra_args)
             job.calls += 1
             v = (x_in - denoised) / sigma_call.to(state)

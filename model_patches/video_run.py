@@ -128,7 +128,7 @@ class VideoRun:
         return sum(self.calls_per_segment)
 
     def new_report(self, **fields) -> RunReport:
-        return RunReport(windows=len(self.plans), model_calls=0, rows=list(self.calls_per_segment),
+        return RunReport(windows=len(self.plans), model_calls=0, calls_per_window=list(self.calls_per_segment),
                          steps=self.steps, latent_frames=0, first_window_seconds=None, transformer_flops=0.0,
                          transformer_flops_vanilla=0.0, cache=None, **fields)
 

@@ -56,7 +56,7 @@ def test_one_async_window_matches(model):
     mine, report = ours(model, length=29, seed=4)                       # 8 latent frames, blocks of 2
     noise = comfy.sample.prepare_noise(torch.zeros(1, 16, 8, 8, 8), 4)
     theirs, rows = sample_async(theirs_model(model), noise, block=BLOCK, ar_step=AR_STEP, steps=STEPS, shift=8.0)
-    assert report["rows"] == [rows] == [STEPS + 3 * AR_STEP]
+    assert report["calls_per_window"] == [rows] == [STEPS + 3 * AR_STEP]
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
 
 

@@ -60,7 +60,7 @@ def inputs(batch=2, seed=1, h=H, w=W, frames=F):
 def record(sigmas, active, row=0, window=0, prefix=0, steps=10):
     return StepRecord(frame_sigmas=torch.tensor(sigmas, dtype=torch.float32),
                       active=torch.tensor(active, dtype=torch.bool), prefix_frames=prefix,
-                      chunk_frames=CF, steps=steps, window_index=window, row=row, rows=steps)
+                      chunk_frames=CF, steps=steps, window_index=window, call=row, calls=steps)
 
 
 def opts(rec=None, cou=(0, 1)):

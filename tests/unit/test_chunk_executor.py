@@ -69,7 +69,7 @@ class ToyFamily:
 
 def record(active, row, steps=4):
     return StepRecord(frame_sigmas=torch.full((FRAMES,), 0.5), active=torch.tensor(active), prefix_frames=0,
-                      chunk_frames=CF, steps=steps, window_index=0, row=row, rows=steps)
+                      chunk_frames=CF, steps=steps, window_index=0, call=row, calls=steps)
 
 
 def chunk_of_token():
