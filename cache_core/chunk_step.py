@@ -119,14 +119,17 @@ class ChunkStep:
         self.policy.reset_branch(branch)
 
     def decide(self, branch: int, chunk: int, local_step: int, steps: int,
-               view: Callable[[], ChunkView] = None, indicator: Callable[[], torch.Tensor] = None) -> Decision:
+               view: Callable[[], ChunkView] = None, indicator: Callable[[], torch.Tensor] = None,
+               force: bool = False) -> Decision:
         """The policy's decision for an active chunk. `view` and `indicator` are built only if the
-        policy asks for them."""
+        policy asks for them. `force`: the loop needs this step computed (MAGI-1's reference always
+        computes the run's last step); the policy still sees it, its answer is overridden."""
         policy = self.policy
         if policy.needs_view:
             policy.see(branch, chunk, view())
         ind = indicator() if policy.needs_indicator else None
-        return policy.decide(branch, chunk, ind, local_step, steps)
+        decision = policy.decide(branch, chunk, ind, local_step, steps)
+        return COMPUTE if force else decision
 
     def apply(self, branch: int, chunk: int, decision: Decision, h_in: torch.Tensor,
               run: Callable[[Optional[torch.Tensor]], torch.Tensor], active: bool = True,

@@ -139,7 +139,7 @@ class FlowCachePolicy(ChunkPolicy):
         """
         cfg = self.config
         st = self.state(branch, chunk)
-        ind = indicator.detach().float()
+        ind = indicator.detach()             # in the family's dtype: MAGI-1's reference compares bf16
         prev, st.prev = st.prev, ind.clone()
         forced = (local_step < cfg.warmup_steps or local_step >= steps - cfg.final_steps
                   or prev is None or prev.shape != ind.shape or st.residual is None)

@@ -92,7 +92,7 @@ class MotionCacheConfig:
 @dataclass
 class TokenState:
     """What MotionCache remembers about one chunk in one branch, within one AR segment."""
-    prev: Optional[torch.Tensor] = None       # previous indicator (fp32)
+    prev: Optional[torch.Tensor] = None       # previous indicator (the family's dtype)
     acc: Optional[torch.Tensor] = None        # [L] accumulated weighted change
     weights: Optional[torch.Tensor] = None    # [L] motion weights (None: phase 1, all 1)
     residual: Optional[torch.Tensor] = None   # [rows, L, C] last block-stack output minus input
@@ -176,7 +176,7 @@ class MotionCachePolicy(ChunkPolicy):
         cfg, st = self.config, self.state(branch, chunk)
         view = self.views[(branch, chunk)]
         n_tok = view.tokens
-        ind = indicator.detach().float()
+        ind = indicator.detach()             # in the family's dtype (MAGI-1's reference: bf16)
         prev, st.prev = st.prev, ind.clone()
         st.frames = view.frames[1] - view.frames[0]
         if local_step <= cfg.warmup_steps or prev is None or st.residual is None or st.acc is None \

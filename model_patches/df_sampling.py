@@ -228,6 +228,7 @@ class DFRun(VideoRun):
             out = guider.sample(noise, latent, sampler, self.template.clone(), disable_pbar=True,
                                 seed=req.seed + plan.index)
             out = out.to(comfy.model_management.intermediate_device(), torch.float32)
+            self.check_finite(out[:, :, P:P + plan.new_frames], plan.index)
             calls_done += calls
             report["model_calls"] += job.calls
             report["transformer_flops_vanilla"] += job.calls * flops.window(F * tokens_per_frame, F, batch=self.branches)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import comfy.latent_formats
+import comfy.ldm.wan.vae
 
 from ..cache_core import df_schedule
 from ..cache_core.chunk_executor import ChunkExecutor, check_attention
-from ..cache_core.errors import ModelFamilyError
+from ..cache_core.errors import InputError, ModelFamilyError
 from ..cache_core.flowcache_policy import IDENTITY
 from . import wan
 from .df_sampling import DFRun
@@ -24,6 +25,7 @@ from .magi_cache import MagiCacheRun, check_spec as magi_check_spec
 from .magi_loader import MagiLatentFormat
 from .magi_model import MagiDiT
 from .magi_sampling import MagiRun
+from .magi_vae import MagiVAE
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Family:
     new_cache_run: Callable          # CacheSpec -> the cache's state for one sampling run
     check_cache_spec: Callable       # CacheSpec -> None, or an InputError naming the setting it cannot run
     indicator_scale: Callable        # (diffusion model, coefficients) -> the presets' table: fitted | raw | magi
+    check_vae: Callable              # a VAE -> None, or an InputError when it is another family's
     causal_vae: bool = True          # 4k+1 pixel frames per k+1 latents (Wan); else 4k per k (MAGI-1)
     patch: int = 2                   # latent pixels per transformer token, each way
 
@@ -72,6 +75,14 @@ class Family:
         return 1 if cfg == 1.0 else 2
 
 
+def describe_vae(vae) -> str:
+    inner = getattr(vae, "first_stage_model", None)
+    what = f"{type(vae).__name__} over {type(inner).__module__}.{type(inner).__name__}" if inner is not None else \
+        type(vae).__name__
+    channels = getattr(vae, "latent_channels", None)
+    return what + (f", {channels} latent channels" if channels else "")
+
+
 # --- SkyReels-V2-DF: ComfyUI's Wan 2.1 transformer, diffusion-forcing windows ---------------------
 
 def _wan_prepare(model_patcher, schedule) -> dict:
@@ -82,6 +93,15 @@ def _wan_prepare(model_patcher, schedule) -> dict:
 
 def _wan_cache_run(spec) -> ChunkExecutor:
     return ChunkExecutor(spec.make_policy(), spec.chunk_frames, spec.compress, spec.attention)
+
+
+def _wan_check_vae(vae) -> None:
+    fix = "load the Wan 2.1 VAE (wan_2.1_vae.safetensors) with Load VAE (VAELoader)"
+    if isinstance(vae, MagiVAE):
+        raise InputError("vae", f"is the MAGI-1 VAE; SkyReels-V2-DF latents are Wan 2.1's: {fix}")
+    if not isinstance(getattr(vae, "first_stage_model", None), comfy.ldm.wan.vae.WanVAE) or \
+            getattr(vae, "latent_channels", 16) != 16:
+        raise InputError("vae", f"is not the Wan 2.1 VAE ({describe_vae(vae)}): {fix}")
 
 
 def _wan_indicator_scale(dm, coefficients) -> str:
@@ -96,7 +116,7 @@ WAN21 = Family(
     flops=wan.flop_shape,
     coefficients=lambda name, dm: wan.resolve_coefficients(name, dm.dim), prepare_sampling=_wan_prepare,
     new_cache_run=_wan_cache_run, check_cache_spec=lambda spec: check_attention(spec.attention, spec.compress),
-    indicator_scale=_wan_indicator_scale)
+    indicator_scale=_wan_indicator_scale, check_vae=_wan_check_vae)
 
 
 # --- MAGI-1: the pack's own DiT, chunk-wise stages ------------------------------------------------
@@ -106,6 +126,12 @@ def magi_transformer(model_patcher) -> MagiDiT:
     if not isinstance(dm, MagiDiT):
         raise ModelFamilyError(f"this is {wan.describe_model(model_patcher.model)}, not MAGI-1")
     return dm
+
+
+def _magi_check_vae(vae) -> None:
+    if not isinstance(vae, MagiVAE):
+        raise InputError("vae", f"is not the MAGI-1 VAE ({describe_vae(vae)}); MAGI-1 latents decode only with "
+                         "MAGI-1's own VAE: load ckpt/vae with MAGI-1 VAE Loader (ARCacheMagiVAELoader)")
 
 
 def _magi_coefficients(name, dm):
@@ -124,7 +150,7 @@ MAGI1 = Family(
     chunk_adapter=None, supports_chunks=lambda dm: isinstance(dm, MagiDiT), flops=lambda dm: dm.config.flop_shape(),
     coefficients=_magi_coefficients,
     prepare_sampling=lambda model_patcher, schedule: {}, new_cache_run=MagiCacheRun, check_cache_spec=magi_check_spec,
-    indicator_scale=lambda dm, coefficients: "magi", causal_vae=False)
+    indicator_scale=lambda dm, coefficients: "magi", check_vae=_magi_check_vae, causal_vae=False)
 
 FAMILIES: dict[str, Family] = {WAN21.name: WAN21, MAGI1.name: MAGI1}
 

@@ -62,11 +62,11 @@ class MagiCacheRun:
         return self.step.method
 
     def bind(self, dm, plan, steps: int, kv_range: tuple, offload: bool, grid_hw: tuple, chunk_frames: int,
-             total_frames: int) -> None:
+             total_frames: int, dtype: torch.dtype) -> None:
         if self.compress is not None and kv_range:
             raise InputError("kv_compress", "compresses the full history, as the MAGI-1 reference does: set the "
                              "MAGI-1 Schedule's kv_range to all (with 5,4,3,2 the cache is bounded already)")
-        self.dm, self.steps, self.kv_range = dm, steps, kv_range
+        self.dm, self.steps, self.kv_range, self.dtype = dm, steps, kv_range, dtype
         self.ht, self.wt = grid_hw
         self.cw = chunk_frames
         self.tokens = chunk_frames * self.ht * self.wt
@@ -89,12 +89,17 @@ class MagiCacheRun:
                                                              null_row=null_row, write=tuple(range(n)), dt=dt),
                     self.caches[b])
 
-    def chunk_velocity(self, forward, flops, branch: int, x, c: int, j: int, call: ChunkForward) -> torch.Tensor:
+    def chunk_velocity(self, forward, flops, branch: int, x, c: int, j: int, call: ChunkForward,
+                       last: bool = False) -> tuple[torch.Tensor, float]:
         """Velocity [1, C, cw, h, w] of chunk c (absolute) at its step j, for one guidance pass.
 
         x: the run's whole latent state (model space, prefix written in), chunk c at its input;
-        call: the chunk's forward (its time, text, key range); flops(call, cache): its FLOPs.
-        Returns the velocity and the FLOPs the chunk would cost computed in full."""
+        call: the chunk's forward (its time, text, key range); flops(call, cache): its FLOPs;
+        last: the run's last forward step, always computed (as the references do).
+        Returns the velocity and the FLOPs the chunk would cost computed in full.
+
+        The indicator is the chunk's patch embedding, computed in fp32 and cast to the model's
+        dtype before the policy measures its change (the references' rule: bf16 for bf16 weights)."""
         cw, p = self.cw, self.dm.config.patch
         xc = x[:, :, c * cw:(c + 1) * cw]
         cache = self.caches[branch]
@@ -104,7 +109,8 @@ class MagiCacheRun:
             return ChunkView(frames=(0, cw), tokens=self.tokens, local_step=j, latents=video_to_tokens(xc, p),
                              latents_before=before)
 
-        decision = self.step.decide(branch, c, j, self.steps, view=view, indicator=lambda: self.dm.embed(xc)[0])
+        decision = self.step.decide(branch, c, j, self.steps, view=view, force=last,
+                                    indicator=lambda: self.dm.embed(xc)[0].to(self.dtype))
         zeros = torch.zeros(1, self.tokens, p * p * xc.shape[1], device=x.device)
         noskip = flops(call, cache)
 

@@ -20,6 +20,7 @@ import comfy.supported_models_base
 import comfy.utils
 
 from ..cache_core.errors import InputError
+from .files import load_json, load_safetensors
 from .magi_model import MagiConfig, MagiDiT, check_keys
 
 SHARD = re.compile(r"^(.*)-\d{5}-of-\d{5}\.safetensors$")
@@ -66,6 +67,14 @@ def describe_state_dict(sd: dict) -> str:
     return "an unknown model (first keys: " + ", ".join(keys[:4]) + ")"
 
 
+def inside(folder: str, name) -> bool:
+    """A shard name that resolves to a file in `folder` itself (no absolute path, no ../, no link out)."""
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        return False
+    root = os.path.realpath(folder)
+    return os.path.dirname(os.path.realpath(os.path.join(root, name))) == root
+
+
 def read_state_dict(path: str, input_name: str = "model_name") -> dict:
     """All tensors of a single file or of an index JSON's shards (a picked shard means its index)."""
     m = SHARD.match(os.path.basename(path))
@@ -77,20 +86,26 @@ def read_state_dict(path: str, input_name: str = "model_name") -> dict:
         path = index
     if path.endswith(".zst"):
         raise InputError(input_name, "is zstd-compressed: decompress it first (zstd -d FILE)")
+    fix = "download it again (the whole inference_weight folder for a sharded checkpoint)"
     if not path.endswith(".json"):
-        return comfy.utils.load_torch_file(path, safe_load=True)
-    with open(path) as f:
-        weight_map = json.load(f).get("weight_map")
+        return load_safetensors(path, input_name, fix)
+    index = load_json(path, input_name, fix)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(input_name, f"{os.path.basename(path)} has no weight_map: not a safetensors index")
     folder, sd = os.path.dirname(path), {}
     shards = sorted(set(weight_map.values()))
+    outside = [s for s in shards if not inside(folder, s)]
+    if outside:
+        raise InputError(input_name, f"{os.path.basename(path)} ({path}) names shard(s) outside its own folder "
+                         f"({', '.join(map(repr, outside[:3]))}): an index may only name files beside it. This one is "
+                         "damaged or not from MAGI-1: download the inference_weight folder again")
     absent = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
     if absent:
         raise InputError(input_name, f"the index names {len(absent)} shard(s) that are not in {folder}: "
                          f"{', '.join(absent[:4])}; download every shard of the folder")
     for shard in shards:
-        part = comfy.utils.load_torch_file(os.path.join(folder, shard), safe_load=True)
+        part = load_safetensors(os.path.join(folder, shard), input_name, fix)
         sd.update({k: v for k, v in part.items() if weight_map.get(k) == shard or k not in weight_map})
     missing_from_shards = sorted(set(weight_map) - set(sd))
     if missing_from_shards:

@@ -141,7 +141,7 @@ class MagiRun(VideoRun):
         shape = self.family.flops(dm)
         cached = self.model.model_options["transformer_options"].get(CACHE_RUN_KEY)
         if cached is not None:
-            cached.bind(dm, self.plan, S, sch.kv_range, sch.kv_on_cpu, self.grid, cw, self.T)
+            cached.bind(dm, self.plan, S, sch.kv_range, sch.kv_on_cpu, self.grid, cw, self.T, dtype)
 
         def call_flops(call: ChunkForward, kv=None) -> float:
             lq = tokens if call.tokens is None else int(call.tokens.numel())
@@ -210,6 +210,7 @@ class MagiRun(VideoRun):
                 preview[:, :, step.start * cw: step.end * cw] = x0
                 on_call(step.index, preview, x)
             if step.finished is not None:
+                self.check_finite(x[:, :, step.finished * cw:(step.finished + 1) * cw], step.finished - self.prefix_chunks)
                 if cached is not None:
                     cached.chunk_finished(step.finished)
                 self._emit_chunk(fmt, x, step.finished, P, data)
@@ -271,13 +272,14 @@ class MagiRun(VideoRun):
         sch, S = self.req.schedule, self.steps
         ts = [grid[j] for j in step.step_of]
         items = list(zip(step.chunks, step.step_of, ts))
+        last = step is self.plan[-1]
         noskip = 0.0
 
         def velocity(branch, c, j, t, text, null_row, dt, alone=False):
             nonlocal noskip
             first = c if alone else first_key_chunk(c, j, S, sch.kv_range)
             call = ChunkForward(c, [t], [text], [first], null_row=null_row, write=(c,), dt=dt, token_major=True)
-            v, cost = cached.chunk_velocity(forward, flops, branch, x, c, j, call)
+            v, cost = cached.chunk_velocity(forward, flops, branch, x, c, j, call, last)
             noskip += cost
             return v
 

@@ -14,10 +14,14 @@ import numpy as np
 import torch
 
 from ..cache_core.errors import InputError
+from .files import check_npz
 
 SPECIAL_KEY = "magi_special_tokens"     # in the CONDITIONING's dict: {"hq": [C], "duration": [8, C]}
 HQ_INDEX, DURATION_FIRST = 1, 7         # rows of other_tokens (prompt_process.py)
 T5_EOS, T5_PAD = 1, 0
+
+
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def clean_caption(text: str) -> str:
@@ -25,6 +29,7 @@ def clean_caption(text: str) -> str:
     HTML, @handles or CJK, unified quotes and dashes, single spaces. The full upstream rule set
     (ftfy, BeautifulSoup, ~30 regexes for shop/file-name noise) is not reproduced; for ordinary
     prompts both give the same text."""
+    text = LONE_SURROGATE.sub("", str(text))    # a broken paste: unencodable, the tokenizer would raise
     for _ in range(2):
         text = html.unescape(urllib.parse.unquote_plus(str(text))).strip().lower()
         text = re.sub(r"<[^>]+>", " ", text)
@@ -40,6 +45,7 @@ def clean_caption(text: str) -> str:
 
 def load_special_tokens(path: str, width: int | None = None) -> dict:
     """HQ and the 8 DURATION embeddings, rounded to fp16 as upstream loads them."""
+    check_npz(path, "special_tokens", "take it again from the MAGI-1 repository (example/assets/special_tokens.npz)")
     try:
         data = np.load(path)
         other = data["other_tokens"]
@@ -61,6 +67,10 @@ def t5_states(clip, text: str) -> torch.Tensor:
     before encoding, so the result is the same whatever padding the CLIPLoader type adds."""
     tokens = clip.tokenize(text)
     key = next((k for k in tokens if "t5" in k), None)
+    if key is not None and key.startswith("umt5"):
+        raise InputError("clip", "is UMT5-XXL, Wan's text encoder (CLIPLoader type wan). MAGI-1 was trained with "
+                         "T5-XXL v1.1, whose states differ though both are 4096 wide: load t5xxl (e.g. "
+                         "t5xxl_fp16.safetensors) with CLIPLoader, type pixart")
     if key is None:
         raise InputError("clip", f"is not a T5 text encoder (its tokenizers: {', '.join(tokens) or 'none'}). Load "
                          "t5xxl (e.g. t5xxl_fp16.safetensors) with CLIPLoader, type pixart")

@@ -169,6 +169,15 @@ class VideoRun:
         wrappers = self.model.wrappers.get(mp.OUTER_SAMPLE, {}).get(CACHE_WRAPPER_KEY, [])
         return comfy.patcher_extension.WrapperExecutor.new_class_executor(fn, self, wrappers).execute(*args)
 
+    def check_finite(self, latent: torch.Tensor, index: int) -> None:
+        """A finished piece must be finite: a NaN video is an error, not a result (one sync per piece)."""
+        if not bool(torch.isfinite(latent).all()):
+            piece = "window" if self.family.causal_vae else "chunk"
+            raise InputError("model", f"{piece} {index + 1} of {len(self.plans)} came out NaN or infinite. Likely "
+                             "causes: the checkpoint holds non-finite weights (a damaged or converted file: download it "
+                             "again), or the compute dtype overflows (fp16 on a model trained in bf16: choose "
+                             "weight_dtype default or bf16)")
+
     def emit(self, index: int, frames: torch.Tensor | None, data: dict) -> None:
         """Piece `index` is final: its decoded frames to the sink, the time to the first piece."""
         if frames is not None and self.sink is not None and frames.shape[0]:

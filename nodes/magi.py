@@ -1,7 +1,6 @@
 """MAGI-1 nodes: loaders for the DiT and the VAE, text encoding with MAGI's tokens, and the schedule."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -109,15 +108,15 @@ class MagiVAELoaderNode(io.ComfyNode):
     @classmethod
     @named_errors("MAGI-1 VAE Loader")
     def execute(cls, vae_name) -> io.NodeOutput:
-        import comfy.utils
+        from ..model_patches.files import load_json, load_safetensors
         from ..model_patches.magi_vae import load_magi_vae
         path = full_path(vae_name, (MAGI_FOLDER, "vae"), "vae_name")
         config_path = os.path.join(os.path.dirname(path), "config.json")
-        config = None
-        if os.path.isfile(config_path):
-            with open(config_path) as f:
-                config = json.load(f)
-        return io.NodeOutput(load_magi_vae(comfy.utils.load_torch_file(path, safe_load=True), config))
+        fix = "download MAGI-1's ckpt/vae folder again (diffusion_pytorch_model.safetensors and config.json)"
+        config = load_json(config_path, "vae_name", fix) if os.path.isfile(config_path) else None
+        if config is not None and not isinstance(config, dict):
+            raise InputError("vae_name", f"{config_path} is not a VAE config (a JSON object): {fix}")
+        return io.NodeOutput(load_magi_vae(load_safetensors(path, "vae_name", fix), config))
 
 
 class MagiTextEncodeNode(io.ComfyNode):

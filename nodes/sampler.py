@@ -42,6 +42,8 @@ def validate(width, height, length, schedule, vae, start_image, prefix_latent, e
     """Everything that can be checked before the model runs (so a bad input costs nothing)."""
     if width % 16 or height % 16:
         raise InputError("width", f"width={width}, height={height}: both must be multiples of 16 (e.g. 960x544)")
+    if vae is not None:
+        family.check_vae(vae)
     family.run.validate(width, height, length, schedule, vae, start_image, prefix_latent, end_image, family)
 
 

@@ -737,3 +737,29 @@ def test_flowcache_decisions_on_magi_match_the_reference_rule():
         if got[-1] == "compute":
             policy.observe(0, 7, torch.zeros(1, 4, 2), torch.ones(1, 4, 2))
     assert got == want and "skip" in got and got.count("compute") > warmup
+
+
+def test_the_cache_measures_the_patch_embedding_in_the_models_dtype():
+    """MAGI-1's FlowCache reference embeds the chunk in fp32, casts the embedding to the model's
+    dtype (bf16) and measures its change in that dtype: the indicator the policy keeps is exactly
+    that tensor, for a bf16 run as for an fp32 one."""
+    from types import SimpleNamespace
+    magi_cache = pack("model_patches.magi_cache")
+    fc = pack("cache_core.flowcache_policy")
+    schedule = pack("cache_core.magi_schedule")
+    model = model_for("tiny")[0]
+    x = latents(2, 21)
+    plan = schedule.plan_steps(2, 0, 4, 8)
+    for dtype in (torch.bfloat16, torch.float32):
+        spec = SimpleNamespace(attention="chunk_causal", compress=None,
+                               make_policy=lambda: fc.FlowCachePolicy(fc.FlowCacheConfig(rel_l1_thresh=0.1,
+                                                                                       coefficients="none")))
+        run = magi_cache.MagiCacheRun(spec)
+        run.bind(model, plan, 8, (5, 4, 3, 2), False, (LAT_H // 2, LAT_W // 2), CHUNK_FRAMES, 2 * CHUNK_FRAMES, dtype)
+        call = magi.ChunkForward(0, [0.1], texts([4], 21), [0], write=(0,), token_major=True)
+        with torch.no_grad():
+            run.chunk_velocity(lambda xc, c, kv: model.forward_chunks(xc, c, kv), lambda c, kv: 0.0,
+                               magi_cache.TEXT, x, 0, 0, call)
+            want = model.embed(x[:, :, :CHUNK_FRAMES])[0].to(dtype)
+        kept = run.step.policy.state(magi_cache.TEXT, 0).prev
+        assert kept.dtype == dtype and torch.equal(kept, want)

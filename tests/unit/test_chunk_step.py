@@ -117,3 +117,12 @@ def test_the_base_policy_computes_everything_and_never_reuses():
     assert step.decide(0, 0, 0, 4) is COMPUTE and step.method == "chunk_causal"
     with pytest.raises(NotImplementedError):
         step.apply(0, 0, SKIP, H_IN, never)
+
+
+def test_a_forced_step_is_computed_but_the_policy_still_sees_it():
+    """MAGI-1's references always compute the run's last step: the loop forces it; the policy
+    still takes its decision (its state moves on as on any step), and its answer is overridden."""
+    policy = Scripted([SKIP], needs_indicator=True)
+    step = ChunkStep(policy)
+    assert step.decide(0, 3, 5, 8, indicator=lambda: torch.ones(1), force=True) is COMPUTE
+    assert policy.decisions == [] and len(policy.indicators) == 1

@@ -128,3 +128,19 @@ def test_config_validation():
         FlowCacheConfig(chunk_frames=0)
     with pytest.raises(ValueError):
         FlowCacheConfig(kv_lambda=2.0)
+
+
+def test_a_bf16_indicator_is_measured_in_bf16_as_magis_reference_does():
+    """MAGI-1's reference casts the patch embedding to bf16 and takes the relative L1 change in bf16.
+    Worked by hand: prev = [1, 1, 1], now = [1, 1, 1.0078125] (one bf16 step above 1).
+    fp32: mean|diff| = 0.0078125 / 3 = 0.00260416..; bf16 rounds that mean to 171/128 * 2**-9 =
+    0.002609252..; mean|prev| = 1. A threshold between the two separates the dtypes."""
+    thr = 0.0026065
+    for dtype, computed in ((torch.bfloat16, True), (torch.float32, False)):
+        p = FlowCachePolicy(FlowCacheConfig(rel_l1_thresh=thr, warmup_steps=1, final_steps=0, coefficients="none"))
+        prev = torch.tensor([1.0, 1.0, 1.0], dtype=dtype)
+        now = torch.tensor([1.0, 1.0, 1.0078125], dtype=dtype)
+        assert step(p, 0, 0, prev, 0, 10) is True                # first step: computed, indicator kept
+        assert step(p, 0, 0, now, 1, 10) is computed, dtype
+        assert p.state(0, 0).prev.dtype == dtype
+    assert 171 / 128 * 2 ** -9 > thr > 0.0078125 / 3
