@@ -10,7 +10,7 @@ The network (read from SandAI-org/MAGI-1 inference/model/vae/vae_module.py; writ
   parameter-free (x - mean) / (std + 1e-5) with the biased std; MLP (GELU) after LayerNorm norm2.
 
 Not causal: 4k frames <-> k latent frames; an image is encoded as 4 copies of itself. Latents
-here are raw (posterior mean); the DiT's latents are raw * SCALE_FACTOR (applied elsewhere).
+here are raw (posterior mean); the DiT's latents are raw * 0.18215 (magi_loader.MagiLatentFormat applies it).
 MAGI decodes and encodes in tiles (infra/parallelism/tile_parallel.py); `tiled_apply` is that
 tiling. Parameter names equal the official diffusers-format checkpoint's (`expected_vae_keys`).
 """
@@ -37,7 +37,6 @@ from ..cache_core.errors import InputError
 
 ops = comfy.ops.disable_weight_init   # no init at build time; ComfyUI casts weights when offloading
 INPUT = "vae_name"                    # the loader input every checkpoint problem is blamed on
-SCALE_FACTOR = 0.18215                # DiT latent = raw latent * this, no shift (video_process.py:304,357)
 WORKING_DTYPES = [torch.bfloat16, torch.float32]   # MAGI runs the VAE in bf16; fp32 where bf16 is slow
 PATCH_KEY = "encoder.patch_embed.proj.weight"
 

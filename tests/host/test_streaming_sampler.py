@@ -71,9 +71,9 @@ def test_async_rows_follow_the_step_matrix(comfy):
     sch = dict(SMALL, ar_step=2, causal_block_size=1)
     g, sid = streaming_graph(UNET13, length=33, seed=2, steps=3, save_prefix=unique(), schedule=sch)
     latent, report = run_latent(comfy, g, sid)
-    assert report["rows"][0] == 3 + (5 - 1) * 2
-    assert report["rows"][1] == 3 + (3 - 1) * 2
-    assert report["model_calls"] == sum(report["rows"])
+    assert report["calls_per_window"][0] == 3 + (5 - 1) * 2
+    assert report["calls_per_window"][1] == 3 + (3 - 1) * 2
+    assert report["model_calls"] == sum(report["calls_per_window"])
     assert latent.shape[2] == 9
 
 
@@ -143,7 +143,7 @@ def test_extension_continues_the_prefix(comfy):
     assert ext.shape[2] == base.shape[2] + 4        # 13 pixel frames = 4 new latent frames
     assert torch.equal(ext[:, :, :base.shape[2]], base)
     report = json.loads(entry["outputs"][second]["text"][0])
-    assert report["rows"][0] == 3                  # sync: steps rows, history held as done
+    assert report["calls_per_window"][0] == 3                  # sync: steps rows, history held as done
 
 
 def test_prompt_schedule_changes_only_later_windows(comfy):
