@@ -34,7 +34,7 @@ def window_record_wrapper(executor, x, timestep, context, clip_fea=None, time_di
     rec = transformer_options.get(record_mod.RECORD_KEY)
     if rec is not None:
         transformer_options = dict(transformer_options)
-        transformer_options[record_mod.RECORD_KEY] = dataclasses.replace(rec, chunk_frames=rec.num_frames, steps=rec.rows)
+        transformer_options[record_mod.RECORD_KEY] = dataclasses.replace(rec, chunk_frames=rec.num_frames, steps=rec.calls)
     return executor(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
 
 

@@ -192,6 +192,8 @@ class DFRun(VideoRun):
         if req.end_image is not None:
             self.end_latent = encode_frames(req.vae, resize_image(req.end_image, req.width, req.height))[:, :, :1]
         self.branches = fam.cfg_branches(req.cfg)
+        self.anchor_latent = self.anchor_image_latent(
+            lambda image: encode_frames(req.vae, resize_image(image, req.width, req.height))[:, :, :1])
 
     def report_fields(self) -> dict:
         return dict(self.notes, prefix_mode=self.mode)
@@ -229,6 +231,9 @@ class DFRun(VideoRun):
                                 seed=req.seed + plan.index)
             out = out.to(comfy.model_management.intermediate_device(), torch.float32)
             self.check_finite(out[:, :, P:P + plan.new_frames], plan.index)
+            if self.anchoring:                 # before it is decoded, emitted and becomes history
+                out[:, :, P:P + plan.new_frames] = self.anchored(out[:, :, P:P + plan.new_frames], plan.index,
+                                                                 self.anchor_latent)
             calls_done += calls
             report["model_calls"] += job.calls
             report["transformer_flops_vanilla"] += job.calls * flops.window(F * tokens_per_frame, F, batch=self.branches)

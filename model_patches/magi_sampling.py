@@ -102,6 +102,9 @@ class MagiRun(VideoRun):
         self.plans = [ChunkPlan(i) for i in range(self.num_chunks - self.prefix_chunks)]
         self.calls_per_segment = [len(self.plan)]
         self._texts: dict = {}
+        self.anchor_latent = self.anchor_image_latent(
+            lambda image: req.vae.encode(resize_image(image, req.width, req.height, crop="disabled")[..., :3])
+            .float()[:, :, :1])
 
     def report_fields(self) -> dict:
         return dict(model="MAGI-1 " + self.dm.config.size_name, distill=self.distill,
@@ -210,7 +213,12 @@ class MagiRun(VideoRun):
                 preview[:, :, step.start * cw: step.end * cw] = x0
                 on_call(step.index, preview, x)
             if step.finished is not None:
-                self.check_finite(x[:, :, step.finished * cw:(step.finished + 1) * cw], step.finished - self.prefix_chunks)
+                done = slice(step.finished * cw, (step.finished + 1) * cw)
+                self.check_finite(x[:, :, done], step.finished - self.prefix_chunks)
+                if self.anchoring:             # in raw latent space, before it is refreshed into the K/V and emitted
+                    raw = self.anchored(fmt.process_out(x[:, :, done].float()), step.finished - self.prefix_chunks,
+                                        self.anchor_latent)
+                    x[:, :, done] = fmt.process_in(raw).to(x.dtype)
                 if cached is not None:
                     cached.chunk_finished(step.finished)
                 self._emit_chunk(fmt, x, step.finished, P, data)

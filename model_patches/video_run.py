@@ -23,6 +23,7 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.utils
 
+from ..cache_core.drift import DriftAnchor, DriftMeter, anchor_latent, latent_stats
 from ..cache_core.errors import InputError, ModelFamilyError
 from ..cache_core.record import CACHE_WRAPPER_KEY
 from ..cache_core.run_report import RunReport
@@ -43,6 +44,7 @@ class VideoRequest:
     start_image: torch.Tensor | None = None
     prefix_latent: torch.Tensor | None = None   # raw latent of a video to extend
     end_image: torch.Tensor | None = None
+    anchor: DriftAnchor | None = None           # the Drift Anchor node's settings (None: off)
 
 
 def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
@@ -113,6 +115,8 @@ class VideoRun:
         self.heat = None
         self.plans: list = []
         self.calls_per_segment: list = []
+        self.drift = DriftMeter()
+        self._anchor = None                       # (prompt index, (mean, std)) the pieces are pulled towards
         self.steps = req.steps
 
     @property
@@ -140,6 +144,7 @@ class VideoRun:
         with report.installed(self.model.model_options["transformer_options"]):
             video = self._generate(report, on_call)
         report.data["latent_frames"] = int(video.shape[2])
+        report.data["drift"] = self.drift.summary()
         report.data["seconds"] = time.perf_counter() - self._t0
         return video, report.data
 
@@ -169,6 +174,31 @@ class VideoRun:
         wrappers = self.model.wrappers.get(mp.OUTER_SAMPLE, {}).get(CACHE_WRAPPER_KEY, [])
         return comfy.patcher_extension.WrapperExecutor.new_class_executor(fn, self, wrappers).execute(*args)
 
+    @property
+    def anchoring(self) -> bool:
+        return self.req.anchor is not None and self.req.anchor.strength > 0
+
+    def anchor_image_latent(self, encode) -> torch.Tensor | None:
+        """The anchor image as a raw latent (encode: the family's image -> raw latent), or None."""
+        if not self.anchoring or self.req.anchor.image is None:
+            return None
+        return encode(self.req.anchor.image)
+
+    def anchored(self, latent: torch.Tensor, index: int, image_latent=None) -> torch.Tensor:
+        """Piece `index`'s raw latent with the Drift Anchor applied: pulled towards the anchor's
+        per-channel statistics. The anchor is the image's (`image_latent`) or the first piece of the
+        current prompt, which itself stays as generated; a new prompt re-anchors to its first piece."""
+        if not self.anchoring:
+            return latent
+        prompt = min(index, len(self.req.positives) - 1)
+        if self._anchor is None or self._anchor[0] != prompt:
+            if self._anchor is None and image_latent is not None:
+                self._anchor = (prompt, latent_stats(image_latent))
+            else:
+                self._anchor = (prompt, latent_stats(latent))
+                return latent
+        return anchor_latent(latent, self._anchor[1], self.req.anchor.strength)
+
     def check_finite(self, latent: torch.Tensor, index: int) -> None:
         """A finished piece must be finite: a NaN video is an error, not a result (one sync per piece)."""
         if not bool(torch.isfinite(latent).all()):
@@ -180,8 +210,10 @@ class VideoRun:
 
     def emit(self, index: int, frames: torch.Tensor | None, data: dict) -> None:
         """Piece `index` is final: its decoded frames to the sink, the time to the first piece."""
-        if frames is not None and self.sink is not None and frames.shape[0]:
-            self.sink(frames, index)
+        if frames is not None and frames.shape[0]:
+            self.drift.add(frames.movedim(-1, 1))    # what was decoded anyway: no second decode
+            if self.sink is not None:
+                self.sink(frames, index)
         if index == 0:
             data["first_window_seconds"] = time.perf_counter() - self._t0
         if self.on_window is not None:

@@ -1,6 +1,7 @@
 """The thin ComfyUI layer: V3 node classes, one feature per module."""
 from comfy_api.latest import ComfyExtension, io
 
+from .anchor import DriftAnchorNode
 from .conditioning import EmptyConditioningNode
 from .flowcache import FlowCacheNode
 from .heatmap import ComputeHeatmapNode
@@ -26,6 +27,7 @@ class ARCacheExtension(ComfyExtension):
             MagiVAELoaderNode,
             MagiTextEncodeNode,
             MagiScheduleNode,
+            DriftAnchorNode,
         ]
 
 

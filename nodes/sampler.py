@@ -11,6 +11,7 @@ import latent_preview
 
 from ..model_patches import families
 from ..model_patches.video_run import VideoRequest
+from .anchor import AnchorType
 from .errors import InputError, named_errors
 from .heatmap import FAMILY_KEY, HEAT_KEY
 from .schedules import ARPrompts, ARSchedule
@@ -91,6 +92,7 @@ class StreamingSamplerNode(io.ComfyNode):
                 io.Image.Input("start_image", optional=True, tooltip="First frame (image-to-video). Needs the vae."),
                 io.Latent.Input("prefix_latent", optional=True, tooltip="A video's latents to continue (video extension; MAGI-1 v2v: whole 6-latent chunks go into the K/V cache, the rest is written over the first chunk's frames); the output includes them."),
                 io.Image.Input("end_image", optional=True, tooltip="Last frame to steer towards (appended clean to the last window; SkyReels-V2-DF only). Needs the vae."),
+                AnchorType.Input("anchor", optional=True, tooltip="A Drift Anchor: holds the video's colour and contrast to its first window/chunk (or an image) over a long video."),
                 io.Boolean.Input("save_video", default=False, optional=True,
                                  tooltip="With a vae: write each finished window to an mp4 in the output folder before the next starts."),
                 io.String.Input("filename_prefix", default="ARCache/video", optional=True,
@@ -107,7 +109,7 @@ class StreamingSamplerNode(io.ComfyNode):
     @classmethod
     @named_errors("Streaming AR Sampler")
     def execute(cls, model, positive, negative, width, height, length, seed, steps, cfg, schedule=None,
-                prompt_schedule=None, vae=None, start_image=None, prefix_latent=None, end_image=None,
+                prompt_schedule=None, vae=None, start_image=None, prefix_latent=None, end_image=None, anchor=None,
                 save_video=False, filename_prefix="ARCache/video") -> io.NodeOutput:
         prefix = prefix_latent["samples"] if prefix_latent is not None else None
         family, dm = families.detect(model)                 # says what the model is, before anything runs
@@ -115,10 +117,13 @@ class StreamingSamplerNode(io.ComfyNode):
         validate(width, height, length, schedule, vae, start_image, prefix, end_image, family)
         if save_video and vae is None:
             raise InputError("save_video", "needs a vae: connect the model's VAE")
+        if anchor is not None and anchor.image is not None and vae is None:
+            raise InputError("anchor", "has an image, which the sampler encodes with its vae: connect the model's VAE, "
+                             "or take the image out of the Drift Anchor to anchor to the first window/chunk")
         node_id = cls.hidden.unique_id
         req = VideoRequest(width=width, height=height, length=length, seed=seed, steps=steps, cfg=cfg,
                            schedule=schedule, positives=list(prompt_schedule or [positive]), negative=negative,
-                           vae=vae, start_image=start_image, prefix_latent=prefix, end_image=end_image)
+                           vae=vae, start_image=start_image, prefix_latent=prefix, end_image=end_image, anchor=anchor)
         writer = None
         if save_video:
             writer = StreamingVideoWriter(video_path(filename_prefix, width, height), schedule.fps or 24)
