@@ -131,10 +131,28 @@ def workflows(info: dict) -> dict[str, dict]:
     return out
 
 
+COLUMNS, WIDTH, GAP = 5, 340, 50
+
+
+def node_height(spec: dict) -> int:
+    """The height ComfyUI's frontend draws a node at (title excluded): socket rows beside the
+    outputs, then a row per widget (a multiline text box is taller), with a margin."""
+    sockets = widgets = tall = 0
+    for name, t, opts, _ in node_specs(spec):
+        if t in WIDGET_TYPES and not opts.get("forceInput"):
+            widgets += 1 + int(_has_control(name, t, opts))
+            tall += int(bool(opts.get("multiline")))
+        else:
+            sockets += 1
+    return 24 * max(sockets, len(spec["output"])) + 26 * widgets + 110 * tall + 30
+
+
 def to_ui(graph: dict, info: dict) -> dict:
-    """Lay out a {key: (type, widgets, links)} graph as a frontend (UI-format) workflow."""
+    """Lay out a {key: (type, widgets, links)} graph as a frontend (UI-format) workflow: nodes in
+    columns, each stacked below the one before at the height the frontend draws it, so none overlap."""
     ids = {key: i + 1 for i, key in enumerate(graph)}
     nodes, links = [], []
+    tops = [0] * COLUMNS                        # where the next node of each column starts
     for key, (kind, widgets, inputs) in graph.items():
         spec = info[kind]
         node_inputs, values = [], []
@@ -159,10 +177,13 @@ def to_ui(graph: dict, info: dict) -> dict:
                 node_inputs.append(entry)
         outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
                    for i, (n, t) in enumerate(zip(spec["output_name"], spec["output"]))]
-        col = len(nodes)
-        nodes.append({"id": ids[key], "type": kind, "pos": [60 + 360 * (col % 5), 80 + 300 * (col // 5)],
-                      "size": [320, 130], "flags": {}, "order": col, "mode": 0, "inputs": node_inputs,
+        order = len(nodes)
+        col = order % COLUMNS
+        height = node_height(spec)
+        nodes.append({"id": ids[key], "type": kind, "pos": [60 + (WIDTH + GAP) * col, 80 + tops[col]],
+                      "size": [WIDTH, height], "flags": {}, "order": order, "mode": 0, "inputs": node_inputs,
                       "outputs": outputs, "properties": {"Node name for S&R": kind}, "widgets_values": values})
+        tops[col] += height + GAP + 30         # + the title bar above pos
     by_id = {n["id"]: n for n in nodes}
     for link_id, src, slot, *_ in links:
         by_id[src]["outputs"][slot]["links"].append(link_id)

@@ -47,14 +47,17 @@ class Frontend:
         shutil.rmtree(self.profile, ignore_errors=True)
 
     def load(self, workflow: dict, name: str) -> dict:
-        """Load a UI-format workflow; return the node types the frontend lacks and its API prompt."""
+        """Load a UI-format workflow; return the node types the frontend lacks, its API prompt and
+        every node's drawn bounding box [x, y, width, height] (title bar included)."""
         return self.page.evaluate("""async ([wf, name]) => {
             const missing = [...new Set(wf.nodes.map(n => n.type)
                 .filter(t => !['Note', 'MarkdownNote', 'Reroute', 'PrimitiveNode'].includes(t)
                              && !LiteGraph.registered_node_types[t]))];
             await app.loadGraphData(wf, true, true, name);
             const { output } = await app.graphToPrompt();
-            return { missing, prompt: output, nodes: app.graph._nodes.length };
+            app.canvas.draw(true, true);            // sizes as drawn
+            const boxes = app.graph._nodes.map(n => ({ id: n.id, type: n.type, box: Array.from(n.getBounding()) }));
+            return { missing, prompt: output, nodes: app.graph._nodes.length, boxes };
         }""", [workflow, name])
 
     def screenshot(self, path: str) -> None:

@@ -43,3 +43,10 @@ def test_frontend_loads_workflow_like_our_converter(path, frontend, comfy, tmp_p
         assert theirs[nid]["class_type"] == ours[nid]["class_type"]
         assert theirs[nid]["inputs"] == ours[nid]["inputs"], f"node {nid} ({ours[nid]['class_type']})"
     frontend.screenshot(str(tmp_path / f"{path.stem}.png"))
+    # no node drawn over another at the frontend's own node sizes
+    boxes = got["boxes"]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["box"], b["box"]
+            overlap = ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah
+            assert not overlap, f"{a['type']} {a['box']} overlaps {b['type']} {b['box']}"
