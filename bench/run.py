@@ -257,6 +257,9 @@ def main() -> int:
             "streaming_sampler": stream_rows, "executor_overhead": over, "seconds": round(time.perf_counter() - t0)}
     write_outputs(random_rows, curve_rows, magi_rows, meta, Path(a.out))
     print(f"wrote {a.out}/latest.json, latest.md, latest.png and curves_*.png in {meta['seconds']} s")
+    import drift as drift_bench                             # bench/drift.py: long rollouts, drift per method
+    drift_bench.bench(quick=a.quick, out=Path(a.out))
+    print(f"wrote {a.out}/drift.md, drift.json, drift.png and drift_sheet.png")
     return 0
 
 
