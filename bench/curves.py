@@ -49,18 +49,37 @@ def _runs(per_method: int | None = None) -> list[tuple[str, float | None]]:
     return [("chunk_causal", None)] + [(m, t) for m, ts in SERIES.items() for t in ts[:per_method]]
 
 
+STALL_FACTOR = 2.0     # an uncached run over twice the median of its step count's uncached runs stalled
+
+
+def stalled(walls: list[float]) -> list[int]:
+    """Indices of uncached runs that stalled (the machine is shared: another job took the cores)."""
+    median = statistics.median(walls)
+    return [i for i, w in enumerate(walls) if w > STALL_FACTOR * median]
+
+
 def interleaved(settings, run_cached, run_uncached, first_uncached_wall: float):
     """Run every setting once, an uncached run after every two and after the last.
     run_cached(setting) -> (result, wall s); run_uncached() -> wall s. Returns
-    [(setting, result, wall, mean wall of the two uncached runs that bracket it)] and all
-    uncached walls (the first is the caller's reference run, just before the first setting)."""
+    [(setting, result, wall, (the two uncached walls that bracket it))] and all uncached walls
+    (the first is the caller's reference run, just before the first setting). A stalled uncached
+    run (see `stalled`) is replaced by the median in the brackets; the caller reports it."""
     walls, done = [first_uncached_wall], []
     for i, setting in enumerate(settings):
         result, wall = run_cached(setting)
         done.append((setting, result, wall, len(walls) - 1))
         if i % 2 == 1 or i == len(settings) - 1:
             walls.append(run_uncached())
-    return [(st, res, w, statistics.mean(walls[b:b + 2])) for st, res, w, b in done], walls
+    bad, median = set(stalled(walls)), statistics.median(walls)
+    timed = [median if i in bad else w for i, w in enumerate(walls)]
+    return [(st, res, w, tuple(timed[b:b + 2])) for st, res, w, b in done], walls
+
+
+def by_flops(candidates: list[dict], reference: str):
+    """The deterministic choice: fewest FLOPs, then the better fidelity, then the lower threshold.
+    Wall time never decides: a rerun of the same commit on a loaded machine chooses the same."""
+    return min(candidates, key=lambda r: (round(r["flops_ratio"], 9), -r[reference]["psnr_db"], r["threshold"]),
+               default=None)
 
 
 def sweep(model, job_for, steps_list=STEPS, log=print, per_method: int | None = None) -> list[dict]:
@@ -81,16 +100,18 @@ def sweep(model, job_for, steps_list=STEPS, log=print, per_method: int | None = 
             return (report, rss, preview_frames(video)), wall
 
         done, uncached_walls = interleaved(runs, run_cached, lambda: methods.generate(model, job)[2], w)
+        stalls = [uncached_walls[i] for i in stalled(uncached_walls)]
         refs = {"bidirectional": ref_frames,
                 "chunk_causal": next(res[2] for st, res, _, _ in done if st[0] == "chunk_causal")}
-        for (method, thr), (report, rss, frames), wall, base in done:
+        for (method, thr), (report, rss, frames), wall, bracket in done:
             mode = MODES[method]
             cache = report.get("cache") or {}
             first = job["first_window_frames"] * (frames.shape[0] // report["latent_frames"])
             rows.append({
                 "steps": steps, "method": method, "mode": mode, "threshold": 0.0 if thr is None else thr,
                 "flops_ratio": report["transformer_flops"] / ref_report["transformer_flops"],
-                "wall_ratio": wall / base, "wall_s": wall, "uncached_wall_s": base,
+                "wall_ratio": wall / statistics.mean(bracket), "wall_ratio_spread": [wall / max(bracket), wall / min(bracket)],
+                "wall_s": wall, "uncached_wall_s": statistics.mean(bracket),
                 "same": fidelity(frames, refs[mode]), "bidir": fidelity(frames, ref_frames),
                 "psnr_first_window_same_db": psnr(frames[:first], refs[mode][:first]),
                 "chunk_steps_skipped": cache.get("chunk_steps_skipped"),
@@ -104,9 +125,11 @@ def sweep(model, job_for, steps_list=STEPS, log=print, per_method: int | None = 
                      "uncached_wall_s": statistics.mean(uncached_walls),
                      "same": fidelity(ref_frames, ref_frames), "bidir": fidelity(ref_frames, ref_frames),
                      "psnr_first_window_same_db": PSNR_CAP_DB, "chunk_steps_skipped": 0, "token_fraction": 1.0,
-                     "peak_rss_mb": None, "uncached_wall_spread": [min(uncached_walls), max(uncached_walls)]})
+                     "peak_rss_mb": None, "uncached_wall_spread": [min(uncached_walls), max(uncached_walls)],
+                     "stalled_uncached_s": stalls})
         log(f"steps {steps}: {len(done)} cached runs, {len(uncached_walls)} uncached "
-            f"({min(uncached_walls):.1f}-{max(uncached_walls):.1f} s), {time.perf_counter() - t0:.0f} s")
+            f"({min(uncached_walls):.1f}-{max(uncached_walls):.1f} s, {len(stalls)} stalled), "
+            f"{time.perf_counter() - t0:.0f} s")
     return rows
 
 
@@ -118,16 +141,19 @@ def series_of(rows: list[dict], method: str, steps: int) -> list[dict]:
 
 
 def headline(rows: list[dict], floor_db: float, reference: str = "same") -> list[dict]:
-    """Per method and step count: the fastest setting (by wall time) at or above floor_db PSNR
-    (a method's exact run, threshold 0, counts: chunk-causal without skipping, or uncached)."""
+    """Per method and step count: the setting with the fewest FLOPs at or above floor_db PSNR
+    (`by_flops`; a method's exact run, threshold 0, counts: chunk-causal without skipping, or
+    uncached). Its wall speed-up is reported beside, with the spread over its two uncached runs."""
     out = []
     for method in SERIES:
         for steps in sorted({r["steps"] for r in rows}):
             ok = [r for r in series_of(rows, method, steps) if r[reference]["psnr_db"] >= floor_db]
-            best = min(ok, key=lambda r: r["wall_ratio"], default=None)
+            best = by_flops(ok, reference)
             out.append({"method": method, "steps": steps, "floor_db": floor_db, "reference": reference,
                         "threshold": best and (best["threshold"] if best["method"] == method else 0.0),
                         "wall_speedup": best and 1 / best["wall_ratio"],
+                        "wall_speedup_spread": best and best.get("wall_ratio_spread") and
+                        sorted(1 / w for w in best["wall_ratio_spread"]),
                         "flop_speedup": best and 1 / best["flops_ratio"],
                         "psnr_db": best and best[reference]["psnr_db"]})
     return out
@@ -138,8 +164,9 @@ def headline_table(rows: list[dict]) -> str:
     lines = []
     for floor in FLOORS_DB:
         best = {(h["method"], h["steps"]): h for h in headline(rows, floor)}
-        lines += [f"**At or above {floor:g} dB PSNR** against the uncached run of the same attention mode "
-                  "(wall-clock speed-up, FLOP speed-up in brackets, threshold):", "",
+        lines += [f"**At or above {floor:g} dB PSNR** against the uncached run of the same attention mode: the "
+                  "setting with the fewest FLOPs (wall-clock speed-up with its spread over the two bracketing "
+                  "uncached runs, FLOP speed-up in brackets, threshold):", "",
                   "| method | " + " | ".join(f"{s} steps" for s in steps) + " |",
                   "|---|" + "---|" * len(steps)]
         for method in SERIES:
@@ -147,8 +174,10 @@ def headline_table(rows: list[dict]) -> str:
             for s in steps:
                 h = best[(method, s)]
                 exact = h["threshold"] == 0.0 and method not in ("flowcache", "motioncache")
+                spread = h.get("wall_speedup_spread")
+                wall = f"{h['wall_speedup']:.2f}x" + (f" [{spread[0]:.2f}-{spread[1]:.2f}]" if spread else "")
                 cells.append("exact run only (1.00x)" if exact else
-                             f"{h['wall_speedup']:.2f}x ({h['flop_speedup']:.2f}x) @ {h['threshold']:g}")
+                             f"{wall} ({h['flop_speedup']:.2f}x) @ {h['threshold']:g}")
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -174,14 +203,18 @@ NODES = {"FlowCache": ("flowcache", "flowcache_bidir"), "MotionCache": ("motionc
 MAGI_NODES = {"FlowCache": ("flowcache", "restructure"), "MotionCache": ("motioncache", "restructure")}
 
 
+MIN_SAVING = 0.05      # a preset must save at least 5% of the FLOPs, or the node runs its exact setting
+
+
 def _fastest_within(pts: list[dict], reference: str, ceiling: float):
-    ok = [r for r in pts if r[reference]["st_lpips"] <= ceiling and r["wall_ratio"] < 1.0]    # faster only
-    return min(ok, key=lambda r: r["wall_ratio"], default=None)
+    ok = [r for r in pts if r[reference]["st_lpips"] <= ceiling and r["flops_ratio"] <= 1.0 - MIN_SAVING]
+    return by_flops(ok, reference)
 
 
 def guide(rows: list[dict], steps: int, ceilings=GUIDE_CEILINGS) -> list[dict]:
-    """Per node and preset: the fastest threshold and attention mode by wall time whose ST-LPIPS
-    to the uncached bidirectional video (what a user compares with) stays within the ceiling.
+    """Per node and preset: the threshold and attention mode with the fewest FLOPs (`by_flops`)
+    whose ST-LPIPS to the uncached bidirectional video (what a user compares with) stays within
+    the ceiling.
     These are the presets' values for Wan models without a fitted polynomial."""
     out = []
     for node, node_methods in NODES.items():

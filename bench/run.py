@@ -117,6 +117,17 @@ def bench_streaming(unet: Path, vae_path: Path, out_dir: Path) -> list[dict]:
     return rows[1:]
 
 
+def stall_note(curve_rows: list[dict]) -> str:
+    stalls = {r["steps"]: r.get("stalled_uncached_s") for r in curve_rows if r["method"] == "uncached"}
+    if any(v is None for v in stalls.values()):
+        return "these results predate stall detection."
+    found = {k: v for k, v in stalls.items() if v}
+    if not found:
+        return "none stalled in this run."
+    return "stalled and re-timed: " + "; ".join(f"{k} steps: " + ", ".join(f"{w:.1f} s" for w in v)
+                                                 for k, v in sorted(found.items())) + "."
+
+
 def write_outputs(random_rows: list[dict], curve_rows: list[dict], magi_rows: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     heads = {f"{f:g}dB": curves.headline(curve_rows, f) for f in curves.FLOORS_DB}
@@ -134,7 +145,11 @@ def write_outputs(random_rows: list[dict], curve_rows: list[dict], magi_rows: li
         f"# make bench ({meta['date']})\n\n{meta['job']}\n\n"
         "Ratios are cached / uncached. Uncached runs are interleaved through each step count's sequence (one "
         "after every two cached runs) and every cached run's wall ratio divides by the mean of the two uncached "
-        "runs that bracket its pair. "
+        "runs that bracket its pair (the spread: against each of the two). An uncached run over "
+        f"{curves.STALL_FACTOR:g}x its step count's median stalled (the machine is shared) and is replaced by the "
+        "median; " + stall_note(curve_rows) + " The headline rows and the presets are chosen by FLOPs at the "
+        "fidelity floor (then fidelity, then the lower threshold), never by wall time, so a rerun of the same "
+        "commit chooses the same. "
         "Fidelity: PSNR (all frames at once), SSIM (11x11 Gaussian), ST-LPIPS (AlexNet, stlpips-pytorch) and "
         "flicker ratio on the displayed frames (preview RGB, 8x), against the uncached run of the same attention "
         "mode (`same`) and against the uncached bidirectional video (`bidir`); 99 dB = identical.\n\n"

@@ -1,7 +1,8 @@
 """SkyReels-V2-DF's run: diffusion forcing window by window, through ComfyUI's own sampling machinery.
 
 `DFRun` plans the windows (history prefixes, start/end images, video extension) and generates
-them one after another; each window's decoded frames are emitted as it finishes. Each window is one `CFGGuider.sample` call with a custom KSAMPLER function, so ComfyUI loads
+them one after another; each window's decoded frames are emitted as it finishes. Each window
+is one `CFGGuider.sample` call with a custom KSAMPLER function, so ComfyUI loads
 and offloads the model, encodes conds, batches CFG and runs every wrapper and hook as usual.
 ComfyUI sees one scalar sigma per call (the window's progress through the template); the real
 per-frame timesteps reach the transformer through the `StepRecord` in transformer_options,
@@ -236,7 +237,8 @@ class DFRun(VideoRun):
                                                                  self.anchor_latent)
             calls_done += calls
             report["model_calls"] += job.calls
-            report["transformer_flops_vanilla"] += job.calls * flops.window(F * tokens_per_frame, F, batch=self.branches)
+            report["transformer_flops_vanilla"] += job.calls * flops.window(F * tokens_per_frame, F,
+                                                                            batch=self.branches)
             new = out[:, :, P:P + plan.new_frames]
             generated.append(new)
             window_heat = run_report.heat.pop(plan.index, None)   # where a cache spent compute

@@ -274,7 +274,8 @@ class MagiLayer(nn.Module):
         if cache is not None and cache.compress is not None:   # the last forwarded chunk's queries score compression
             last = q[:, :, -chunk_tokens:] if call.tokens is None else q
             g = c.heads // c.kv_heads                           # a group's query heads score its KV head
-            cache.note_queries(0, layer, last.unflatten(1, (c.kv_heads, g)).permute(0, 2, 3, 1, 4).reshape(B, -1, c.kv_heads * c.head_dim))
+            grouped = last.unflatten(1, (c.kv_heads, g)).permute(0, 2, 3, 1, 4)      # [B, g, Lq, Hkv, D]
+            cache.note_queries(0, layer, grouped.reshape(B, -1, c.kv_heads * c.head_dim))
         k = apply_rope(sa.k_layernorm(self.heads(sa.linear_qkv.k(h), c.kv_heads).float()), cos, sin).to(x.dtype)
         v = self.heads(sa.linear_qkv.v(h), c.kv_heads)
         qx = sa.q_layernorm_xattn(self.heads(sa.linear_qkv.qx(h), c.heads))

@@ -7,9 +7,9 @@ Which values apply depends on how the model's change indicator is scaled:
   the reference does not publish) with `balanced` between them;
 - `raw`: any Wan model without a fitted polynomial (the indicator is the plain relative change),
   and `magi`: MAGI-1. These come from `make bench`'s guide on the toy models at 30 steps (toy
-  MAGI-1: 16) (bench/results/latest.md, bench/curves.py `guide`): the fastest setting, by wall
-  time and faster than uncached, whose ST-LPIPS to the uncached video stays within 0.1
-  (`quality`), 0.2 (`balanced`) or 0.35 (`fast`). Where nothing qualifies, the preset falls back
+  MAGI-1: 16) (bench/results/latest.md, bench/curves.py `guide`): the setting with the fewest
+  FLOPs, saving at least 5% of them, whose ST-LPIPS to the uncached video stays within 0.1
+  (`quality`), 0.2 (`balanced`) or 0.35 (`fast`) (FLOPs, not wall time: a rerun chooses the same). Where nothing qualifies, the preset falls back
   to the stricter preset's value, and `quality` to threshold 0 (nothing skipped; bidirectional on Wan).
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from . import families
 PRESETS = ("custom", "quality", "balanced", "fast")
 PRESET_TOOLTIP = ("custom: the threshold and attention inputs as set. quality / balanced / fast: both chosen for the "
                   "model: SkyReels-V2-DF 1.3B/14B with fitted coefficients get the reference's thresholds (0.1 slow, "
-                  "0.15 fast); other models the bench's toy-model guide (the fastest setting within 0.1 / 0.2 / 0.35 "
-                  "ST-LPIPS of the uncached video). The README's cache guide lists the values.")
+                  "0.15 fast); other models the bench's toy-model guide (the setting with the fewest FLOPs within 0.1 / 0.2 / "
+                  "0.35 ST-LPIPS of the uncached video). The README's cache guide lists the values.")
 
 # method -> scale -> preset -> (threshold, attention). `raw` and `magi` are make bench's guide
 # (tests/unit/test_presets.py holds them equal to bench/results/latest.json).

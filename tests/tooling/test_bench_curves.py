@@ -86,4 +86,23 @@ def test_interleaving_brackets_every_cached_run_with_uncached_runs():
 
     done, unc = curves.interleaved([1, 2, 3], cached, uncached, first_uncached_wall=2.0)
     assert order == [1, 2, "u", 3, "u"] and unc == [2.0, 1.0, 3.0]
-    assert [(s, r, w, b) for s, r, w, b in done] == [(1, 10, 1.0, 1.5), (2, 20, 2.0, 1.5), (3, 30, 3.0, 2.0)]
+    assert [(s, r, w, b) for s, r, w, b in done] == [(1, 10, 1.0, (2.0, 1.0)), (2, 20, 2.0, (2.0, 1.0)),
+                                                     (3, 30, 3.0, (1.0, 3.0))]
+
+
+def test_a_stalled_uncached_run_is_found_and_replaced_by_the_median():
+    walls = iter([1.1, 9.0])                          # the last uncached run stalled (9 s among ~1 s)
+    done, unc = curves.interleaved([1, 2, 3, 4], lambda s: (s, 1.0), lambda: next(walls), first_uncached_wall=1.0)
+    assert unc == [1.0, 1.1, 9.0] and curves.stalled(unc) == [2]
+    assert done[0][3] == (1.0, 1.1) and done[2][3] == done[3][3] == (1.1, 1.1)    # 9 s re-timed by the median
+
+
+def test_the_choice_is_by_flops_and_ignores_wall_time():
+    def row(thr, flops, wall, psnr):
+        return {"threshold": thr, "flops_ratio": flops, "wall_ratio": wall, "same": {"psnr_db": psnr}}
+    fast_wall = row(0.1, 0.8, 0.5, 31.0)              # a lucky wall time
+    cheap = row(0.2, 0.6, 0.9, 30.5)
+    assert curves.by_flops([fast_wall, cheap], "same") is cheap
+    tie = row(0.05, 0.6, 2.0, 33.0)                   # same FLOPs, better fidelity
+    assert curves.by_flops([fast_wall, cheap, tie], "same") is tie
+    assert curves.by_flops([], "same") is None
