@@ -64,6 +64,9 @@ class ChunkPolicy:
     def reset_branch(self, branch: int) -> None:
         """One branch restarts (its rows or its chunks' activity changed)."""
 
+    def forget(self, branch: int, chunk: int) -> None:
+        """The chunk is finished and will not be asked about again: drop what is kept for it."""
+
     def see(self, branch: int, chunk: int, view: ChunkView) -> None:
         """Before `decide`: the chunk's frames, tokens and latents (for policies that want them)."""
 
@@ -117,6 +120,9 @@ class ChunkStep:
 
     def reset_branch(self, branch: int) -> None:
         self.policy.reset_branch(branch)
+
+    def forget(self, branch: int, chunk: int) -> None:
+        self.policy.forget(branch, chunk)
 
     def decide(self, branch: int, chunk: int, local_step: int, steps: int,
                view: Callable[[], ChunkView] = None, indicator: Callable[[], torch.Tensor] = None,

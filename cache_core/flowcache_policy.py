@@ -120,6 +120,9 @@ class FlowCachePolicy(ChunkPolicy):
         for key in [k for k in self.states if k[0] == int(branch)]:
             del self.states[key]
 
+    def forget(self, branch: int, chunk: int) -> None:
+        self.states.pop((int(branch), int(chunk)), None)
+
     def state(self, branch: int, chunk: int) -> ChunkState:
         key = (int(branch), int(chunk))
         st = self.states.get(key)
@@ -147,7 +150,7 @@ class FlowCachePolicy(ChunkPolicy):
             st.acc = 0.0
             return COMPUTE
         # one host sync per decision: the spec's single `.item()`
-        d = ((ind - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12)).item()
+        d = ((ind - prev).abs().mean() / prev.abs().mean().clamp_min(max(1e-12, torch.finfo(prev.dtype).tiny))).item()
         st.acc += self.rescale(d)
         if st.acc >= cfg.rel_l1_thresh:
             st.acc = 0.0

@@ -53,7 +53,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .kv_compress import select_indices
+from .kv_compress import pick_queries, select_indices
 
 # Bound on the scratch of one in-place gather (one group of heads of the squeezed history).
 _GATHER_BLOCK_BYTES = 64 * 1024 * 1024
@@ -282,11 +282,14 @@ class KVStore:
     that have started (see the module docstring for the memory bound). `compress=None` keeps
     every chunk at full length; with it, the frozen history is squeezed to `budget_tokens` per
     head. `keep`: after a write of chunk c, chunks before c - keep are evicted (no key range
-    reaches back further); None keeps them all.
+    reaches back further); None keeps them all. `reserve`: a buffer that must grow makes room for
+    this many chunks at once (a store that persists over a whole video knows how many it holds at
+    most: one allocation instead of a growing copy per new chunk).
     """
 
     def __init__(self, layout: ChunkLayout, num_layers: int, compress: Optional[CompressConfig] = None,
-                 budget_tokens: Optional[int] = None, keep: Optional[int] = None, offload: bool = False):
+                 budget_tokens: Optional[int] = None, keep: Optional[int] = None, offload: bool = False,
+                 reserve: Optional[int] = None):
         if compress is not None and budget_tokens is None:
             raise ValueError("compression needs budget_tokens")
         if compress is not None and keep is not None:
@@ -294,7 +297,7 @@ class KVStore:
         self.layout = layout
         self.num_layers = num_layers
         self.compress, self.budget_tokens = compress, budget_tokens
-        self.keep, self.offload = keep, offload
+        self.keep, self.offload, self.reserve = keep, offload, reserve
         self._queries: dict[tuple[int, int], torch.Tensor] = {}
         self._layers: dict[tuple[int, int], LayerKV] = {}
         self._written: dict[int, set] = {}
@@ -375,7 +378,10 @@ class KVStore:
             raise ValueError(f"branch {branch} has {lkv.rows} rows, got {k.shape[0]}: reset_branch first")
         if tokens is not None:
             tokens, k, v = tokens.to(lkv.k.device), k.to(lkv.k.device), v.to(lkv.k.device)
-        lkv.write(chunk, k, v, self._plan.get(branch), tokens)
+        upto = self._plan.get(branch)
+        if upto is None and self.reserve:
+            upto = chunk + self.reserve - 1
+        lkv.write(chunk, k, v, upto, tokens)
         if self.keep is not None:
             lkv.evict_before(chunk - self.keep)
         if layer == self.num_layers - 1:
@@ -406,8 +412,8 @@ class KVStore:
     def note_queries(self, branch: int, layer: int, queries: torch.Tensor) -> None:
         """The queries [rows, Lq, heads*head_dim] of the chunk last forwarded: they score a later
         `compress_finished` (families that compress at a chunk's end rather than in attention)."""
-        if self.compress is not None:
-            self._queries[(branch, layer)] = queries
+        if self.compress is not None:        # only the evenly spaced ones scoring uses (kv_compress.pick_queries)
+            self._queries[(branch, layer)] = pick_queries(queries.unsqueeze(2), self.compress.max_queries).squeeze(2)
 
     def compress_finished(self, branch: int, upto: int, heads: int) -> None:
         """Chunks up to `upto` are finished: squeeze them and the history to the budget, scored by

@@ -165,6 +165,12 @@ class MotionCachePolicy(ChunkPolicy):
             for key in [k for k in d if k[0] == int(branch)]:
                 del d[key]
 
+    def forget(self, branch: int, chunk: int) -> None:
+        """A finished chunk; its last frame stays until the next chunk has measured its motion."""
+        for d in (self.states, self.views):
+            d.pop((int(branch), int(chunk)), None)
+        self.last_frames.pop((int(branch), int(chunk) - 1), None)
+
     def state(self, branch: int, chunk: int) -> TokenState:
         return self.states.setdefault((int(branch), int(chunk)), TokenState())
 
@@ -185,7 +191,8 @@ class MotionCachePolicy(ChunkPolicy):
             if local_step >= cfg.warmup_steps:       # the warm-up's last step: phase 1 starts
                 st.phase1_count, st.phase1_done, st.weights = 0, cfg.phase1_updates == 0, None
             return COMPUTE
-        rho = ((ind - prev).abs().mean() / (prev.abs().mean() + 1e-8)).item()   # one host sync
+        denom = (prev.abs().mean() + 1e-8).clamp_min(torch.finfo(prev.dtype).tiny)   # 1e-8 is 0 in fp16
+        rho = ((ind - prev).abs().mean() / denom).item()   # one host sync
         d = max(polyval(self.coeffs, rho), 0.0)
         st.acc += d if st.weights is None else d * st.weights
         update = st.acc >= cfg.threshold

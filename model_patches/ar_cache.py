@@ -48,12 +48,14 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     options = guider.model_options["transformer_options"]
     spec: CacheSpec = options[SPEC_KEY]
-    run = options[CACHE_RUN_KEY] = spec.family.new_cache_run(spec)
+    run = None
     try:
+        run = options[CACHE_RUN_KEY] = spec.family.new_cache_run(spec)
         return executor(*args, **kwargs)
     finally:
         options.pop(CACHE_RUN_KEY, None)
-        run.reset()              # frees the K/V buffers
+        if run is not None:
+            run.reset()          # frees the K/V buffers
         guider.model_options = original
 
 

@@ -79,7 +79,8 @@ def load_safetensors(path: str, input_name: str, fix: str = "download it again")
     try:
         return comfy.utils.load_torch_file(path, safe_load=True)
     except Exception as e:                      # whatever the library says, say which file and what to do
-        _refuse(input_name, path, f"could not be read ({type(e).__name__}: {str(e)[:200]})", fix)
+        problem = f"could not be read ({type(e).__name__}: {str(e)[:200]})"
+    _refuse(input_name, path, problem, fix)     # outside the handler: no library frames kept alive
 
 
 def load_json(path: str, input_name: str, fix: str = "download it again") -> object:
@@ -91,10 +92,10 @@ def load_json(path: str, input_name: str, fix: str = "download it again") -> obj
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except UnicodeDecodeError:
-        _refuse(input_name, path, "is not a text (JSON) file", fix)
+        problem = "is not a text (JSON) file"
     except json.JSONDecodeError as e:
-        _refuse(input_name, path, f"is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); it may be cut "
-                                  "short or edited by hand", fix)
+        problem = f"is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); it may be cut short or edited by hand"
+    _refuse(input_name, path, problem, fix)
 
 
 def check_npz(path: str, input_name: str, fix: str = "download it again") -> None:

@@ -64,23 +64,25 @@ class MagiCacheRun:
     def bind(self, dm, plan, steps: int, kv_range: tuple, offload: bool, grid_hw: tuple, chunk_frames: int,
              total_frames: int, dtype: torch.dtype) -> None:
         if self.compress is not None and kv_range:
-            raise InputError("kv_compress", "compresses the full history, as the MAGI-1 reference does: set the "
-                             "MAGI-1 Schedule's kv_range to all (with 5,4,3,2 the cache is bounded already)")
+            raise InputError("schedule.kv_range", "is bounded, but the cache node's kv_compress compresses the full "
+                             "history, as the MAGI-1 reference does: set the MAGI-1 Schedule's kv_range to all, or "
+                             "switch kv_compress off (with 5,4,3,2 the cache is bounded already)")
         self.dm, self.steps, self.kv_range, self.dtype = dm, steps, kv_range, dtype
         self.ht, self.wt = grid_hw
         self.cw = chunk_frames
         self.tokens = chunk_frames * self.ht * self.wt
         keep, chunks = cached_keep(plan, steps, kv_range), total_frames // chunk_frames
-        self.caches = {b: kv_store(dm.config, chunks, self.tokens, keep=keep, offload=offload, compress=self.compress)
-                       for b in (TEXT, HISTORY)}
-        self.caches[ALONE] = kv_store(dm.config, chunks, self.tokens, keep=max(len(s.step_of) for s in plan),
-                                      offload=offload)
+        window = max(len(s.step_of) for s in plan)
+        self.caches = {b: kv_store(dm.config, chunks, self.tokens, keep=keep, offload=offload, compress=self.compress,
+                                   window=window) for b in (TEXT, HISTORY)}
+        self.caches[ALONE] = kv_store(dm.config, chunks, self.tokens, keep=window, offload=offload)
         self.heat = torch.zeros(total_frames, self.ht * self.wt)
         self.step.counts["segments"] += 1
 
     def reset(self) -> None:
-        """Free the K/V caches (the cache wrapper's `finally`)."""
+        """Free the K/V caches and the policy's state (the cache wrapper's `finally`)."""
         self.caches = {}
+        self.step.reset_segment()
 
     def write_prefix(self, forward, prefix, n: int, t: float, null, null_row: bool, dt) -> None:
         """Whole prefix chunks into every pass's cache that attends to history (clean, self-only)."""
@@ -121,7 +123,10 @@ class MagiCacheRun:
         return tokens_to_video(v, cw, self.ht, self.wt, p, xc.shape[1]), noskip
 
     def chunk_finished(self, chunk: int) -> None:
-        """K/V compression (FlowCache B3): finished chunks' K/V squeezed to the history budget."""
+        """A chunk is finished: its policy state is dropped (a run is one segment, so nothing else
+        frees it); with compression (FlowCache B3) finished chunks' K/V squeeze to the budget."""
+        for branch in (TEXT, HISTORY, ALONE):
+            self.step.forget(branch, chunk)
         if self.compress is None:
             return
         for b in (TEXT, HISTORY):

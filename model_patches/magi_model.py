@@ -206,15 +206,19 @@ def attend(q, k, v):
 
 
 def kv_store(config: MagiConfig, num_chunks: int, chunk_tokens: int, keep: int | None = None, offload: bool = False,
-             compress: CompressConfig | None = None) -> KVStore:
+             compress: CompressConfig | None = None, window: int = 1) -> KVStore:
     """The K/V store of one guidance pass over a whole video: clean chunks' self-attention K/V per
     layer, by absolute chunk index, token-major [1, tokens, kv_heads * head_dim]. `keep`: how far
     behind the newest written chunk a key range can still reach (older chunks are evicted);
     `offload`: held in CPU memory; `compress`: the finished history squeezed to budget_chunks
-    chunks' worth of tokens at each chunk's end (full-history attention only)."""
+    chunks' worth of tokens at each chunk's end (full-history attention only); `window`: chunks
+    written before one finishes. The buffer is sized once for the most it holds: every chunk (full
+    history), the budget and the window (compressed), or keep + the chunk being written."""
     budget = None if compress is None else compress.budget_chunks * chunk_tokens
+    most = num_chunks if keep is None and compress is None else \
+        compress.budget_chunks + window if compress is not None else keep + 2
     return KVStore(ChunkLayout((chunk_tokens,) * num_chunks), config.num_layers, compress=compress,
-                   budget_tokens=budget, keep=keep, offload=offload)
+                   budget_tokens=budget, keep=keep, offload=offload, reserve=min(most, num_chunks))
 
 
 @dataclass

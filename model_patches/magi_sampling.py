@@ -76,10 +76,10 @@ class MagiRun(VideoRun):
         self.distill = model.model.magi_distill if sch.distill == "auto" else sch.distill == "on"
         self.captions = [magi_conditioning(p, "positive" if i == 0 else "prompt_schedule") for i, p in
                          enumerate(req.positives)]
-        for caption, special in self.captions:
+        for i, (caption, special) in enumerate(self.captions):
             if caption.shape[-1] != cfg.caption_channels:
-                raise InputError("positive", f"text states are {caption.shape[-1]} wide; this MAGI-1 model takes "
-                                 f"{cfg.caption_channels}-wide T5-XXL states")
+                raise InputError("positive" if i == 0 else "prompt_schedule", f"text states are {caption.shape[-1]} "
+                                 f"wide; this MAGI-1 model takes {cfg.caption_channels}-wide T5-XXL states")
         self.steps, cw = req.steps, sch.chunk_width
         if self.steps % 4 or self.steps % sch.window_size:
             raise InputError("steps", f"{self.steps}: MAGI-1 needs a multiple of 4 and of the schedule's "
@@ -216,9 +216,10 @@ class MagiRun(VideoRun):
                 done = slice(step.finished * cw, (step.finished + 1) * cw)
                 self.check_finite(x[:, :, done], step.finished - self.prefix_chunks)
                 if self.anchoring:             # in raw latent space, before it is refreshed into the K/V and emitted
-                    raw = self.anchored(fmt.process_out(x[:, :, done].float()), step.finished - self.prefix_chunks,
+                    own = slice(max(done.start, P), done.stop)     # frames the user gave stay as given
+                    raw = self.anchored(fmt.process_out(x[:, :, own].float()), step.finished - self.prefix_chunks,
                                         self.anchor_latent)
-                    x[:, :, done] = fmt.process_in(raw).to(x.dtype)
+                    x[:, :, own] = fmt.process_in(raw).to(x.dtype)
                 if cached is not None:
                     cached.chunk_finished(step.finished)
                 self._emit_chunk(fmt, x, step.finished, P, data)

@@ -186,17 +186,19 @@ class VideoRun:
 
     def anchored(self, latent: torch.Tensor, index: int, image_latent=None) -> torch.Tensor:
         """Piece `index`'s raw latent with the Drift Anchor applied: pulled towards the anchor's
-        per-channel statistics. The anchor is the image's (`image_latent`) or the first piece of the
-        current prompt, which itself stays as generated; a new prompt re-anchors to its first piece."""
+        per-channel statistics. With an image (`image_latent`) the anchor is the image's, for the
+        whole video; otherwise it is the first piece of the current prompt, which itself stays as
+        generated, and a new prompt (another conditioning than the anchored piece's) re-anchors to
+        its own first piece, so the anchor never pulls a new scene back to the old one."""
         if not self.anchoring:
             return latent
-        prompt = min(index, len(self.req.positives) - 1)
-        if self._anchor is None or self._anchor[0] != prompt:
-            if self._anchor is None and image_latent is not None:
-                self._anchor = (prompt, latent_stats(image_latent))
-            else:
-                self._anchor = (prompt, latent_stats(latent))
-                return latent
+        prompt = self.req.positives[min(index, len(self.req.positives) - 1)]
+        if image_latent is not None:
+            if self._anchor is None:
+                self._anchor = (None, latent_stats(image_latent))
+        elif self._anchor is None or self._anchor[0] is not prompt:
+            self._anchor = (prompt, latent_stats(latent))
+            return latent
         return anchor_latent(latent, self._anchor[1], self.req.anchor.strength)
 
     def check_finite(self, latent: torch.Tensor, index: int) -> None:

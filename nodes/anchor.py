@@ -19,8 +19,9 @@ class DriftAnchorNode(io.ComfyNode):
             description=(
                 "Against colour and contrast drift in long videos: every new window (SkyReels-V2-DF) or chunk "
                 "(MAGI-1) has its latent statistics (per-channel mean and spread) pulled towards the anchor's, "
-                "the first window/chunk of the video or an image you give. A new prompt from the Prompt "
-                "Schedule re-anchors to its own first window/chunk, so the anchor never fights a prompt change. "
+                "the first window/chunk of the video or an image you give. Without an image, a new prompt from the "
+                "Prompt Schedule re-anchors to its own first window/chunk, so the anchor never fights a prompt "
+                "change; an image holds for every prompt. "
                 "Off unless connected to the Streaming AR Sampler's anchor input; strength 0 changes nothing."),
             inputs=[
                 io.Float.Input("strength", default=0.5, min=0.0, max=1.0, step=0.05,

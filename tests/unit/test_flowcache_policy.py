@@ -144,3 +144,12 @@ def test_a_bf16_indicator_is_measured_in_bf16_as_magis_reference_does():
         assert step(p, 0, 0, now, 1, 10) is computed, dtype
         assert p.state(0, 0).prev.dtype == dtype
     assert 171 / 128 * 2 ** -9 > thr > 0.0078125 / 3
+
+
+def test_a_finished_chunk_is_forgotten():
+    """MAGI-1 runs one segment per video: finished chunks' state must not pile up."""
+    p = FlowCachePolicy(FlowCacheConfig(rel_l1_thresh=0.1, coefficients="none"))
+    for chunk in (0, 1):
+        step(p, 0, chunk, ind(1.0), 0, 10)
+    p.forget(0, 0)
+    assert set(p.states) == {(0, 1)}

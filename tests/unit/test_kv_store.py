@@ -238,3 +238,16 @@ def test_compression_at_a_chunks_end_is_the_merge_then_select_rule():
     assert store.history_tokens() == T and store.chunks() == [2]
     assert store.key_count(0, 0, 3) == T + 2 * T            # history + chunk 2 + chunk 3 (not written yet)
     assert torch.equal(store.visible(0, 0, 1)[0], store.visible(0, 0, 2)[0][:, :T])   # a range ending inside
+
+
+def test_reserve_sizes_a_persistent_buffer_once():
+    """A store that lives for a whole video (MAGI-1's) knows how many chunks it holds at most: its
+    first write makes room for all of them, so no later chunk copies the buffer."""
+    store = KVStore(ChunkLayout((4,) * 8), num_layers=1, keep=1, reserve=3)
+    k = _chunk(0)[0]
+    store.write(0, 0, 0, k, k)
+    one_chunk = 2 * k.nbytes
+    assert store.bytes_allocated() == 3 * one_chunk
+    for g in range(1, 8):                      # keep 1: chunks g-1 and g held, g+1 writes into the third slot
+        store.write(0, 0, g, k, k)
+    assert store.bytes_allocated() == store.peak_bytes == 3 * one_chunk

@@ -112,3 +112,15 @@ def test_config_is_validated():
         with pytest.raises(ValueError):
             MotionCacheConfig(**bad)
     assert COMPUTE.kind == "compute"
+
+
+def test_a_finished_chunk_is_forgotten_but_its_last_frame_serves_the_next():
+    p = MotionCachePolicy(MotionCacheConfig(threshold=0.1, warmup_steps=0, phase1_updates=0, coefficients="none"))
+    for chunk in (0, 1):
+        p.see(0, chunk, view(0))
+        p.decide(0, chunk, ind(1.0), 0, 10)
+        p.observe(0, chunk, moving_blob(), moving_blob())
+        p.last_frames[(0, chunk)] = moving_blob()[:, -HW:]      # as hidden motion leaves it
+    p.forget(0, 1)
+    assert (0, 1) not in p.states and (0, 1) not in p.views
+    assert (0, 1) in p.last_frames and (0, 0) not in p.last_frames   # chunk 2 still needs chunk 1's last frame
