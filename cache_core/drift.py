@@ -71,11 +71,10 @@ class DriftMeter:
         self._seam_changes: list[float] = []
 
     def add(self, frames: torch.Tensor) -> None:
+        """One emitted segment's frames [N, 3, H, W] in 0..1."""
         if not len(frames):
             return
         frames = frames.float().clamp(0, 1)
-        if frames.shape[-1] == 3 and frames.shape[1] != 3:     # ComfyUI IMAGE layout [N, H, W, 3]
-            frames = frames.movedim(-1, 1)
         if self._last_frame is not None and self._last_frame.shape == frames[0].shape:
             self._seam_changes.append(float((frames[0] - self._last_frame).abs().mean()))
         self._last_frame = frames[-1].clone()

@@ -22,7 +22,7 @@ from ..cache_core.df_schedule import DFSchedule, WindowPlan, flow_template, plan
 from ..cache_core.errors import InputError
 from ..cache_core.frame_solver import make_solver
 from ..cache_core.record import RECORD_KEY, StepRecord
-from .video_run import VideoRun, check_image, check_prefix_latent, decode_latents, encode_frames, resize_image
+from .video_run import VideoRun, check_image, check_prefix_latent, decode_latents, encode_frames
 
 
 @dataclass
@@ -174,8 +174,7 @@ class DFRun(VideoRun):
         self.head_latent = None          # raw latents that precede the generated ones in the output
         init_prefix = None
         if req.start_image is not None:
-            img = resize_image(req.start_image, req.width, req.height)
-            init_prefix = encode_frames(req.vae, img)[:, :, :1]
+            init_prefix = self.encode_image(req.start_image)
             self.head_latent = init_prefix
         elif req.prefix_latent is not None:
             self.head_latent = req.prefix_latent.float()
@@ -191,10 +190,9 @@ class DFRun(VideoRun):
         self.calls_per_segment = calls_per_window(self.plans, self.steps, sch)
         self.end_latent = None
         if req.end_image is not None:
-            self.end_latent = encode_frames(req.vae, resize_image(req.end_image, req.width, req.height))[:, :, :1]
+            self.end_latent = self.encode_image(req.end_image)
         self.branches = fam.cfg_branches(req.cfg)
-        self.anchor_latent = self.anchor_image_latent(
-            lambda image: encode_frames(req.vae, resize_image(image, req.width, req.height))[:, :, :1])
+        self.anchor_latent = self.anchor_image_latent()
 
     def report_fields(self) -> dict:
         return dict(self.notes, prefix_mode=self.mode)

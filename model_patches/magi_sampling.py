@@ -24,7 +24,7 @@ from ..cache_core.record import CACHE_RUN_KEY
 from .magi_cache import ALONE, HISTORY, TEXT
 from .magi_model import ChunkForward, kv_store
 from .magi_text import SPECIAL_KEY, chunk_text
-from .video_run import VideoRun, check_image, check_prefix_latent, resize_image
+from .video_run import VideoRun, check_image, check_prefix_latent, decode_latents
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class MagiRun(VideoRun):
     steps go through its chunk step."""
 
     schedule = MagiSchedule
+    image_crop = "disabled"             # upstream's i2v resize: to the video's size, aspect ratio not kept
 
     @staticmethod
     def validate(width, height, length, schedule, vae, start_image, prefix_latent, end_image, family) -> None:
@@ -91,8 +92,7 @@ class MagiRun(VideoRun):
         self.grid = family.token_grid(self.lat_h, self.lat_w)
         self.prefix = None                                      # raw latents the run continues from
         if req.start_image is not None:
-            image = resize_image(req.start_image, req.width, req.height, crop="disabled")[..., :3]
-            self.prefix = req.vae.encode(image).float()[:, :, :1]
+            self.prefix = self.encode_image(req.start_image)
         elif req.prefix_latent is not None:
             self.prefix = req.prefix_latent.float()
         P = 0 if self.prefix is None else self.prefix.shape[2]
@@ -102,9 +102,7 @@ class MagiRun(VideoRun):
         self.plans = [ChunkPlan(i) for i in range(self.num_chunks - self.prefix_chunks)]
         self.calls_per_segment = [len(self.plan)]
         self._texts: dict = {}
-        self.anchor_latent = self.anchor_image_latent(
-            lambda image: req.vae.encode(resize_image(image, req.width, req.height, crop="disabled")[..., :3])
-            .float()[:, :, :1])
+        self.anchor_latent = self.anchor_image_latent()
 
     def report_fields(self) -> dict:
         return dict(model="MAGI-1 " + self.dm.config.size_name, distill=self.distill,
@@ -165,10 +163,9 @@ class MagiRun(VideoRun):
             data["transformer_flops_vanilla"] += call_flops(call)
             return torch.zeros_like(x_in)
 
-        def counted(fn, *args):        # a cached step's FLOPs into the cache's counts, where they are spent
-            spent, vanilla = data["transformer_flops"], data["transformer_flops_vanilla"]
-            noskip = fn(*args)
-            spent, vanilla = data["transformer_flops"] - spent, data["transformer_flops_vanilla"] - vanilla
+        def count_cached(before, noskip=None):   # a cached step's FLOPs into the cache's counts
+            spent = data["transformer_flops"] - before[0]
+            vanilla = data["transformer_flops_vanilla"] - before[1]
             cached.step.add_flops(spent, spent if noskip is None else noskip, vanilla)
 
         if P:
@@ -181,23 +178,19 @@ class MagiRun(VideoRun):
             if cached is None:
                 forward(prefix[:, :, :n * cw], call)
             else:
-                def write_prefix():
-                    cached.write_prefix(forward, prefix, n, sch.clean_t, null, base, dt0)
-                    vanilla_flops(prefix[:, :, :n * cw], call)
-                counted(write_prefix)
+                before = (data["transformer_flops"], data["transformer_flops_vanilla"])
+                cached.write_prefix(forward, prefix, n, sch.clean_t, null, base, dt0)
+                vanilla_flops(prefix[:, :, :n * cw], call)
+                count_cached(before)
         for step in self.plan:
             comfy.model_management.throw_exception_if_processing_interrupted()
             if cached is None:
                 v = self._vanilla_step(step, x, grid, null, forward, data)
             else:
-                out = {}
-
-                def cached_step():
-                    self._vanilla_step(step, x, grid, null, vanilla_flops, data)
-                    out["v"], noskip = self._cached_step(step, x, grid, null, forward, call_flops, cached)
-                    return noskip
-                counted(cached_step)
-                v = out["v"]
+                before = (data["transformer_flops"], data["transformer_flops_vanilla"])
+                self._vanilla_step(step, x, grid, null, vanilla_flops, data)      # what uncached would spend
+                v, noskip = self._cached_step(step, x, grid, null, forward, call_flops, cached)
+                count_cached(before, noskip)
             t_call = [grid[j] for j in step.step_of]
             x_in = x[:, :, step.start * cw: step.end * cw]
             dts = torch.tensor([grid[j + 1] - grid[j] for j in step.step_of], dtype=torch.float32, device=device)
@@ -313,8 +306,7 @@ class MagiRun(VideoRun):
             lo = max(chunk * cw, P) if self.req.start_image is None else chunk * cw
             latent = fmt.process_out(x[:, :, lo:(chunk + 1) * cw].float()).cpu()
             if latent.shape[2]:
-                frames = self.req.vae.decode(latent)
-                frames = frames.reshape(-1, *frames.shape[-3:]).float().cpu()
+                frames = decode_latents(self.req.vae, latent)
         self.emit(chunk - self.prefix_chunks, frames, data)
 
     def _assemble(self, video: torch.Tensor, P: int) -> torch.Tensor:

@@ -104,6 +104,7 @@ class VideoRun:
     """
 
     schedule: type = None                     # the schedule type this run takes
+    image_crop = "center"                     # how a given image is fitted to the video (common_upscale crop)
 
     def __init__(self, model, req: VideoRequest, family, dm, on_window=None, sink=None):
         if not isinstance(req.schedule, self.schedule):
@@ -178,11 +179,16 @@ class VideoRun:
     def anchoring(self) -> bool:
         return self.req.anchor is not None and self.req.anchor.strength > 0
 
-    def anchor_image_latent(self, encode) -> torch.Tensor | None:
-        """The anchor image as a raw latent (encode: the family's image -> raw latent), or None."""
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """A given image (start, end or anchor) as one raw latent frame at the video's size."""
+        req = self.req
+        return encode_frames(req.vae, resize_image(image, req.width, req.height, self.image_crop))[:, :, :1]
+
+    def anchor_image_latent(self) -> torch.Tensor | None:
+        """The Drift Anchor's image as a raw latent, or None."""
         if not self.anchoring or self.req.anchor.image is None:
             return None
-        return encode(self.req.anchor.image)
+        return self.encode_image(self.req.anchor.image)
 
     def anchored(self, latent: torch.Tensor, index: int, image_latent=None) -> torch.Tensor:
         """Piece `index`'s raw latent with the Drift Anchor applied: pulled towards the anchor's
