@@ -401,10 +401,7 @@ class Bench:
         chunk_tokens = c["res"]["chunk_tokens"]
         share = [1.0]
 
-        class Fixed(ex.ChunkPolicy):
-            def __init__(self):
-                self.res = {}
-
+        class Fixed(ex.ChunkPolicy):       # the step keeps the residuals it reuses
             def decide(self, branch, chunk, indicator, local_step, steps):
                 if local_step == 0 or (chunk == last and share[0] == 1.0):
                     return ex.COMPUTE
@@ -412,12 +409,6 @@ class Bench:
                     return ex.SKIP
                 n = max(1, int(round(share[0] * chunk_tokens)))
                 return ex.subset(torch.linspace(0, chunk_tokens - 1, n).round().long().to(x.device))
-
-            def observe(self, branch, chunk, h_in, h_out, tokens=None):
-                self.res[(branch, chunk)] = h_out - h_in
-
-            def reuse(self, branch, chunk, h_in, tokens=None):
-                return h_in + self.res[(branch, chunk)]
 
         state = self.chunk_executor.ChunkExecutor(Fixed(), CHUNK_FRAMES)
         row = [0]
@@ -597,8 +588,7 @@ class Bench:
             self.log(f"  skip {list(pat)}: {med:.3f}s, {p['tflops_per_s']:.0f} TFLOP/s, "
                      f"speedup {p.get('speedup_realised', float('nan')):.2f} (ideal {p.get('speedup_ideal', float('nan')):.2f})")
             self.write()
-        residual_bytes = sum(st.residual.numel() * st.residual.element_size()
-                             for st in policy.states.values() if st.residual is not None)
+        residual_bytes = state.step.outputs.peak_bytes
         out.update(kv_bytes=state.store.bytes_allocated(), kv_peak_bytes=state.store.peak_bytes,
                    residual_bytes=residual_bytes)
         out.update(self.mem_since(base))
@@ -641,7 +631,7 @@ class Bench:
         keys = [(b, g) for b in range(branches) for g in range(n_chunks)]
         for b, g in keys:
             pol.decide(b, g, inds[0][b:b + 1, g * CHUNK_FRAMES], 0, STEPS)
-            pol.state(b, g).residual = torch.zeros(1, device=self.dev)
+            pol.state(b, g).computed = True
         rounds = 20
 
         def decide_all():

@@ -169,6 +169,7 @@ class ChunkExecutor:
         """The counts so far, with the K/V peak."""
         out = dict(self.counts)
         out["kv_bytes_peak"] = max(self._kv_peak, 0 if self.store is None else self.store.peak_bytes)
+        out["cached_outputs_bytes_peak"] = self.step.outputs.peak_bytes
         return out
 
     # -- segments ----------------------------------------------------------------------------------
@@ -251,6 +252,11 @@ class ChunkExecutor:
         probe = [next((i for i in range(g * chunk_frames, min((g + 1) * chunk_frames, f)) if act[i]),
                       g * chunk_frames) for g in range(n_chunks)]
         indicators = adapter.indicators(call, probe) if self.step.policy.needs_indicator else None
+        levels = call.timesteps.detach().float().cpu() if self.step.predicts else None   # one sync per call
+
+        def level(rows, g: int) -> float:      # chunk g's noise level: its indicator frame's timestep
+            return 0.0 if levels is None else float(levels[range(bs)[rows][0] if isinstance(rows, slice)
+                                                           else rows[0], probe[g]])
         self._begin_call(call, layout, record, adapter.num_layers)
         store, flops = self.store, adapter.flops
 
@@ -264,7 +270,8 @@ class ChunkExecutor:
                 if store.batch_rows(branch) not in (None, n_rows):
                     self._reset_branch(branch)
                 spent, noskip = self._window_pass(adapter, call, rows, branch, layout, chunk_frames, active,
-                                                  indicators, steps, out_h, n_rows, heat)
+                                                  indicators, steps, out_h, n_rows, heat,
+                                                  lambda g, rows=rows: level(rows, g))
                 call_flops, noskip_flops = call_flops + spent, noskip_flops + noskip
                 forwarded[branch] = (rows, set(range(n_chunks)))
                 continue
@@ -299,7 +306,8 @@ class ChunkExecutor:
                 if decision.kind == "skip":
                     skipped.append(g)
                 out_h[rows, s:e_tok] = self.step.apply(branch, g, decision, h_in, run, active=local is not None,
-                                                       heat=None if heat is None else heat[s:e_tok])
+                                                       heat=None if heat is None else heat[s:e_tok],
+                                                       level=level(rows, g))
                 self._stepped(branch, g, local, steps)
                 done.add(g)
             forwarded[branch] = (rows, done)
@@ -322,7 +330,7 @@ class ChunkExecutor:
         return out
 
     def _window_pass(self, adapter, call, rows, branch, layout, chunk_frames, active, indicators, steps,
-                     out_h, n_rows, heat) -> tuple[float, float]:
+                     out_h, n_rows, heat, level) -> tuple[float, float]:
         """Bidirectional attention: every token the decisions select runs through the blocks in one
         pass over the window, attending to all of it (the others through their last K/V)."""
         f, total = call.frames, layout.total
@@ -351,7 +359,7 @@ class ChunkExecutor:
                 return new[:, s:e] if tokens is None else new[:, s:e][:, tokens]
 
             out_h[rows, s:e] = self.step.apply(branch, g, d, h_all[:, s:e], run, active=local is not None,
-                                               heat=None if heat is None else heat[s:e])
+                                               heat=None if heat is None else heat[s:e], level=level(g))
             self._stepped(branch, g, local, steps)
         flops = adapter.flops
         spent = flops.chunk_causal((total,), [0] if tokens.numel() else [], {0: total}, frames=f, batch=n_rows,

@@ -9,8 +9,10 @@ Per active chunk and call:
 1. `decide`: the policy sees the chunk (`ChunkView`, for policies that want it) and its
    indicator, and answers COMPUTE, SKIP or SUBSET(tokens);
 2. `apply`: COMPUTE runs the loop's `run(None)` (its blocks on the chunk, against its K/V);
-   SKIP asks the policy to `reuse` the chunk's last output; SUBSET runs `run(tokens)` and
-   takes the others from `reuse`; then the policy `observe`s what was computed.
+   SKIP takes the chunk's output from its cached outputs (cache_core/predict: the newest
+   residual, or, where the decision says `predict`, an extrapolation over the noise level from
+   the chunk's last computed ones); SUBSET runs `run(tokens)` and takes the others the same way;
+   then the policy `observe`s what was computed (or is told what was `reused`).
 A history chunk (one the loop must forward but that is not being denoised) just runs.
 
 `counts` is the run's one vocabulary (COUNT_KEYS), merged into the sampler's RunReport. Chunk
@@ -25,19 +27,31 @@ from typing import Callable, Optional
 
 import torch
 
+from .predict import CachedOutputs
+
 
 @dataclass(frozen=True)
 class Decision:
     kind: str                               # "compute" | "skip" | "subset"
     tokens: Optional[torch.Tensor] = None   # SUBSET: token indices within the chunk (int64)
+    predict: object = None                  # what is not computed: None reused, True predicted, or a
+                                            # bool tensor over the chunk's tokens (those predicted)
 
 
 COMPUTE = Decision("compute")
 SKIP = Decision("skip")
+PREDICT = Decision("skip", predict=True)
 
 
-def subset(tokens: torch.Tensor) -> Decision:
-    return Decision("subset", tokens.to(torch.int64))
+def subset(tokens: torch.Tensor, predict=None) -> Decision:
+    return Decision("subset", tokens.to(torch.int64), predict)
+
+
+def skip(predict=None) -> Decision:
+    """SKIP, with what of the chunk is predicted rather than reused (None: nothing)."""
+    if predict is None or predict is False:
+        return SKIP
+    return PREDICT if predict is True else Decision("skip", predict=predict)
 
 
 @dataclass
@@ -57,6 +71,7 @@ class ChunkPolicy:
     method = "chunk_causal"
     needs_indicator = False     # True: decide() gets the family's indicator of the chunk
     needs_view = False          # True: see() gets the chunk's ChunkView before decide()
+    order = 0                   # extrapolation order of its predicted steps (0: it never predicts)
 
     def reset(self) -> None:
         """A new segment (AR window) starts."""
@@ -76,9 +91,8 @@ class ChunkPolicy:
     def observe(self, branch: int, chunk: int, h_in: torch.Tensor, h_out: torch.Tensor, tokens=None) -> None:
         """After COMPUTE or SUBSET (`tokens`) of an active chunk: its input and output."""
 
-    def reuse(self, branch: int, chunk: int, h_in: torch.Tensor, tokens=None) -> torch.Tensor:
-        """SKIP (tokens None) or the tokens a SUBSET leaves out: the output without running."""
-        raise NotImplementedError(f"{type(self).__name__} never skips")
+    def reused(self, branch: int, chunk: int, h_out: torch.Tensor) -> None:
+        """After SKIP: the output the step reused or predicted."""
 
 
 # The run's counts, one vocabulary for every family (README "The run report").
@@ -88,10 +102,12 @@ COUNT_KEYS = (
     "chunk_steps_computed",   # active chunk steps whose blocks ran (all tokens, or a subset)
     "chunk_steps_subset",     # ... of which on a token subset only
     "chunk_steps_skipped",    # active chunk steps reused without running a block
+    "chunk_steps_predicted",  # ... skipped or subset steps where some tokens' output was extrapolated
     "chunk_steps_history",    # inactive chunks forwarded so later chunks can attend to them
     "chunk_steps_frozen",     # finished chunks not forwarded (their K/V kept)
     "tokens_active",          # token-steps of active chunks
     "tokens_computed",        # ... that ran the blocks
+    "tokens_predicted",       # ... whose output was extrapolated, not reused
     "transformer_flops",      # spent
     "transformer_flops_noskip",   # the same chunk-wise run with nothing skipped
     "transformer_flops_vanilla",  # the family's uncached sampler
@@ -105,11 +121,18 @@ def new_counts() -> dict:
 class ChunkStep:
     """One policy's decisions applied, counted and observed (see the module docstring).
 
-    One object per sampling run: `counts` span the run; `reset_segment()` restarts the policy."""
+    One object per sampling run: `counts` span the run; `reset_segment()` restarts the policy and
+    drops the cached outputs."""
 
     def __init__(self, policy: ChunkPolicy):
         self.policy = policy
         self.counts = new_counts()
+        self.outputs = CachedOutputs(policy.order)
+
+    @property
+    def predicts(self) -> bool:
+        """Whether `apply` needs the chunks' noise levels."""
+        return self.outputs.order > 0
 
     @property
     def method(self) -> str:
@@ -117,12 +140,15 @@ class ChunkStep:
 
     def reset_segment(self) -> None:
         self.policy.reset()
+        self.outputs.reset()
 
     def reset_branch(self, branch: int) -> None:
         self.policy.reset_branch(branch)
+        self.outputs.reset_branch(branch)
 
     def forget(self, branch: int, chunk: int) -> None:
         self.policy.forget(branch, chunk)
+        self.outputs.forget(branch, chunk)
 
     def decide(self, branch: int, chunk: int, local_step: int, steps: int,
                view: Callable[[], ChunkView] = None, indicator: Callable[[], torch.Tensor] = None,
@@ -135,24 +161,30 @@ class ChunkStep:
             policy.see(branch, chunk, view())
         ind = indicator() if policy.needs_indicator else None
         decision = policy.decide(branch, chunk, ind, local_step, steps)
-        return COMPUTE if force else decision
+        if force or (decision.kind != "compute" and not self.outputs.has(branch, chunk)):
+            return COMPUTE          # nothing cached to reuse: a policy's skip cannot be served
+        return decision
 
     def apply(self, branch: int, chunk: int, decision: Decision, h_in: torch.Tensor,
               run: Callable[[Optional[torch.Tensor]], torch.Tensor], active: bool = True,
-              heat: Optional[torch.Tensor] = None) -> torch.Tensor:
+              heat: Optional[torch.Tensor] = None, level: float = 0.0) -> torch.Tensor:
         """The chunk's output: `run(tokens)` gives the blocks' output of all (None) or some of its
-        tokens; `h_in` is what the policy's residuals are taken against. `heat` (a 1-D view over
-        the chunk's tokens) counts where blocks ran. An inactive (history) chunk just runs."""
+        tokens; `h_in` is what the cached residuals are taken against. `heat` (a 1-D view over
+        the chunk's tokens) counts where blocks ran. `level`: the chunk's noise level at this step
+        (what predictions extrapolate over; read only when the policy predicts). An inactive
+        (history) chunk just runs."""
         c = self.counts
         if not active:
             c["chunk_steps_history"] += 1
             return run(None)
         n = h_in.shape[1]
         c["tokens_active"] += n
-        policy = self.policy
+        policy, outputs = self.policy, self.outputs
         if decision.kind == "skip":
             c["chunk_steps_skipped"] += 1
-            return policy.reuse(branch, chunk, h_in)
+            h_out = h_in + self._estimate(branch, chunk, level, decision.predict)
+            policy.reused(branch, chunk, h_out)
+            return h_out
         c["chunk_steps_computed"] += 1
         tokens = decision.tokens if decision.kind == "subset" else None
         fresh = run(tokens)
@@ -161,15 +193,24 @@ class ChunkStep:
             c["tokens_computed"] += n
             if heat is not None:
                 heat += 1
-        else:                               # the others as the policy says, the selected ones fresh
-            h_out = policy.reuse(branch, chunk, h_in, tokens).clone()
+            outputs.push(branch, chunk, h_out - h_in, level)
+        else:                               # the others from the cache, the selected ones fresh
+            h_out = h_in + self._estimate(branch, chunk, level, decision.predict)
             h_out[:, tokens] = fresh
             c["chunk_steps_subset"] += 1
             c["tokens_computed"] += int(tokens.numel())
             if heat is not None:
                 heat[tokens.cpu()] += 1
+            outputs.push(branch, chunk, h_out[:, tokens] - h_in[:, tokens], level, tokens)
         policy.observe(branch, chunk, h_in, h_out, tokens)
         return h_out
+
+    def _estimate(self, branch: int, chunk: int, level: float, predict) -> torch.Tensor:
+        residual, predicted = self.outputs.estimate(branch, chunk, level, predict)
+        if predicted:
+            self.counts["chunk_steps_predicted"] += 1
+            self.counts["tokens_predicted"] += predicted
+        return residual
 
     def frozen(self) -> None:
         """A finished chunk the loop does not forward."""

@@ -27,8 +27,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .chunk_step import COMPUTE, SKIP, ChunkPolicy, Decision
-from .errors import InputError
+from .chunk_step import COMPUTE, PREDICT, SKIP, ChunkPolicy, Decision
+from .errors import InputError, require_finite
+from .predict import check_prediction
 
 IDENTITY = (1.0, 0.0)   # P(d) = d: for a model without a fitted polynomial
 
@@ -65,6 +66,9 @@ class FlowCacheConfig:
     kv_lambda: importance weight in score = lambda * importance - (1 - lambda) * redundancy.
     kv_pool_kernel: max-pool width smoothing the importance along the token axis.
     max_score_queries: at most this many (evenly spaced) queries score the history.
+    predict_order: 0 a skipped step reuses the chunk's last residual; 1 or 2 it extrapolates
+        (linear / quadratic over the noise level) once the accumulated change reaches reuse_thresh.
+    reuse_thresh: below it a skipped step reuses, from it to rel_l1_thresh it predicts (<= rel_l1_thresh).
     """
     rel_l1_thresh: float = 0.1
     warmup_steps: int = 5
@@ -76,8 +80,12 @@ class FlowCacheConfig:
     kv_lambda: float = 0.07
     kv_pool_kernel: int = 7
     max_score_queries: int = 256
+    predict_order: int = 0
+    reuse_thresh: float = 0.0
 
     def __post_init__(self):
+        require_finite("rel_l1_thresh", self.rel_l1_thresh)
+        check_prediction(self.predict_order, self.reuse_thresh, self.rel_l1_thresh, "rel_l1_thresh")
         if self.rel_l1_thresh < 0:
             raise InputError("rel_l1_thresh", f"must be >= 0, got {self.rel_l1_thresh}")
         if self.warmup_steps < 0 or self.final_steps < 0:
@@ -97,7 +105,7 @@ class ChunkState:
     """What FlowCache remembers about one chunk in one CFG branch, within one AR segment."""
     acc: float = 0.0                          # accumulated rescaled distance since last compute
     prev: Optional[torch.Tensor] = None       # previous indicator ([6, dim] per row, fp32)
-    residual: Optional[torch.Tensor] = None   # last block-stack output minus input
+    computed: bool = False                    # observed computed since the segment began
 
 
 class FlowCachePolicy(ChunkPolicy):
@@ -111,6 +119,7 @@ class FlowCachePolicy(ChunkPolicy):
     def __init__(self, config: FlowCacheConfig, coefficients: Sequence[float] = IDENTITY):
         self.config = config
         self.coeffs = parse_coefficients(coefficients)
+        self.order = config.predict_order
         self.states: dict = {}
 
     def reset(self) -> None:
@@ -136,7 +145,7 @@ class FlowCachePolicy(ChunkPolicy):
 
     @torch.compiler.disable
     def decide(self, branch: int, chunk: int, indicator: torch.Tensor, local_step: int, steps: int) -> Decision:
-        """COMPUTE the chunk or SKIP it (reuse its residual). Always records `indicator`.
+        """COMPUTE the chunk, or SKIP it (reuse its residual) or PREDICT it. Always records `indicator`.
 
         local_step counts from 0 in the chunk's own denoising steps; `steps` is their total.
         """
@@ -145,7 +154,7 @@ class FlowCachePolicy(ChunkPolicy):
         ind = indicator.detach()             # in the family's dtype: MAGI-1's reference compares bf16
         prev, st.prev = st.prev, ind.clone()
         forced = (local_step < cfg.warmup_steps or local_step >= steps - cfg.final_steps
-                  or prev is None or prev.shape != ind.shape or st.residual is None)
+                  or prev is None or prev.shape != ind.shape or not st.computed)
         if forced:
             st.acc = 0.0
             return COMPUTE
@@ -155,10 +164,7 @@ class FlowCachePolicy(ChunkPolicy):
         if st.acc >= cfg.rel_l1_thresh:
             st.acc = 0.0
             return COMPUTE
-        return SKIP
+        return PREDICT if self.order and st.acc >= cfg.reuse_thresh else SKIP
 
     def observe(self, branch: int, chunk: int, h_in: torch.Tensor, h_out: torch.Tensor, tokens=None) -> None:
-        self.state(branch, chunk).residual = h_out - h_in
-
-    def reuse(self, branch: int, chunk: int, h_in: torch.Tensor, tokens=None) -> torch.Tensor:
-        return h_in + self.state(branch, chunk).residual
+        self.state(branch, chunk).computed = True

@@ -39,9 +39,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .chunk_step import COMPUTE, SKIP, ChunkPolicy, ChunkView, Decision, subset
-from .errors import InputError
+from .chunk_step import COMPUTE, ChunkPolicy, ChunkView, Decision, skip, subset
+from .errors import InputError, require_finite
 from .flowcache_policy import IDENTITY, parse_coefficients, polyval
+from .predict import check_prediction
 
 MOTION_SOURCES = ("hidden", "latents")
 
@@ -59,6 +60,9 @@ class MotionCacheConfig:
     motion_source: "hidden" (SkyReels reference) or "latents" (MAGI reference).
     coefficients: the rescaling polynomial, resolved by the model family (auto | 1.3B | 14B | none).
     chunk_frames: latent frames per chunk when the sampler publishes no record.
+    predict_order: 0 tokens left out reuse their last residual; 1 or 2 those whose sum reached
+        reuse_thresh extrapolate it over the noise level (linear / quadratic).
+    reuse_thresh: below it a left-out token reuses, from it to threshold it predicts (<= threshold).
     """
     threshold: float = 0.1
     warmup_steps: int = 4
@@ -69,8 +73,12 @@ class MotionCacheConfig:
     motion_source: str = "hidden"
     coefficients: object = "auto"
     chunk_frames: int = 5
+    predict_order: int = 0
+    reuse_thresh: float = 0.0
 
     def __post_init__(self):
+        require_finite("threshold", self.threshold)
+        check_prediction(self.predict_order, self.reuse_thresh, self.threshold, "threshold")
         if not self.threshold >= 0:
             raise InputError("threshold", f"must be >= 0, got {self.threshold}")
         if self.warmup_steps < 0:
@@ -95,7 +103,7 @@ class TokenState:
     prev: Optional[torch.Tensor] = None       # previous indicator (the family's dtype)
     acc: Optional[torch.Tensor] = None        # [L] accumulated weighted change
     weights: Optional[torch.Tensor] = None    # [L] motion weights (None: phase 1, all 1)
-    residual: Optional[torch.Tensor] = None   # [rows, L, C] last block-stack output minus input
+    computed: bool = False                    # observed computed since the segment began
     phase1_count: int = 0
     phase1_done: bool = False
     frames: int = 1
@@ -151,6 +159,7 @@ class MotionCachePolicy(ChunkPolicy):
     def __init__(self, config: MotionCacheConfig, coefficients: Sequence[float] = IDENTITY):
         self.config = config
         self.coeffs = parse_coefficients(coefficients)
+        self.order = config.predict_order
         self.states: dict = {}
         self.last_frames: dict = {}      # (branch, chunk) -> its last frame's hidden state
         self.views: dict = {}
@@ -185,7 +194,7 @@ class MotionCachePolicy(ChunkPolicy):
         ind = indicator.detach()             # in the family's dtype (MAGI-1's reference: bf16)
         prev, st.prev = st.prev, ind.clone()
         st.frames = view.frames[1] - view.frames[0]
-        if local_step <= cfg.warmup_steps or prev is None or st.residual is None or st.acc is None \
+        if local_step <= cfg.warmup_steps or prev is None or not st.computed or st.acc is None \
                 or st.acc.numel() != n_tok:
             st.acc = torch.zeros(n_tok, device=ind.device)
             if local_step >= cfg.warmup_steps:       # the warm-up's last step: phase 1 starts
@@ -201,30 +210,35 @@ class MotionCachePolicy(ChunkPolicy):
             update = cols.repeat(st.frames)
         share = float(update.float().mean())
         if share == 0.0 or (cfg.min_update_ratio > 0 and share < cfg.min_update_ratio):
-            return SKIP                              # nothing updates, no sum resets
+            return skip(self._predicted(st.acc))     # nothing updates, no sum resets
+        predicted = self._predicted(st.acc, update)
         st.acc[update] = 0.0
         if share == 1.0:
             return COMPUTE
-        return subset(update.nonzero().flatten())
+        return subset(update.nonzero().flatten(), predicted)
+
+    def _predicted(self, acc: torch.Tensor, update: Optional[torch.Tensor] = None):
+        """The left-out tokens to extrapolate (those whose sum reached reuse_thresh): None, True or a mask."""
+        if not self.order:
+            return None
+        mask = acc >= self.config.reuse_thresh
+        if update is not None:
+            mask &= ~update
+        if not bool(mask.any()):
+            return None
+        return True if update is None and bool(mask.all()) else mask
 
     def observe(self, branch: int, chunk: int, h_in, h_out, tokens=None) -> None:
         st = self.state(branch, chunk)
-        if tokens is None or st.residual is None:
-            st.residual = h_out - h_in
-        else:
-            st.residual[:, tokens] = h_out[:, tokens] - h_in[:, tokens]
+        st.computed = True
         if st.acc is not None and st.prev is not None and not st.phase1_done and st.acc.numel() == h_in.shape[1]:
             if self._post_warmup(branch, chunk):
                 st.phase1_count += 1
                 st.phase1_done = st.phase1_count >= self.config.phase1_updates
         self._update_weights(branch, chunk, h_out)
 
-    def reuse(self, branch: int, chunk: int, h_in, tokens=None):
-        st = self.state(branch, chunk)
-        out = h_in + st.residual
-        if tokens is None:
-            self._update_weights(branch, chunk, out)
-        return out
+    def reused(self, branch: int, chunk: int, h_out) -> None:
+        self._update_weights(branch, chunk, h_out)
 
     def _post_warmup(self, branch, chunk) -> bool:
         view = self.views.get((branch, chunk))

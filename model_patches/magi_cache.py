@@ -119,7 +119,8 @@ class MagiCacheRun:
         def run(tokens):
             return forward(xc, call if tokens is None else call.with_tokens(tokens.to(x.device)), cache)
 
-        v = self.step.apply(branch, c, decision, zeros, run, heat=self.heat[c * cw:(c + 1) * cw].view(-1))
+        v = self.step.apply(branch, c, decision, zeros, run, heat=self.heat[c * cw:(c + 1) * cw].view(-1),
+                            level=float(call.t[0]))
         return tokens_to_video(v, cw, self.ht, self.wt, p, xc.shape[1]), noskip
 
     def chunk_finished(self, chunk: int) -> None:
@@ -137,6 +138,7 @@ class MagiCacheRun:
         derive_savings(s)
         s["kv_bytes"] = sum(cache.bytes_allocated() for cache in self.caches.values())
         s["kv_bytes_peak"] = sum(cache.peak_bytes for cache in self.caches.values())
+        s["cached_outputs_bytes_peak"] = self.step.outputs.peak_bytes
         s["kv_history_tokens"] = self.caches[TEXT].history_tokens() or self.caches[HISTORY].history_tokens()
         s["kv_budget_tokens"] = None if self.compress is None else self.compress.budget_chunks * self.tokens
         s["kv_cache_chunks"] = {name: self.caches[b].chunks() for name, b in

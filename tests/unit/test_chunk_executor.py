@@ -77,19 +77,13 @@ def chunk_of_token():
 
 
 class Residuals(ChunkPolicy):
-    """A test policy: a fixed decision per chunk, residuals kept for what it leaves out."""
+    """A test policy: a fixed decision per chunk (the step reuses the residuals it left out)."""
 
     def __init__(self, decide):
-        self._decide, self.res = decide, {}
+        self._decide = decide
 
     def decide(self, branch, chunk, indicator, local_step, steps):
         return self._decide(chunk, local_step)
-
-    def observe(self, branch, chunk, h_in, h_out, tokens=None):
-        self.res[(branch, chunk)] = h_out - h_in
-
-    def reuse(self, branch, chunk, h_in, tokens=None):
-        return h_in + self.res[(branch, chunk)]
 
 
 @pytest.fixture

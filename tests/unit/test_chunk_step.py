@@ -11,14 +11,14 @@ from cache_core.chunk_step import COMPUTE, COUNT_KEYS, SKIP, ChunkPolicy, ChunkS
 
 
 class Scripted(ChunkPolicy):
-    """Answers from a script; remembers what it was shown, reuses `h_in + 10`."""
+    """Answers from a script; remembers what it was shown and what it was told was reused."""
 
     method = "scripted"
 
     def __init__(self, decisions, needs_view=False, needs_indicator=False):
         self.decisions = list(decisions)
         self.needs_view, self.needs_indicator = needs_view, needs_indicator
-        self.seen, self.observed, self.indicators = [], [], []
+        self.seen, self.observed, self.indicators, self.reused_out = [], [], [], []
 
     def see(self, branch, chunk, view):
         self.seen.append((branch, chunk, view.local_step))
@@ -30,8 +30,8 @@ class Scripted(ChunkPolicy):
     def observe(self, branch, chunk, h_in, h_out, tokens=None):
         self.observed.append((branch, chunk, h_out.clone(), tokens))
 
-    def reuse(self, branch, chunk, h_in, tokens=None):
-        return h_in + 10
+    def reused(self, branch, chunk, h_out):
+        self.reused_out.append(h_out.clone())
 
 
 def never(*_):
@@ -41,10 +41,19 @@ def never(*_):
 H_IN = torch.arange(12.0).view(1, 4, 3)           # one row, a chunk of 4 tokens
 
 
+def computed_once(step, branch=0, chunk=0):
+    """The chunk computed once with output h_in + 10: its cached residual is 10."""
+    step.apply(branch, chunk, COMPUTE, H_IN, lambda tokens: H_IN + 10)
+    step.policy.observed.clear()
+    for key in ("chunk_steps_computed", "tokens_active", "tokens_computed"):
+        step.counts[key] = 0
+    return step
+
+
 def test_decide_builds_view_and_indicator_only_when_asked():
     lazy = ChunkStep(Scripted([COMPUTE]))
     assert lazy.decide(0, 2, 1, 8, view=never, indicator=never) is COMPUTE
-    eager = ChunkStep(Scripted([SKIP], needs_view=True, needs_indicator=True))
+    eager = computed_once(ChunkStep(Scripted([SKIP], needs_view=True, needs_indicator=True)), 1, 2)
     view = ChunkView(frames=(0, 1), tokens=4, local_step=1)
     assert eager.decide(1, 2, 1, 8, view=lambda: view, indicator=lambda: torch.ones(2)) is SKIP
     assert eager.policy.seen == [(1, 2, 1)] and torch.equal(eager.policy.indicators[0], torch.ones(2))
@@ -64,16 +73,29 @@ def test_compute_runs_all_tokens_counts_them_and_heats_them():
 
 
 def test_skip_reuses_without_running_or_observing():
-    step = ChunkStep(Scripted([]))
+    step = computed_once(ChunkStep(Scripted([])))
     heat = torch.zeros(4)
-    out = step.apply(0, 0, SKIP, H_IN, never, heat=heat)
-    assert torch.equal(out, H_IN + 10) and torch.equal(heat, torch.zeros(4))
+    h_new = H_IN * 3
+    out = step.apply(0, 0, SKIP, h_new, never, heat=heat)
+    assert torch.equal(out, h_new + 10) and torch.equal(heat, torch.zeros(4))   # the residual re-added
     assert step.counts["chunk_steps_skipped"] == 1 and step.counts["tokens_computed"] == 0
     assert step.counts["tokens_active"] == 4 and step.policy.observed == []
+    assert len(step.policy.reused_out) == 1 and torch.equal(step.policy.reused_out[0], out)
+
+
+def test_a_skip_with_nothing_cached_is_computed():
+    """A policy cannot reuse what was never computed (a new chunk, a reset branch): the step computes."""
+    step = ChunkStep(Scripted([SKIP, SKIP]))
+    assert step.decide(0, 0, 1, 8) is COMPUTE
+    computed_once(step)
+    assert step.decide(0, 0, 2, 8) is SKIP
+    step.reset_branch(0)
+    step.policy.decisions.append(SKIP)
+    assert step.decide(0, 0, 3, 8) is COMPUTE
 
 
 def test_subset_runs_its_tokens_and_takes_the_others_from_reuse():
-    step = ChunkStep(Scripted([]))
+    step = computed_once(ChunkStep(Scripted([])))
     heat = torch.zeros(4)
     tokens = torch.tensor([1, 3])
     got = []
@@ -112,10 +134,11 @@ def test_counts_are_the_one_vocabulary_and_flops_are_added_where_spent():
     assert c["chunk_steps_frozen"] == 1
 
 
-def test_the_base_policy_computes_everything_and_never_reuses():
+def test_the_base_policy_computes_everything_and_never_predicts():
     step = ChunkStep(ChunkPolicy())
     assert step.decide(0, 0, 0, 4) is COMPUTE and step.method == "chunk_causal"
-    with pytest.raises(NotImplementedError):
+    assert not step.predicts
+    with pytest.raises(KeyError):           # nothing was computed: nothing to reuse
         step.apply(0, 0, SKIP, H_IN, never)
 
 

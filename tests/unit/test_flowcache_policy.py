@@ -5,7 +5,7 @@ import torch
 from cache_core.chunk_step import COMPUTE, SKIP
 from cache_core.flowcache_policy import IDENTITY, FlowCacheConfig, FlowCachePolicy, polyval
 
-H = torch.zeros(1)  # any block input/output: the policy only needs to know a residual exists
+H = torch.zeros(1)  # any block input/output: the policy only needs to know the chunk was computed
 # TeaCache-Wan2.1 1.3B (use_ret_steps), as printed in specs/flowcache.md A2; the Wan family
 # resolves the names (tests/host/test_families.py)
 WAN_1_3B = (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02)
@@ -16,8 +16,6 @@ def step(policy, branch, chunk, indicator, k, steps) -> bool:
     decision = policy.decide(branch, chunk, indicator, k, steps)
     if decision is COMPUTE:
         policy.observe(branch, chunk, H, H)
-    else:
-        policy.reuse(branch, chunk, H)
     return decision is COMPUTE
 
 

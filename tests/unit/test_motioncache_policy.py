@@ -64,9 +64,10 @@ def run_policy(cfg, steps, rho=0.12, h=moving_blob):
         d = p.decide(0, 0, ind((1 + rho) ** k), k, steps)
         decisions.append(d.kind)
         h_in = torch.zeros(1, F * HW, C)
-        if d is SKIP:
-            p.reuse(0, 0, h_in)
+        if d is SKIP:                           # the step re-adds the residual it keeps
+            p.reused(0, 0, h_in + res)
         else:
+            res = h(k) if d.tokens is None else res.index_copy(1, d.tokens, h(k)[:, d.tokens])
             p.observe(0, 0, h_in, h(k), d.tokens)
             counts[d.tokens if d.tokens is not None else slice(None)] += 1
     return p, decisions, counts
