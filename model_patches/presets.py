@@ -14,28 +14,43 @@ Which values apply depends on how the model's change indicator is scaled:
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from ..cache_core.errors import InputError
 from . import families
 
+
+class Setting(NamedTuple):
+    """What a preset sets on a cache node (a tuple, as bench/curves.py `preset_values` writes it)."""
+    threshold: float
+    attention: str
+    predict_order: int = 0
+    reuse_thresh: float = 0.0
+
 PRESETS = ("custom", "quality", "balanced", "fast")
-PRESET_TOOLTIP = ("custom: the threshold and attention inputs as set. quality / balanced / fast: both chosen for the "
+PRESET_TOOLTIP = ("custom: the inputs as set. quality / balanced / fast: chosen for the "
                   "model: SkyReels-V2-DF 1.3B/14B with fitted coefficients get the reference's thresholds (0.1 slow, "
                   "0.15 fast); other models the bench's toy-model guide (the setting with the fewest FLOPs within 0.1 / 0.2 / "
                   "0.35 ST-LPIPS of the uncached video). The README's cache guide lists the values.")
 
-# method -> scale -> preset -> (threshold, attention). `raw` and `magi` are make bench's guide
-# (tests/unit/test_presets.py holds them equal to bench/results/latest.json).
-_FITTED = {"quality": (0.1, "chunk_causal"), "balanced": (0.125, "chunk_causal"), "fast": (0.15, "chunk_causal")}
+# method -> scale -> preset -> Setting. `raw` and `magi` are make bench's guide
+# (tests/inprocess/test_presets.py holds them equal to bench/results/latest.json).
+_FITTED = {"quality": Setting(0.1, "chunk_causal"), "balanced": Setting(0.125, "chunk_causal"),
+           "fast": Setting(0.15, "chunk_causal")}
 VALUES = {
     "flowcache": {
         "fitted": _FITTED,
-        "raw": {"quality": (0.0, "bidirectional"), "balanced": (0.2, "bidirectional"), "fast": (0.2, "bidirectional")},
-        "magi": {"quality": (0.1, "chunk_causal"), "balanced": (0.2, "chunk_causal"), "fast": (0.2, "chunk_causal")},
+        "raw": {"quality": Setting(0.0, "bidirectional"), "balanced": Setting(0.2, "bidirectional"),
+                "fast": Setting(0.2, "bidirectional")},
+        "magi": {"quality": Setting(0.1, "chunk_causal"), "balanced": Setting(0.2, "chunk_causal"),
+                 "fast": Setting(0.2, "chunk_causal")},
     },
     "motioncache": {
         "fitted": _FITTED,
-        "raw": {"quality": (0.0, "bidirectional"), "balanced": (0.2, "bidirectional"), "fast": (0.2, "bidirectional")},
-        "magi": {"quality": (0.1, "chunk_causal"), "balanced": (0.2, "chunk_causal"), "fast": (0.2, "chunk_causal")},
+        "raw": {"quality": Setting(0.0, "bidirectional"), "balanced": Setting(0.2, "bidirectional"),
+                "fast": Setting(0.2, "bidirectional")},
+        "magi": {"quality": Setting(0.1, "chunk_causal"), "balanced": Setting(0.2, "chunk_causal"),
+                 "fast": Setting(0.2, "chunk_causal")},
     },
 }
 
@@ -46,10 +61,11 @@ def indicator_scale(model, coefficients) -> str:
     return family.indicator_scale(dm, coefficients)
 
 
-def resolve(method: str, preset: str, model, coefficients, threshold: float, attention: str) -> tuple[float, str]:
-    """(threshold, attention) for a preset; `custom` keeps the inputs."""
+def resolve(method: str, preset: str, model, coefficients, threshold: float, attention: str,
+            predict_order: int = 0, reuse_thresh: float = 0.0) -> Setting:
+    """The node's setting under a preset; `custom` keeps the inputs."""
     if preset == "custom":
-        return threshold, attention
+        return Setting(threshold, attention, predict_order, reuse_thresh)
     if preset not in PRESETS:
         raise InputError("preset", f"unknown value {preset!r}; expected one of {', '.join(PRESETS)}")
     return VALUES[method][indicator_scale(model, coefficients)][preset]

@@ -6,6 +6,7 @@ from ..model_patches.ar_cache import apply_flowcache
 from ..model_patches.presets import PRESET_TOOLTIP, PRESETS, resolve
 from .errors import named_errors
 from .motioncache import ATTENTION_MODES, ATTENTION_TOOLTIP
+from .prediction import prediction_inputs
 
 
 class FlowCacheNode(io.ComfyNode):
@@ -50,7 +51,8 @@ class FlowCacheNode(io.ComfyNode):
                 io.Combo.Input("attention", options=list(ATTENTION_MODES), default="chunk_causal", optional=True,
                                tooltip=ATTENTION_TOOLTIP),
                 io.Combo.Input("preset", options=list(PRESETS), default="custom", optional=True,
-                               tooltip="Sets rel_l1_thresh and attention. " + PRESET_TOOLTIP),
+                               tooltip="Sets rel_l1_thresh, attention, predict_order and reuse_thresh. " + PRESET_TOOLTIP),
+                *prediction_inputs("rel_l1_thresh"),
             ],
             outputs=[io.Model.Output(tooltip="The model with FlowCache; bypass this node to get the original model back.")],
         )
@@ -59,10 +61,12 @@ class FlowCacheNode(io.ComfyNode):
     @named_errors("FlowCache")
     def execute(cls, model, rel_l1_thresh, warmup_steps, final_steps=1, coefficients="auto", chunk_frames=5,
                 kv_compress=False, kv_budget_chunks=1, kv_lambda=0.07, max_score_queries=256,
-                skip_redundant_steps=True, attention="chunk_causal", preset="custom") -> io.NodeOutput:
-        rel_l1_thresh, attention = resolve("flowcache", preset, model, coefficients, rel_l1_thresh, attention)
-        config = FlowCacheConfig(rel_l1_thresh=rel_l1_thresh, warmup_steps=warmup_steps, final_steps=final_steps,
+                skip_redundant_steps=True, attention="chunk_causal", preset="custom", predict_order=0,
+                reuse_thresh=0.0) -> io.NodeOutput:
+        s = resolve("flowcache", preset, model, coefficients, rel_l1_thresh, attention, predict_order, reuse_thresh)
+        config = FlowCacheConfig(rel_l1_thresh=s.threshold, warmup_steps=warmup_steps, final_steps=final_steps,
                                  coefficients=coefficients, chunk_frames=chunk_frames, kv_compress=kv_compress,
                                  kv_budget_chunks=kv_budget_chunks, kv_lambda=kv_lambda,
-                                 max_score_queries=max_score_queries)
-        return io.NodeOutput(apply_flowcache(model, config, skip=skip_redundant_steps, attention=attention))
+                                 max_score_queries=max_score_queries, predict_order=s.predict_order,
+                                 reuse_thresh=s.reuse_thresh)
+        return io.NodeOutput(apply_flowcache(model, config, skip=skip_redundant_steps, attention=s.attention))

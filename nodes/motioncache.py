@@ -6,6 +6,7 @@ from ..cache_core.motioncache_policy import MOTION_SOURCES, MotionCacheConfig
 from ..model_patches.ar_cache import apply_motioncache
 from ..model_patches.presets import PRESET_TOOLTIP, PRESETS, resolve
 from .errors import named_errors
+from .prediction import prediction_inputs
 
 ATTENTION_TOOLTIP = (
     "chunk_causal: each chunk attends to itself and earlier chunks, finished chunks frozen (the papers' "
@@ -49,7 +50,8 @@ class MotionCacheNode(io.ComfyNode):
                 io.Int.Input("chunk_frames", default=5, min=1, max=64, optional=True,
                              tooltip="Latent frames per chunk when no AR sampler says otherwise (the Streaming AR Sampler uses its causal_block_size)."),
                 io.Combo.Input("preset", options=list(PRESETS), default="custom", optional=True,
-                               tooltip="Sets threshold and attention. " + PRESET_TOOLTIP),
+                               tooltip="Sets threshold, attention, predict_order and reuse_thresh. " + PRESET_TOOLTIP),
+                *prediction_inputs("threshold"),
             ],
             outputs=[io.Model.Output(tooltip="The model with MotionCache; bypass this node to get the original model back.")],
         )
@@ -58,9 +60,10 @@ class MotionCacheNode(io.ComfyNode):
     @named_errors("MotionCache")
     def execute(cls, model, threshold, warmup_steps, phase1_updates=6, weight_floor=0.6, min_update_ratio=0.4,
                 vote=0.5, motion_source="hidden", attention="chunk_causal", coefficients="auto",
-                chunk_frames=5, preset="custom") -> io.NodeOutput:
-        threshold, attention = resolve("motioncache", preset, model, coefficients, threshold, attention)
-        config = MotionCacheConfig(threshold=threshold, warmup_steps=warmup_steps, phase1_updates=phase1_updates,
+                chunk_frames=5, preset="custom", predict_order=0, reuse_thresh=0.0) -> io.NodeOutput:
+        s = resolve("motioncache", preset, model, coefficients, threshold, attention, predict_order, reuse_thresh)
+        config = MotionCacheConfig(threshold=s.threshold, warmup_steps=warmup_steps, phase1_updates=phase1_updates,
                                    weight_floor=weight_floor, min_update_ratio=min_update_ratio, vote=vote,
-                                   motion_source=motion_source, coefficients=coefficients, chunk_frames=chunk_frames)
-        return io.NodeOutput(apply_motioncache(model, config, attention))
+                                   motion_source=motion_source, coefficients=coefficients, chunk_frames=chunk_frames,
+                                   predict_order=s.predict_order, reuse_thresh=s.reuse_thresh)
+        return io.NodeOutput(apply_motioncache(model, config, s.attention))

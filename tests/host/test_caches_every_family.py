@@ -99,3 +99,36 @@ def test_an_interrupted_cached_run_leaves_the_next_run_clean(comfy, family, meth
     plain, _ = run(comfy, family, None, seed=9)
     plain_again, _ = run(comfy, family, None, seed=9)
     assert torch.equal(plain, plain_again)
+
+
+# --- predicted skips (cache_core/predict.py) ---------------------------------------------------
+
+PREDICT = LOOSE
+
+
+@pytest.mark.parametrize("method", ["flowcache", "motioncache"])
+@pytest.mark.parametrize("family", ["skyreels", "magi_base"])     # MAGI-1 base: three guidance branches
+def test_predicted_skips_extrapolate_and_equal_thresholds_predict_nothing(comfy, family, method):
+    """predict_order 1 extrapolates skipped steps (counted, with the extra history accounted);
+    reuse_thresh at the recompute threshold reuses every skip: bit-identical to order 0."""
+    knob = "rel_l1_thresh" if method == "flowcache" else "threshold"
+    reused, r0 = run(comfy, family, PREDICT[method], seed=3)
+    predicted, r1 = run(comfy, family, dict(PREDICT[method], predict_order=1), seed=3)
+    same, r2 = run(comfy, family, dict(PREDICT[method], predict_order=2, reuse_thresh=PREDICT[method][knob]), seed=3)
+    c0, c1 = r0["cache"], r1["cache"]
+    assert c0["chunk_steps_skipped"] > 0 and c0["chunk_steps_predicted"] == 0 == c0["tokens_predicted"]
+    assert c1["chunk_steps_predicted"] > 0 and c1["tokens_predicted"] > 0
+    assert torch.isfinite(predicted).all() and not torch.equal(predicted, reused)
+    assert c1["cached_outputs_bytes_peak"] > c0["cached_outputs_bytes_peak"] > 0   # two points kept, not one
+    assert torch.equal(same, reused) and r2["cache"]["chunk_steps_predicted"] == 0
+    if family == "skyreels" and method == "flowcache":     # the indicator is the schedule's: same decisions
+        assert (c1["chunk_steps_skipped"], c1["transformer_flops"]) == (c0["chunk_steps_skipped"], c0["transformer_flops"])
+
+
+@pytest.mark.parametrize("method", ["flowcache", "motioncache"])
+def test_prediction_settings_out_of_order_are_named(comfy, method):
+    from tools.comfy_server import ComfyError
+    knob = "rel_l1_thresh" if method == "flowcache" else "threshold"
+    with pytest.raises(ComfyError) as e:
+        run(comfy, "skyreels", dict(PREDICT[method], predict_order=1, reuse_thresh=PREDICT[method][knob] + 0.5))
+    assert "reuse_thresh" in str(e.value) and knob in str(e.value)

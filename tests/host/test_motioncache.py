@@ -118,12 +118,14 @@ def _preset_values():
 @pytest.mark.parametrize("method,cache,knob,coefficients,scale", [("motioncache", MC, "threshold", "none", "raw"),
                                                                   ("flowcache", FC, "rel_l1_thresh", "1.3B", "fitted")])
 def test_preset_sets_threshold_and_attention_from_its_table(comfy, method, cache, knob, coefficients, scale):
-    thr, attention = _preset_values()[method][scale]["fast"]
+    fast_setting = _preset_values()[method][scale]["fast"]
+    attention = fast_setting.attention
     other = "bidirectional" if attention == "chunk_causal" else "chunk_causal"     # widgets unlike the preset
     base = dict(cache, coefficients=coefficients, attention=other, **{knob: 0.0})
     exact, _ = run(comfy, base, seed=4)
     fast, _ = run(comfy, dict(base, preset="fast"), seed=4)
-    same, _ = run(comfy, dict(base, attention=attention, **{knob: thr}), seed=4)
+    same, _ = run(comfy, dict(base, attention=attention, predict_order=fast_setting.predict_order,
+                              reuse_thresh=fast_setting.reuse_thresh, **{knob: fast_setting.threshold}), seed=4)
     assert torch.equal(fast, same)                      # the preset's values replace the widgets'
     assert not torch.equal(fast, exact)                 # ... which were threshold 0, the other mode
     custom, _ = run(comfy, dict(base, preset="custom"), seed=4)

@@ -32,6 +32,7 @@ def test_every_preset_names_a_threshold_and_a_valid_attention_mode():
     for method, scales in presets.VALUES.items():
         for scale, table in scales.items():
             assert set(table) == set(presets.PRESETS) - {"custom"}
-            for thr, attention in table.values():
+            for thr, attention, order, reuse in table.values():
                 assert thr >= 0 and attention in ("chunk_causal", "bidirectional")
                 assert scale != "magi" or attention == "chunk_causal"     # MAGI-1 refuses bidirectional
+                assert order in (0, 1, 2) and (order == 0 or 0 <= reuse <= thr)
