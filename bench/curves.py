@@ -28,17 +28,34 @@ from tools.metrics import PSNR_CAP_DB, fidelity, preview_frames, psnr  # noqa: E
 MODES = {"uncached": "bidirectional", "chunk_causal": "chunk_causal",
          "flowcache": "chunk_causal", "motioncache": "chunk_causal",
          "flowcache_bidir": "bidirectional", "motioncache_bidir": "bidirectional",
+         "flowcache_predict": "chunk_causal", "motioncache_predict": "chunk_causal",
+         "flowcache_bidir_predict": "bidirectional", "motioncache_bidir_predict": "bidirectional",
          "easycache": "bidirectional", "teacache_window": "bidirectional"}
 LABELS = {"uncached": "uncached", "chunk_causal": "chunk-causal, no skipping",
           "flowcache": "FlowCache (chunk-causal)", "flowcache_bidir": "FlowCache (bidirectional)",
           "motioncache": "MotionCache (chunk-causal)", "motioncache_bidir": "MotionCache (bidirectional)",
+          "flowcache_predict": "FlowCache predicting (chunk-causal)",
+          "flowcache_bidir_predict": "FlowCache predicting (bidirectional)",
+          "motioncache_predict": "MotionCache predicting (chunk-causal)",
+          "motioncache_bidir_predict": "MotionCache predicting (bidirectional)",
           "easycache": "EasyCache (ComfyUI core)", "teacache_window": "TeaCache per window",
-          "magi_flowcache": "FlowCache", "magi_motioncache": "MotionCache"}
+          "magi_flowcache": "FlowCache", "magi_motioncache": "MotionCache",
+          "magi_flowcache_predict": "FlowCache predicting", "magi_motioncache_predict": "MotionCache predicting"}
+PREDICTING_ORDER = 1    # the predicting series: first order, every skipped step predicted (reuse_thresh 0)
+
+
+def predict_order(method: str) -> int:
+    return PREDICTING_ORDER if method.endswith("_predict") else 0
+
 
 SERIES = {"flowcache": (0.02, 0.05, 0.1, 0.2, 0.4),
           "flowcache_bidir": (0.02, 0.05, 0.1, 0.2, 0.4),
+          "flowcache_predict": (0.02, 0.05, 0.1, 0.2),
+          "flowcache_bidir_predict": (0.02, 0.05, 0.1, 0.2),
           "motioncache": (0.02, 0.05, 0.1, 0.2, 0.4),
           "motioncache_bidir": (0.02, 0.05, 0.1, 0.2, 0.4),
+          "motioncache_predict": (0.02, 0.05, 0.1, 0.2),
+          "motioncache_bidir_predict": (0.02, 0.05, 0.1, 0.2),
           "easycache": (0.02, 0.05, 0.1, 0.2, 0.4),
           "teacache_window": (0.05, 0.1, 0.2, 0.4, 0.8)}
 STEPS = (10, 20, 30, 50)
@@ -173,7 +190,7 @@ def headline_table(rows: list[dict]) -> str:
             cells = []
             for s in steps:
                 h = best[(method, s)]
-                exact = h["threshold"] == 0.0 and method not in ("flowcache", "motioncache")
+                exact = h["threshold"] == 0.0 and MODES[method] == "bidirectional"   # chunk-causal: its own run
                 spread = h.get("wall_speedup_spread")
                 wall = f"{h['wall_speedup']:.2f}x" + (f" [{spread[0]:.2f}-{spread[1]:.2f}]" if spread else "")
                 cells.append("exact run only (1.00x)" if exact else
@@ -199,8 +216,10 @@ def curve_table(rows: list[dict]) -> str:
 # Perceptual, not PSNR: over a multi-window rollout any early difference sends later windows
 # down another (equally valid) path, which PSNR punishes as hard as a broken frame.
 GUIDE_CEILINGS = (("quality", 0.1), ("balanced", 0.2), ("fast", 0.35))
-NODES = {"FlowCache": ("flowcache", "flowcache_bidir"), "MotionCache": ("motioncache", "motioncache_bidir")}
-MAGI_NODES = {"FlowCache": ("flowcache", "restructure"), "MotionCache": ("motioncache", "restructure")}
+NODES = {node: tuple(f"{m}{mode}{p}" for p in ("", "_predict") for mode in ("", "_bidir"))
+         for node, m in (("FlowCache", "flowcache"), ("MotionCache", "motioncache"))}
+MAGI_NODES = {"FlowCache": ("flowcache", "flowcache_predict", "restructure"),
+              "MotionCache": ("motioncache", "motioncache_predict", "restructure")}
 
 
 MIN_SAVING = 0.05      # a preset must save at least 5% of the FLOPs, or the node runs its exact setting
@@ -238,36 +257,41 @@ def magi_guide(rows: list[dict], ceilings=GUIDE_CEILINGS) -> list[dict]:
 
 def _guide_row(node, preset, ceiling, steps, best, attention, reference):
     return {"node": node, "preset": preset, "lpips_ceiling": ceiling, "steps": steps, "attention": attention,
-            "threshold": best and best["threshold"], "wall_speedup": best and 1 / best["wall_ratio"],
+            "threshold": best and best["threshold"], "predict_order": best and predict_order(best["method"]),
+            "wall_speedup": best and 1 / best["wall_ratio"],
             "flop_speedup": best and 1 / best["flops_ratio"], "fidelity": best and best[reference]}
 
 
 def guide_table(entries: list[dict]) -> str:
-    lines = ["| preset (ST-LPIPS to the uncached video at most) | node | attention | threshold | wall speed-up | "
-             "FLOP speed-up | PSNR dB | SSIM | ST-LPIPS | flicker ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset (ST-LPIPS to the uncached video at most) | node | attention | threshold | predict_order | "
+             "wall speed-up | FLOP speed-up | PSNR dB | SSIM | ST-LPIPS | flicker ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for g in entries:
         head = f"| {g['preset']} ({g['lpips_ceiling']:g}) | {g['node']}"
         if g["threshold"] is None:
-            lines.append(f"{head} | nothing faster stays within it: run uncached | | | | | | | |")
+            lines.append(f"{head} | nothing faster stays within it: run uncached | | | | | | | | |")
             continue
         f = g["fidelity"]
-        lines.append(f"{head} | {g['attention']} | {g['threshold']:g} | {g['wall_speedup']:.2f}x | "
+        lines.append(f"{head} | {g['attention']} | {g['threshold']:g} | {g.get('predict_order') or 0} | "
+                     f"{g['wall_speedup']:.2f}x | "
                      f"{g['flop_speedup']:.2f}x | {f['psnr_db']:.1f} | {f['ssim']:.3f} | {f['st_lpips']:.3f} | "
                      f"{f['flicker_ratio'] or 0:.2f} |")
     return "\n".join(lines)
 
 
 def preset_values(entries: list[dict], exact_attention: str = "bidirectional") -> dict:
-    """node (lower case) -> preset -> (threshold, attention), as model_patches/presets.py holds
-    them: a preset nothing qualifies for takes the stricter preset's value, and `quality` falls
-    back to threshold 0 in `exact_attention` (Wan: bidirectional, the uncached model's output;
-    MAGI-1 has only chunk_causal)."""
+    """node (lower case) -> preset -> (threshold, attention, predict_order, reuse_thresh), as
+    model_patches/presets.py holds them (Setting): a preset nothing qualifies for takes the stricter
+    preset's value, and `quality` falls back to threshold 0 in `exact_attention` (Wan:
+    bidirectional, the uncached model's output; MAGI-1 has only chunk_causal). The predicting
+    series predict every skipped step (reuse_thresh 0)."""
     out = {}
     for node in {g["node"] for g in entries}:
-        vals, prev = {}, (0.0, exact_attention)
+        vals, prev = {}, (0.0, exact_attention, 0, 0.0)
         for preset, _ in GUIDE_CEILINGS:
             g = next(x for x in entries if x["node"] == node and x["preset"] == preset)
-            prev = (g["threshold"], g["attention"]) if g["threshold"] is not None else prev
+            if g["threshold"] is not None:
+                prev = (g["threshold"], g["attention"], g.get("predict_order") or 0, 0.0)
             vals[preset] = prev
         out[node.lower()] = vals
     return out

@@ -40,34 +40,41 @@ def df_methods():
     """(label, patch, anchor strength): the presets a user picks (balanced) and the papers' setting."""
     presets = pack("model_patches.presets").VALUES
     ar_cache, fc, mc = pack("model_patches.ar_cache"), pack("cache_core.flowcache_policy"), pack("cache_core.motioncache_policy")
-    fthr, fatt = presets["flowcache"]["raw"]["balanced"]
-    mthr, matt = presets["motioncache"]["raw"]["balanced"]
+    f = presets["flowcache"]["raw"]["balanced"]
+    m_ = presets["motioncache"]["raw"]["balanced"]
 
-    def flow(thr, attention):
-        return lambda m: ar_cache.apply_flowcache(m, fc.FlowCacheConfig(rel_l1_thresh=thr, coefficients="none"),
-                                                  attention=attention)
+    def flow(thr, attention, order=0):
+        return lambda m: ar_cache.apply_flowcache(m, fc.FlowCacheConfig(rel_l1_thresh=thr, coefficients="none",
+                                                                        predict_order=order), attention=attention)
 
-    def motion(thr, attention):
-        return lambda m: ar_cache.apply_motioncache(m, mc.MotionCacheConfig(threshold=thr, coefficients="none"), attention)
-    return [("uncached", None, 0.0), (f"FlowCache balanced ({fatt} {fthr:g})", flow(fthr, fatt), 0.0),
-            (f"MotionCache balanced ({matt} {mthr:g})", motion(mthr, matt), 0.0),
+    def motion(thr, attention, order=0):
+        return lambda m: ar_cache.apply_motioncache(m, mc.MotionCacheConfig(threshold=thr, coefficients="none",
+                                                                            predict_order=order), attention)
+    return [("uncached", None, 0.0), (f"FlowCache balanced ({label(f)})", flow(f.threshold, f.attention, f.predict_order), 0.0),
+            (f"MotionCache balanced ({label(m_)})", motion(m_.threshold, m_.attention, m_.predict_order), 0.0),
             ("FlowCache chunk_causal 0.1 (papers')", flow(0.1, "chunk_causal"), 0.0),
             (f"uncached + anchor {ANCHOR:g}", None, ANCHOR),
-            (f"FlowCache balanced + anchor {ANCHOR:g}", flow(fthr, fatt), ANCHOR)]
+            (f"FlowCache balanced + anchor {ANCHOR:g}", flow(f.threshold, f.attention, f.predict_order), ANCHOR)]
+
+
+def label(setting) -> str:
+    """A preset's setting in a row label: attention, threshold and, where it predicts, its order."""
+    return f"{setting.attention} {setting.threshold:g}" + (f", predicting {setting.predict_order}"
+                                                           if setting.predict_order else "")
 
 
 def magi_methods():
     presets = pack("model_patches.presets").VALUES
     ar_cache, fc, mc = pack("model_patches.ar_cache"), pack("cache_core.flowcache_policy"), pack("cache_core.motioncache_policy")
-    fthr = presets["flowcache"]["magi"]["quality"][0]
-    mthr = presets["motioncache"]["magi"]["quality"][0]
-    flow = lambda m: ar_cache.apply_flowcache(m, fc.FlowCacheConfig(rel_l1_thresh=fthr, warmup_steps=2,  # noqa: E731
-                                                                     coefficients="none"))
+    f = presets["flowcache"]["magi"]["quality"]
+    m_ = presets["motioncache"]["magi"]["quality"]
+    flow = lambda m: ar_cache.apply_flowcache(m, fc.FlowCacheConfig(  # noqa: E731
+        rel_l1_thresh=f.threshold, warmup_steps=2, coefficients="none", predict_order=f.predict_order))
     motion = lambda m: ar_cache.apply_motioncache(m, mc.MotionCacheConfig(  # noqa: E731
-        threshold=mthr, warmup_steps=2, phase1_updates=2, vote=0.0, min_update_ratio=0.0, motion_source="latents",
-        coefficients="none"))
-    return [("uncached", None, 0.0), (f"FlowCache quality ({fthr:g})", flow, 0.0),
-            (f"MotionCache quality ({mthr:g})", motion, 0.0), (f"uncached + anchor {ANCHOR:g}", None, ANCHOR)]
+        threshold=m_.threshold, warmup_steps=2, phase1_updates=2, vote=0.0, min_update_ratio=0.0, motion_source="latents",
+        coefficients="none", predict_order=m_.predict_order))
+    return [("uncached", None, 0.0), (f"FlowCache quality ({label(f)})", flow, 0.0),
+            (f"MotionCache quality ({label(m_)})", motion, 0.0), (f"uncached + anchor {ANCHOR:g}", None, ANCHOR)]
 
 
 def measure(frames: torch.Tensor, bounds: list[int]) -> dict:

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tools.inprocess import load_comfy, pack  # noqa: E402
 sys.path.insert(0, str(REPO / "bench"))
-from curves import interleaved  # noqa: E402
+from curves import interleaved, predict_order  # noqa: E402
 from tools.metrics import DISPLAY_SCALE, fidelity  # noqa: E402
 
 TOY_MAGI = REPO / "toy_world" / "weights" / "toy_magi1.safetensors"
@@ -36,7 +36,8 @@ TOY_MAGI = REPO / "toy_world" / "weights" / "toy_magi1.safetensors"
 # larger step-to-step changes at 16 steps; "restructure" is FlowCache's chunk-wise run without
 # skipping, the threshold-0 point of both curves.
 SETTINGS = [("restructure", None), *[("flowcache", t) for t in (0.01, 0.02, 0.05, 0.1, 0.2)],
-            *[("motioncache", t) for t in (0.01, 0.02, 0.05, 0.1, 0.2)]]
+            *[("motioncache", t) for t in (0.01, 0.02, 0.05, 0.1, 0.2)],
+            *[("flowcache_predict", t) for t in (0.05, 0.1, 0.2)], *[("motioncache_predict", t) for t in (0.05, 0.1, 0.2)]]
 
 
 def magi_frames(video: torch.Tensor, scale: float) -> torch.Tensor:
@@ -53,11 +54,13 @@ def patched(model, method: str, thr):
     if method == "restructure":
         return arc.apply_flowcache(model, fc.FlowCacheConfig(rel_l1_thresh=0.0, warmup_steps=2, coefficients="none"),
                                    skip=False)
-    if method == "flowcache":
-        return arc.apply_flowcache(model, fc.FlowCacheConfig(rel_l1_thresh=thr, warmup_steps=2, coefficients="none"))
+    order = predict_order(method)
+    if method.startswith("flowcache"):
+        return arc.apply_flowcache(model, fc.FlowCacheConfig(rel_l1_thresh=thr, warmup_steps=2, coefficients="none",
+                                                             predict_order=order))
     return arc.apply_motioncache(model, mc.MotionCacheConfig(threshold=thr, warmup_steps=2, phase1_updates=2, vote=0.0,
                                                              min_update_ratio=0.0, motion_source="latents",
-                                                             coefficients="none"))
+                                                             coefficients="none", predict_order=order))
 
 
 def run_once(model, job: dict):

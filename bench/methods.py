@@ -1,8 +1,9 @@
 """The caches the bench compares, applied to a loaded toy SkyReels-V2-DF model, and one timed run.
 
 Every cache runs with its node's defaults (the papers' 50-step settings: FlowCache warm-up 5 and
-1 final step, MotionCache warm-up 4 and 6 chunk-wise updates) and only the threshold varies, so a
-curve point is what a user gets from the node at that threshold. `coefficients="none"`: the toy's
+1 final step, MotionCache warm-up 4 and 6 chunk-wise updates) and only the threshold varies (the
+`_predict` series: predict_order 1, every skipped step predicted), so a curve point is what a user
+gets from the node at that threshold. `coefficients="none"`: the toy's
 size has no fitted polynomial (auto would pick none too).
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import threading
 import time
 
-from curves import MODES
+from curves import MODES, predict_order
 from tools.inprocess import load_comfy, pack
 
 load_comfy()
@@ -44,11 +45,11 @@ def with_method(model, method: str, thr: float | None):
         return model
     if method == "easycache":
         return EasyCacheNode.execute(model, thr, 0.15, 0.95, False).result[0]
-    attention = MODES[method]
+    attention, order = MODES[method], predict_order(method)
     if method.startswith("motioncache"):
-        cfg = motioncache_policy.MotionCacheConfig(threshold=thr, coefficients="none")
+        cfg = motioncache_policy.MotionCacheConfig(threshold=thr, coefficients="none", predict_order=order)
         return ar_cache.apply_motioncache(model, cfg, attention)
-    cfg = flowcache_policy.FlowCacheConfig(rel_l1_thresh=thr or 0.0, coefficients="none")
+    cfg = flowcache_policy.FlowCacheConfig(rel_l1_thresh=thr or 0.0, coefficients="none", predict_order=order)
     m = ar_cache.apply_flowcache(model, cfg, skip=method != "chunk_causal", attention=attention)
     if method == "teacache_window":   # our wrapper must run outside FlowCache's
         dm_type = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL

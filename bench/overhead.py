@@ -1,7 +1,8 @@
 """Where a cached run's time goes besides the transformer: the executor's own bookkeeping.
 
-One FlowCache run under cProfile; for each piece of the executor (the policy's decision per
-chunk, the K/V store's writes and its gathers of the visible history) it reports calls, mean
+One FlowCache run under cProfile (reusing, and predicting at first order); for each piece of the
+executor (the policy's decision per chunk, the skipped step's reuse or prediction and the cached
+outputs it keeps, the K/V store's writes and its gathers of the visible history) it reports calls, mean
 microseconds per call and the share of the run's wall time. The profiler slows Python calls, so
 the shares are upper bounds.
 """
@@ -12,6 +13,8 @@ import pstats
 import time
 
 PIECES = {"chunk decision": ("flowcache_policy.py", "decide"),
+          "skipped step: reuse or predict": ("predict.py", "estimate"),
+          "cached output kept": ("predict.py", "push"),
           "change indicator": ("wan.py", "indicators"),
           "K/V write": ("kv_store.py", "write"),
           "K/V gather (visible history)": ("kv_store.py", "visible"),

@@ -19,6 +19,8 @@ STYLE = {"flowcache": ("tab:red", "o", "-"), "flowcache_bidir": ("tab:orange", "
          "motioncache": ("tab:purple", "s", "-"), "motioncache_bidir": ("tab:pink", "s", "--"),
          "easycache": ("tab:blue", "^", "-"), "teacache_window": ("tab:green", "v", "-"),
          "magi_flowcache": ("tab:red", "o", "-"), "magi_motioncache": ("tab:purple", "s", "-")}
+STYLE.update({f"{m}_predict": (colour, "D", ":" if ls == "-" else "-.") for m, (colour, _, ls) in list(STYLE.items())
+              if "cache" in m and not m.startswith(("easy", "teacache"))})
 PSNR_SHOWN_MAX = 50.0     # identical runs (99 dB) are drawn at the top of the axis
 
 

@@ -161,7 +161,7 @@ def write_outputs(random_rows: list[dict], curve_rows: list[dict], magi_rows: li
         + f"\n\nFigures: latest.png ({main_steps} steps), curves_psnr_db.png, curves_ssim.png, curves_st_lpips.png, "
           "curves_flicker_ratio.png, curves_steps.png.\n\n## Every curve point (toy SkyReels-V2-DF)\n\n"
         + curves.curve_table(curve_rows)
-        + "\n\n## Executor overhead (one FlowCache 0.1 run under cProfile, toy SkyReels-V2-DF)\n\n"
+        + "\n\n## Executor overhead (FlowCache 0.1 runs under cProfile, reusing and predicting, toy SkyReels-V2-DF)\n\n"
         + "\n\n".join(f"{k}:\n\n" + overhead.table(v) for k, v in meta.get("executor_overhead", {}).items())
         + "\n\n## Toy MAGI-1\n\n" + meta.get("magi_job", "") + "\n\n" + magi_table(magi_rows)
         + "\n\n## Tiny random-weights model (numbers only: random weights say nothing about quality)\n\n"
@@ -171,7 +171,8 @@ def write_outputs(random_rows: list[dict], curve_rows: list[dict], magi_rows: li
     if magi_rows:
         panels[meta.get("magi_title", "toy MAGI-1")] = {f"magi_{m}": sorted(
             (r for r in magi_rows if r["method"] in (m, "restructure")), key=lambda r: r["threshold"])
-                                                         for m in ("flowcache", "motioncache")}
+                                                         for m in ("flowcache", "motioncache", "flowcache_predict",
+                                                                   "motioncache_predict")}
     plots.measure_figures(panels, out)
     steps_list = sorted({r["steps"] for r in curve_rows})
     plots.steps_figure({s: {m: curves.series_of(curve_rows, m, s) for m in curves.SERIES} for s in steps_list}, out)
@@ -257,8 +258,10 @@ def main() -> int:
     if TOY.exists():
         toy = load_unet(TOY)
         for size in ((128,) if a.quick else (128, 192)):
-            over[f"{size}px"] = overhead.measure(generate, with_method(toy, "flowcache", 0.1), job_for(headline_steps, size))
-            print(f"executor overhead at {size} px:\n" + overhead.table(over[f"{size}px"]), flush=True)
+            for method in ("flowcache", "flowcache_predict"):
+                key = f"{size}px" + (", predicting" if method.endswith("_predict") else "")
+                over[key] = overhead.measure(generate, with_method(toy, method, 0.1), job_for(headline_steps, size))
+                print(f"executor overhead, {key}:\n" + overhead.table(over[key]), flush=True)
     import magi as magi_bench                               # bench/magi.py: the caches on the toy MAGI-1
     magi_rows, magi_meta = magi_bench.bench(quick=a.quick) if magi_bench.TOY_MAGI.exists() else ([], {})
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "repeats": 1 if a.quick else a.repeats,

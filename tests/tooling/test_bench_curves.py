@@ -106,3 +106,21 @@ def test_the_choice_is_by_flops_and_ignores_wall_time():
     tie = row(0.05, 0.6, 2.0, 33.0)                   # same FLOPs, better fidelity
     assert curves.by_flops([fast_wall, cheap, tie], "same") is tie
     assert curves.by_flops([], "same") is None
+
+
+def test_a_predicting_series_can_win_a_preset_and_the_preset_carries_its_order():
+    def row(method, thr, flops, bidir_lpips):       # at equal FLOPs, the better fidelity wins
+        r = _row(method, thr, flops, 99.0, flops=flops)
+        r["bidir"] = dict(r["bidir"], st_lpips=bidir_lpips, psnr_db=40.0 - 50 * bidir_lpips)
+        return r
+    rows = [_row("uncached", 0.0, 1.0, 99.0), row("chunk_causal", 0.0, 0.8, 0.3),
+            row("flowcache_bidir", 0.05, 0.84, 0.12), row("flowcache_bidir_predict", 0.05, 0.84, 0.01),
+            row("flowcache_bidir", 0.1, 0.7, 0.3), row("flowcache_bidir_predict", 0.1, 0.7, 0.15)]
+    g = {(x["node"], x["preset"]): x for x in curves.guide(rows, 20)}
+    assert (g[("FlowCache", "quality")]["threshold"], g[("FlowCache", "quality")]["predict_order"]) == (0.05, 1)
+    assert (g[("FlowCache", "balanced")]["threshold"], g[("FlowCache", "balanced")]["predict_order"]) == (0.1, 1)
+    values = curves.preset_values(curves.guide(rows, 20))["flowcache"]
+    assert values["quality"] == (0.05, "bidirectional", 1, 0.0)
+    assert values["fast"] == values["balanced"] == (0.1, "bidirectional", 1, 0.0)
+    assert "| 1 |" in curves.guide_table(curves.guide(rows, 20))
+    assert curves.predict_order("motioncache_predict") == 1 and curves.predict_order("motioncache") == 0
