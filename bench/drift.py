@@ -43,18 +43,21 @@ def df_methods():
     f = presets["flowcache"]["raw"]["balanced"]
     m_ = presets["motioncache"]["raw"]["balanced"]
 
-    def flow(thr, attention, order=0):
-        return lambda m: ar_cache.apply_flowcache(m, fc.FlowCacheConfig(rel_l1_thresh=thr, coefficients="none",
-                                                                        predict_order=order), attention=attention)
+    def flow(s):
+        return lambda m: ar_cache.apply_flowcache(m, fc.FlowCacheConfig(
+            rel_l1_thresh=s.threshold, coefficients="none", predict_order=s.predict_order, reuse_thresh=s.reuse_thresh),
+            attention=s.attention)
 
-    def motion(thr, attention, order=0):
-        return lambda m: ar_cache.apply_motioncache(m, mc.MotionCacheConfig(threshold=thr, coefficients="none",
-                                                                            predict_order=order), attention)
-    return [("uncached", None, 0.0), (f"FlowCache balanced ({label(f)})", flow(f.threshold, f.attention, f.predict_order), 0.0),
-            (f"MotionCache balanced ({label(m_)})", motion(m_.threshold, m_.attention, m_.predict_order), 0.0),
-            ("FlowCache chunk_causal 0.1 (papers')", flow(0.1, "chunk_causal"), 0.0),
+    def motion(s):
+        return lambda m: ar_cache.apply_motioncache(m, mc.MotionCacheConfig(
+            threshold=s.threshold, coefficients="none", predict_order=s.predict_order, reuse_thresh=s.reuse_thresh),
+            s.attention)
+    papers = type(f)(0.1, "chunk_causal")
+    return [("uncached", None, 0.0), (f"FlowCache balanced ({label(f)})", flow(f), 0.0),
+            (f"MotionCache balanced ({label(m_)})", motion(m_), 0.0),
+            ("FlowCache chunk_causal 0.1 (papers')", flow(papers), 0.0),
             (f"uncached + anchor {ANCHOR:g}", None, ANCHOR),
-            (f"FlowCache balanced + anchor {ANCHOR:g}", flow(f.threshold, f.attention, f.predict_order), ANCHOR)]
+            (f"FlowCache balanced + anchor {ANCHOR:g}", flow(f), ANCHOR)]
 
 
 def label(setting) -> str:
@@ -69,10 +72,11 @@ def magi_methods():
     f = presets["flowcache"]["magi"]["quality"]
     m_ = presets["motioncache"]["magi"]["quality"]
     flow = lambda m: ar_cache.apply_flowcache(m, fc.FlowCacheConfig(  # noqa: E731
-        rel_l1_thresh=f.threshold, warmup_steps=2, coefficients="none", predict_order=f.predict_order))
+        rel_l1_thresh=f.threshold, warmup_steps=2, coefficients="none", predict_order=f.predict_order,
+        reuse_thresh=f.reuse_thresh))
     motion = lambda m: ar_cache.apply_motioncache(m, mc.MotionCacheConfig(  # noqa: E731
         threshold=m_.threshold, warmup_steps=2, phase1_updates=2, vote=0.0, min_update_ratio=0.0, motion_source="latents",
-        coefficients="none", predict_order=m_.predict_order))
+        coefficients="none", predict_order=m_.predict_order, reuse_thresh=m_.reuse_thresh))
     return [("uncached", None, 0.0), (f"FlowCache quality ({label(f)})", flow, 0.0),
             (f"MotionCache quality ({label(m_)})", motion, 0.0), (f"uncached + anchor {ANCHOR:g}", None, ANCHOR)]
 

@@ -230,8 +230,10 @@ class ChunkExecutor:
         if local is None:
             return
         self._local_steps[(branch, g)] = local + 1
-        if local + 1 >= steps and not self.bidirectional:
-            self.store.freeze(branch, g)
+        if local + 1 >= steps:               # finished: never asked again, its cached outputs go
+            self.step.outputs.forget(branch, g)
+            if not self.bidirectional:
+                self.store.freeze(branch, g)
 
     # -- one model call ------------------------------------------------------------------------------
     def forward(self, adapter: ChunkAdapter, call: ChunkCall, record: Optional[StepRecord], branches: dict,

@@ -85,9 +85,9 @@ class FlowCacheConfig:
 
     def __post_init__(self):
         require_finite("rel_l1_thresh", self.rel_l1_thresh)
-        check_prediction(self.predict_order, self.reuse_thresh, self.rel_l1_thresh, "rel_l1_thresh")
         if self.rel_l1_thresh < 0:
             raise InputError("rel_l1_thresh", f"must be >= 0, got {self.rel_l1_thresh}")
+        check_prediction(self.predict_order, self.reuse_thresh, self.rel_l1_thresh, "rel_l1_thresh")
         if self.warmup_steps < 0 or self.final_steps < 0:
             raise InputError("warmup_steps", "warmup_steps and final_steps must be >= 0")
         if self.chunk_frames < 1:

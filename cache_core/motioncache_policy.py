@@ -78,9 +78,9 @@ class MotionCacheConfig:
 
     def __post_init__(self):
         require_finite("threshold", self.threshold)
-        check_prediction(self.predict_order, self.reuse_thresh, self.threshold, "threshold")
         if not self.threshold >= 0:
             raise InputError("threshold", f"must be >= 0, got {self.threshold}")
+        check_prediction(self.predict_order, self.reuse_thresh, self.threshold, "threshold")
         if self.warmup_steps < 0:
             raise InputError("warmup_steps", "must be >= 0")
         if self.phase1_updates < 0:

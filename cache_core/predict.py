@@ -144,8 +144,11 @@ class CachedOutputs:
         if predict is not True:
             order = torch.where(predict.cpu().bool(), order, torch.zeros_like(order))
         levels = item.levels
+        tol = 1e-9 * levels[0].abs().clamp_min(1.0)
         for j in range(1, len(levels)):             # points at one noise level cannot be fitted
-            same = (levels[j] - levels[j - 1]).abs() <= 1e-9 * levels[0].abs().clamp_min(1.0)
+            same = torch.zeros_like(order, dtype=torch.bool)
+            for m in range(j):
+                same |= (levels[j] - levels[m]).abs() <= tol
             order = torch.where((order >= j) & same, torch.full_like(order, j - 1), order)
         if not bool((order > 0).any()):
             return newest, 0

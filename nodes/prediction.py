@@ -13,6 +13,8 @@ def prediction_inputs(threshold: str) -> list:
                              "(the report's cached_outputs_bytes_peak). README: Predicting skipped steps."),
         io.Float.Input("reuse_thresh", default=0.0, min=0.0, max=5.0, step=0.005, optional=True,
                        tooltip=f"With predict_order 1 or 2, a skipped step reuses below this accumulated change and "
-                               f"predicts from it up to {threshold} (from {threshold} on, the chunk is recomputed): "
-                               f"0 predicts every skipped step. Must not exceed {threshold}."),
+                               f"predicts from it up to {threshold} (from {threshold} on, the chunk is recomputed; "
+                               f"MotionCache: the token, and tokens that reach it but are left out by voting or "
+                               f"min_update_ratio are predicted): 0 predicts every skipped step. Must not exceed "
+                               f"{threshold}."),
     ]

@@ -27,7 +27,8 @@ FAMILIES = ["skyreels", "magi_base", "magi_distill"]
 VOCABULARY = {"calls", "segments", "chunk_steps_computed", "chunk_steps_subset", "chunk_steps_skipped",
               "chunk_steps_history", "chunk_steps_frozen", "tokens_active", "tokens_computed", "transformer_flops",
               "transformer_flops_noskip", "transformer_flops_vanilla", "flops_saved_restructure",
-              "flops_saved_skipping", "token_fraction_computed", "kv_bytes_peak", "method"}
+              "flops_saved_skipping", "token_fraction_computed", "kv_bytes_peak", "method", "chunk_steps_predicted",
+              "tokens_predicted", "cached_outputs_bytes_peak"}
 
 
 def graph(family: str, cache: dict | None, seed: int = 1, long: bool = False):
@@ -110,7 +111,8 @@ PREDICT = LOOSE
 @pytest.mark.parametrize("family", ["skyreels", "magi_base"])     # MAGI-1 base: three guidance branches
 def test_predicted_skips_extrapolate_and_equal_thresholds_predict_nothing(comfy, family, method):
     """predict_order 1 extrapolates skipped steps (counted, with the extra history accounted);
-    reuse_thresh at the recompute threshold reuses every skip: bit-identical to order 0."""
+    reuse_thresh at the recompute threshold reuses every skip: bit-identical to order 0 (MC has
+    voting and min_update_ratio off here; with them, tokens left out at the threshold are predicted)."""
     knob = "rel_l1_thresh" if method == "flowcache" else "threshold"
     reused, r0 = run(comfy, family, PREDICT[method], seed=3)
     predicted, r1 = run(comfy, family, dict(PREDICT[method], predict_order=1), seed=3)

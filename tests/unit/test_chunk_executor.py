@@ -215,3 +215,33 @@ def test_bidirectional_refuses_compression():
     from cache_core.kv_store import CompressConfig
     with pytest.raises(ValueError, match="kv_compress"):
         ChunkExecutor(ChunkPolicy(), compress=CompressConfig(), attention="bidirectional")
+
+
+class Levels(ChunkPolicy):
+    """Computes everything at order 1, so the step records each chunk's noise level."""
+    order = 1
+
+
+@pytest.mark.parametrize("attention", ["chunk_causal", "bidirectional"])
+def test_each_chunk_is_given_its_own_rows_timestep_as_its_noise_level(toy, attention):
+    """What predictions extrapolate over: the timestep of the chunk's first active frame, in the
+    branch's rows (rows of two branches here carry different timesteps)."""
+    x, _ = inputs(seed=11)
+    t = torch.tensor([[900.0, 800.0, 700.0, 600.0, 500.0], [901.0, 801.0, 701.0, 601.0, 501.0]])
+    act = [False, True, True, True, True]                # chunk 0 starts with a history frame
+    run = ChunkExecutor(Levels(), attention=attention)
+    seen = {}
+    push = run.step.outputs.push
+    run.step.outputs.push = lambda b, g, r, level, tokens=None: seen.setdefault((b, g), level) or push(b, g, r, level, tokens)
+    run.forward(toy, toy.embed(x, t), record(act, 0), branch_rows([0, 1], 2), 4)
+    # chunks of 2, 2, 1 frames; chunk 0's indicator frame is frame 1 (its first active one)
+    assert seen == {(0, 0): 800.0, (0, 1): 700.0, (0, 2): 500.0, (1, 0): 801.0, (1, 1): 701.0, (1, 2): 501.0}
+
+
+def test_a_finished_chunk_drops_its_cached_outputs(toy):
+    x, t = inputs(seed=12)
+    run = ChunkExecutor(Levels())
+    call_once(run, toy, x, t, record([True] * FRAMES, 0, steps=2))
+    assert run.step.outputs.has(0, 0)
+    call_once(run, toy, x, t, record([True] * FRAMES, 1, steps=2))     # every chunk's last step
+    assert run.step.outputs.items == {} and run.summary()["cached_outputs_bytes_peak"] > 0

@@ -125,3 +125,17 @@ def test_a_finished_chunk_is_forgotten_but_its_last_frame_serves_the_next():
     p.forget(0, 1)
     assert (0, 1) not in p.states and (0, 1) not in p.views
     assert (0, 1) in p.last_frames and (0, 0) not in p.last_frames   # chunk 2 still needs chunk 1's last frame
+
+
+def test_predicted_tokens_are_those_left_out_above_reuse_thresh():
+    """Three-way per token: updated tokens run, the others predict from reuse_thresh on, else reuse."""
+    cfg = MotionCacheConfig(threshold=0.3, warmup_steps=0, phase1_updates=0, vote=0.0, min_update_ratio=0.0,
+                            predict_order=1, reuse_thresh=0.1)
+    p = MotionCachePolicy(cfg)
+    acc = torch.linspace(0.0, 0.5, F * HW)
+    mask = p._predicted(acc.clone(), acc >= 0.3)
+    assert torch.equal(mask, (acc >= 0.1) & (acc < 0.3))
+    assert p._predicted(acc.clone()) is not True and torch.equal(p._predicted(acc.clone()), acc >= 0.1)
+    assert p._predicted(torch.full((F * HW,), 0.2)) is True
+    assert p._predicted(torch.full((F * HW,), 0.05)) is None
+    assert MotionCachePolicy(MotionCacheConfig(threshold=0.3))._predicted(acc) is None   # order 0: never

@@ -90,6 +90,16 @@ def test_points_at_one_noise_level_are_not_fitted():
     assert torch.equal(got, H_IN + (poly(800.0, 1) + H_IN - H_IN))      # order 0 only
 
 
+def test_a_repeated_level_two_points_back_lowers_the_order_too():
+    step = ChunkStep(Order(2))
+    computed(step, [800.0, 900.0, 800.0], 1)      # levels went back up: points 0 and 2 coincide
+    got = step.apply(0, 0, PREDICT, H_IN, None, level=700.0)
+    assert torch.isfinite(got).all()
+    s0, s1 = 800.0, 900.0                          # order 1 through the newest two
+    lin = poly(s0, 1) + (poly(s0, 1) - poly(s1, 1)) * (700.0 - s0) / (s0 - s1)
+    torch.testing.assert_close(got, H_IN + lin, rtol=1e-12, atol=1e-12)
+
+
 def test_reach_is_bounded_by_the_span_of_the_points():
     step = ChunkStep(Order(1))
     computed(step, [1000.0, 990.0], 1)            # span 10
