@@ -75,6 +75,27 @@ def stalled(walls: list[float]) -> list[int]:
     return [i for i, w in enumerate(walls) if w > STALL_FACTOR * median]
 
 
+def flag_stalled_cached(rows: list[dict]) -> list[dict]:
+    """Cached runs another job stalled: wall ratio per FLOP ratio over STALL_FACTOR times the median
+    of its step count's cached runs. They get `wall_stalled` (their wall figures are not shown; their
+    FLOPs and fidelity are deterministic and still count). Returns them."""
+    found = []
+    for steps in sorted({r["steps"] for r in rows}):
+        cached = [r for r in rows if r["steps"] == steps and r["method"] != "uncached"]
+        if not cached:
+            continue
+        median = statistics.median(r["wall_ratio"] / r["flops_ratio"] for r in cached)
+        for r in cached:
+            r["wall_stalled"] = r["wall_ratio"] / r["flops_ratio"] > STALL_FACTOR * median
+            if r["wall_stalled"]:
+                found.append(r)
+    return found
+
+
+def wall_text(row: dict, speedup: float) -> str:
+    return "stalled" if row.get("wall_stalled") else f"{speedup:.2f}x"
+
+
 def interleaved(settings, run_cached, run_uncached, first_uncached_wall: float):
     """Run every setting once, an uncached run after every two and after the last.
     run_cached(setting) -> (result, wall s); run_uncached() -> wall s. Returns
@@ -168,7 +189,8 @@ def headline(rows: list[dict], floor_db: float, reference: str = "same") -> list
             best = by_flops(ok, reference)
             out.append({"method": method, "steps": steps, "floor_db": floor_db, "reference": reference,
                         "threshold": best and (best["threshold"] if best["method"] == method else 0.0),
-                        "wall_speedup": best and 1 / best["wall_ratio"],
+                        "wall_speedup": best and 1 / best["wall_ratio"], "wall_stalled": bool(best and best.get("wall_stalled")),
+                        "wall_stalled": bool(best and best.get("wall_stalled")),
                         "wall_speedup_spread": best and best.get("wall_ratio_spread") and
                         sorted(1 / w for w in best["wall_ratio_spread"]),
                         "flop_speedup": best and 1 / best["flops_ratio"],
@@ -191,8 +213,8 @@ def headline_table(rows: list[dict]) -> str:
             for s in steps:
                 h = best[(method, s)]
                 exact = h["threshold"] == 0.0 and MODES[method] == "bidirectional"   # chunk-causal: its own run
-                spread = h.get("wall_speedup_spread")
-                wall = f"{h['wall_speedup']:.2f}x" + (f" [{spread[0]:.2f}-{spread[1]:.2f}]" if spread else "")
+                spread = None if h.get("wall_stalled") else h.get("wall_speedup_spread")
+                wall = wall_text(h, h["wall_speedup"]) + (f" [{spread[0]:.2f}-{spread[1]:.2f}]" if spread else "")
                 cells.append("exact run only (1.00x)" if exact else
                              f"{wall} ({h['flop_speedup']:.2f}x) @ {h['threshold']:g}")
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
@@ -208,6 +230,8 @@ def curve_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         vals = [r[c] for c in cols] + [r[ref][m] for ref in ("same", "bidir") for m in meas] + [r["token_fraction"]]
+        if r.get("wall_stalled"):
+            vals[cols.index("wall_ratio")] = "stalled"
         lines.append("| " + " | ".join(fmt(v) for v in vals) + " |")
     return "\n".join(lines)
 
@@ -258,7 +282,7 @@ def magi_guide(rows: list[dict], ceilings=GUIDE_CEILINGS) -> list[dict]:
 def _guide_row(node, preset, ceiling, steps, best, attention, reference):
     return {"node": node, "preset": preset, "lpips_ceiling": ceiling, "steps": steps, "attention": attention,
             "threshold": best and best["threshold"], "predict_order": best and predict_order(best["method"]),
-            "wall_speedup": best and 1 / best["wall_ratio"],
+            "wall_speedup": best and 1 / best["wall_ratio"], "wall_stalled": bool(best and best.get("wall_stalled")),
             "flop_speedup": best and 1 / best["flops_ratio"], "fidelity": best and best[reference]}
 
 
@@ -273,7 +297,7 @@ def guide_table(entries: list[dict]) -> str:
             continue
         f = g["fidelity"]
         lines.append(f"{head} | {g['attention']} | {g['threshold']:g} | {g.get('predict_order') or 0} | "
-                     f"{g['wall_speedup']:.2f}x | "
+                     f"{wall_text(g, g['wall_speedup'])} | "
                      f"{g['flop_speedup']:.2f}x | {f['psnr_db']:.1f} | {f['ssim']:.3f} | {f['st_lpips']:.3f} | "
                      f"{f['flicker_ratio'] or 0:.2f} |")
     return "\n".join(lines)

@@ -33,6 +33,8 @@ def _panel(ax, curves: dict, measure: str, ratio: str, title: str) -> None:
     ax.axhline(1.0, color="0.8", lw=0.8)
     for method, pts in curves.items():
         colour, marker, ls = STYLE[method]
+        if ratio == "wall_ratio":             # a run another job stalled has no meaningful wall time
+            pts = [p for p in pts if not p.get("wall_stalled")]
         xs, ys = [_x(p, measure) for p in pts], [p[ratio] for p in pts]
         ax.plot(xs, ys, color=colour, marker=marker, ls=ls, ms=4, lw=1.3, label=LABELS.get(method, method))
         for p, x, y in zip(pts, xs, ys):

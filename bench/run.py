@@ -118,18 +118,24 @@ def bench_streaming(unet: Path, vae_path: Path, out_dir: Path) -> list[dict]:
 
 
 def stall_note(curve_rows: list[dict]) -> str:
+    cached = curves.flag_stalled_cached(curve_rows)
+    note = "" if not cached else (
+        f" A cached run whose wall/FLOP ratio is over {curves.STALL_FACTOR:g}x its step count's median stalled too; "
+        "its wall figures read `stalled` (its FLOPs and fidelity stand): " + ", ".join(
+            f"{r['steps']} steps {r['method']} {r['threshold']:g}" for r in cached) + ".")
     stalls = {r["steps"]: r.get("stalled_uncached_s") for r in curve_rows if r["method"] == "uncached"}
     if any(v is None for v in stalls.values()):
-        return "these results predate stall detection."
+        return "these results predate stall detection." + note
     found = {k: v for k, v in stalls.items() if v}
     if not found:
-        return "none stalled in this run."
-    return "stalled and re-timed: " + "; ".join(f"{k} steps: " + ", ".join(f"{w:.1f} s" for w in v)
+        return "none stalled in this run." + note
+    return note + " Uncached runs stalled and re-timed: " + "; ".join(f"{k} steps: " + ", ".join(f"{w:.1f} s" for w in v)
                                                  for k, v in sorted(found.items())) + "."
 
 
 def write_outputs(random_rows: list[dict], curve_rows: list[dict], magi_rows: list[dict], meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    curves.flag_stalled_cached(curve_rows)          # before anything shows a wall figure
     heads = {f"{f:g}dB": curves.headline(curve_rows, f) for f in curves.FLOORS_DB}
     (out / "latest.json").write_text(json.dumps({"meta": meta, "curves": curve_rows, "headline": heads,
                                                  "guide": curves.guide(curve_rows, meta["headline_steps"]),

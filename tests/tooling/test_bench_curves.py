@@ -124,3 +124,14 @@ def test_a_predicting_series_can_win_a_preset_and_the_preset_carries_its_order()
     assert values["fast"] == values["balanced"] == (0.1, "bidirectional", 1, 0.0)
     assert "| 1 |" in curves.guide_table(curves.guide(rows, 20))
     assert curves.predict_order("motioncache_predict") == 1 and curves.predict_order("motioncache") == 0
+
+
+def test_a_stalled_cached_run_shows_no_wall_figure_but_still_counts():
+    rows = [_row("uncached", 0.0, 1.0, 99.0), _row("chunk_causal", 0.0, 1.0, 99.0, flops=0.8),
+            _row("flowcache", 0.05, 0.7, 34.0, flops=0.6), _row("flowcache", 0.1, 3.0, 31.0, flops=0.5),
+            _row("flowcache", 0.2, 0.45, 24.0, flops=0.4)]
+    stalled = curves.flag_stalled_cached(rows)
+    assert [r["threshold"] for r in stalled] == [0.1]               # 6x its FLOP ratio; the others ~1.1-1.25x
+    best = {h["method"]: h for h in curves.headline(rows, 30.0)}["flowcache"]
+    assert best["threshold"] == 0.1 and best["wall_stalled"]       # chosen by FLOPs all the same
+    assert "stalled" in curves.headline_table(rows) and "stalled" in curves.curve_table(rows)
