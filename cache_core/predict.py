@@ -48,13 +48,14 @@ def check_prediction(order: int, reuse_thresh: float, thresh: float, thresh_name
 class History:
     """One chunk's last outputs, newest first: values[j] [rows, L, C], levels[j] [L] (CPU float64)."""
 
-    __slots__ = ("values", "levels", "count")
+    __slots__ = ("values", "levels", "count", "shared")
 
     def __init__(self, residual: torch.Tensor, level: float):
         n = residual.shape[1]
         self.values = [residual]
         self.levels = [torch.full((n,), float(level), dtype=torch.float64)]
         self.count = torch.ones(n, dtype=torch.int64)
+        self.shared = [float(level)]     # the slots' levels while every token has the same (no subset yet)
 
     def push(self, residual: torch.Tensor, level: float, tokens: Optional[torch.Tensor], slots: int) -> None:
         if tokens is None:
@@ -62,7 +63,10 @@ class History:
             self.levels.insert(0, torch.full((residual.shape[1],), float(level), dtype=torch.float64))
             del self.values[slots:], self.levels[slots:]
             self.count.add_(1).clamp_(max=slots)
+            if self.shared is not None:
+                self.shared = [float(level)] + self.shared[:slots - 1]
             return
+        self.shared = None
         if len(self.values) < slots:     # room for one more point: a new slot, the others' tokens copied
             self.values.append(self.values[-1].clone())
             self.levels.append(self.levels[-1].clone())
@@ -140,6 +144,8 @@ class CachedOutputs:
         newest = item.values[0]
         if self.order == 0 or predict is None or predict is False or len(item.values) < 2:
             return newest, 0
+        if predict is True and item.shared is not None:
+            return self._estimate_shared(item, level)
         order = (item.count - 1).clamp(max=self.order)
         if predict is not True:
             order = torch.where(predict.cpu().bool(), order, torch.zeros_like(order))
@@ -166,3 +172,30 @@ class CachedOutputs:
             term = value.to(dtype) * wj
             out = term if out is None else out + term
         return out.to(newest.dtype), int((order > 0).sum())
+
+    def _estimate_shared(self, item: History, level: float) -> tuple[torch.Tensor, int]:
+        """`estimate` for a chunk whose tokens share their points (FlowCache; MotionCache before its
+        first subset): the same arithmetic on scalars, without per-token tensors (bit-identical)."""
+        lv, newest = item.shared, item.values[0]
+        order = min(self.order, len(lv) - 1)
+        tol = 1e-9 * max(abs(lv[0]), 1.0)
+        for j in range(1, len(lv)):
+            if order >= j and any(abs(lv[j] - lv[m]) <= tol for m in range(j)):
+                order = j - 1
+        if order == 0:
+            return newest, 0
+        span, gap = abs(lv[0] - lv[order]), level - lv[0]
+        direction = (gap > 0) - (gap < 0)
+        at = lv[0] + direction * min(abs(gap), REACH * span)
+        dtype = torch.promote_types(newest.dtype, torch.float32)
+        out = None
+        for j, value in enumerate(item.values):
+            w = 0.0
+            if j <= order:
+                w = 1.0
+                for m in range(order + 1):
+                    if m != j:
+                        w = w * (at - lv[m]) / (lv[j] - lv[m])
+            term = value.to(dtype) * torch.tensor(w, dtype=torch.float64).to(device=newest.device, dtype=dtype)
+            out = term if out is None else out + term
+        return out.to(newest.dtype), newest.shape[1]

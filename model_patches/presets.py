@@ -1,4 +1,4 @@
-"""The cache nodes' `preset` input: a threshold and attention mode per target fidelity.
+"""The cache nodes' `preset` input: a threshold, attention mode and prediction per target fidelity.
 
 Which values apply depends on how the model's change indicator is scaled:
 - `fitted`: a SkyReels-V2-DF 1.3B/14B model with the reference's fitted polynomial (coefficients
@@ -8,7 +8,7 @@ Which values apply depends on how the model's change indicator is scaled:
 - `raw`: any Wan model without a fitted polynomial (the indicator is the plain relative change),
   and `magi`: MAGI-1. These come from `make bench`'s guide on the toy models at 30 steps (toy
   MAGI-1: 16) (bench/results/latest.md, bench/curves.py `guide`): the setting with the fewest
-  FLOPs, saving at least 5% of them, whose ST-LPIPS to the uncached video stays within 0.1
+  FLOPs, saving at least 5% of them (reusing or predicting skipped steps), whose ST-LPIPS to the uncached video stays within 0.1
   (`quality`), 0.2 (`balanced`) or 0.35 (`fast`) (FLOPs, not wall time: a rerun chooses the same). Where nothing qualifies, the preset falls back
   to the stricter preset's value, and `quality` to threshold 0 (nothing skipped; bidirectional on Wan).
 """
@@ -40,15 +40,15 @@ _FITTED = {"quality": Setting(0.1, "chunk_causal"), "balanced": Setting(0.125, "
 VALUES = {
     "flowcache": {
         "fitted": _FITTED,
-        "raw": {"quality": Setting(0.0, "bidirectional"), "balanced": Setting(0.2, "bidirectional"),
-                "fast": Setting(0.2, "bidirectional")},
-        "magi": {"quality": Setting(0.1, "chunk_causal"), "balanced": Setting(0.2, "chunk_causal"),
+        "raw": {"quality": Setting(0.05, "bidirectional", 1), "balanced": Setting(0.2, "bidirectional", 1),
+                "fast": Setting(0.2, "bidirectional", 1)},
+        "magi": {"quality": Setting(0.1, "chunk_causal", 1), "balanced": Setting(0.2, "chunk_causal"),
                  "fast": Setting(0.2, "chunk_causal")},
     },
     "motioncache": {
         "fitted": _FITTED,
-        "raw": {"quality": Setting(0.0, "bidirectional"), "balanced": Setting(0.2, "bidirectional"),
-                "fast": Setting(0.2, "bidirectional")},
+        "raw": {"quality": Setting(0.05, "bidirectional", 1), "balanced": Setting(0.2, "bidirectional", 1),
+                "fast": Setting(0.2, "bidirectional", 1)},
         "magi": {"quality": Setting(0.1, "chunk_causal"), "balanced": Setting(0.2, "chunk_causal"),
                  "fast": Setting(0.2, "chunk_causal")},
     },

@@ -209,3 +209,18 @@ def test_bad_prediction_settings_are_named(make):
         make(thresh=float("inf"))
     make(predict_order=0, reuse_thresh=0.5)      # no prediction: reuse_thresh is not read
     make(predict_order=2, reuse_thresh=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("levels", [[1000.0, 990.0, 700.0], [999.0, 995.0], [800.0, 800.0, 600.0], [900.0, 800.0, 700.0]])
+def test_the_shared_level_path_is_bit_identical_to_the_per_token_one(dtype, levels):
+    """FlowCache's chunks share one level per point: estimate takes a scalar path; an all-True
+    mask forces the per-token path on the same history."""
+    g = torch.Generator().manual_seed(len(levels))
+    out = CachedOutputs(2)
+    for level in levels:
+        out.push(0, 0, torch.randn(ROWS, TOKENS, C, generator=g).to(dtype), level)
+    for at in (650.0, 100.0, 995.0, 1200.0):
+        fast, n_fast = out.estimate(0, 0, at, True)
+        slow, n_slow = out.estimate(0, 0, at, torch.ones(TOKENS, dtype=torch.bool))
+        assert torch.equal(fast, slow) and n_fast == n_slow and fast.dtype == dtype
