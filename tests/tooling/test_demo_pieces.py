@@ -48,6 +48,7 @@ def test_prompts_keep_one_video_at_a_quarter_of_the_fps_and_the_cache_preset(com
     assert create["inputs"]["fps"] == demo.FPS / 4
     cache = next(n for n in prompt.values() if n["class_type"] == demo.CACHE_NODE)
     assert cache["inputs"]["preset"] == demo.CACHE_SETTINGS["preset"]
+    assert cache["inputs"]["predict_order"] == demo.CACHE_SETTINGS["predict_order"] == 1   # the demo predicts
     assert report["cache"]["method"] == "flowcache"
     import av
     save = next(k for k, v in prompt.items() if v["class_type"] == "SaveVideo")
