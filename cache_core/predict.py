@@ -82,24 +82,6 @@ class History:
         return sum(v.numel() * v.element_size() for v in self.values) + sum(s.numel() * 8 for s in self.levels)
 
 
-def lagrange_weights(levels: list, order: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """[K, L] weights of each token's points 0..order (newest first) for its value at `at` [L]."""
-    k = len(levels)
-    w = torch.zeros(k, at.numel(), dtype=torch.float64)
-    w[0] = 1.0
-    for o in range(1, int(order.max()) + 1):
-        sel = order == o
-        if not bool(sel.any()):
-            continue
-        for j in range(o + 1):
-            wj = torch.ones(int(sel.sum()), dtype=torch.float64)
-            for m in range(o + 1):
-                if m != j:
-                    wj = wj * (at[sel] - levels[m][sel]) / (levels[j][sel] - levels[m][sel])
-            w[j, sel] = wj
-    return w
-
-
 class CachedOutputs:
     """Every active chunk's cached outputs for one run, reused or predicted (module docstring)."""
 
@@ -108,17 +90,21 @@ class CachedOutputs:
             raise InputError("predict_order", f"{order!r}: choose 0, 1 or 2")
         self.order, self.slots = int(order), int(order) + 1
         self.items: dict = {}
+        self.bytes = 0          # held now (kept as items come and go, not summed per push)
         self.peak_bytes = 0
 
     def reset(self) -> None:
         self.items.clear()
+        self.bytes = 0
 
     def reset_branch(self, branch: int) -> None:
         for key in [k for k in self.items if k[0] == int(branch)]:
-            del self.items[key]
+            self.forget(*key)
 
     def forget(self, branch: int, chunk: int) -> None:
-        self.items.pop((int(branch), int(chunk)), None)
+        item = self.items.pop((int(branch), int(chunk)), None)
+        if item is not None:
+            self.bytes -= item.nbytes()
 
     def has(self, branch: int, chunk: int) -> bool:
         return (int(branch), int(chunk)) in self.items
@@ -128,74 +114,71 @@ class CachedOutputs:
         """A computed output: all of the chunk's tokens, or `tokens` of them (`residual` holds just those)."""
         key = (int(branch), int(chunk))
         item = self.items.get(key)
+        before = 0 if item is None else item.nbytes()
         if item is None or (tokens is None and item.values[0].shape != residual.shape):
             if tokens is not None:
                 raise RuntimeError("a token subset was computed before the chunk's first full step")
-            self.items[key] = History(residual, level)
+            item = self.items[key] = History(residual, level)
         else:
             item.push(residual, level, tokens, self.slots)
-        self.peak_bytes = max(self.peak_bytes, sum(h.nbytes() for h in self.items.values()))
+        self.bytes += item.nbytes() - before
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
 
     def estimate(self, branch: int, chunk: int, level: float, predict=None) -> tuple[torch.Tensor, int]:
         """The chunk's output at noise level `level` without running it, and how many of its tokens
         were extrapolated. predict: None/False reuse every token's newest output; True extrapolate
-        every token; a bool tensor [L]: those tokens."""
+        every token; a bool tensor [L]: those tokens.
+
+        Tokens with the same points (levels and order) share their weights: those are worked out
+        once per group, on scalars. FlowCache's chunks are one group; MotionCache's subsets make a
+        few."""
         item = self.items[(int(branch), int(chunk))]
-        newest = item.values[0]
-        if self.order == 0 or predict is None or predict is False or len(item.values) < 2:
+        newest, k = item.values[0], len(item.values)
+        if self.order == 0 or predict is None or predict is False or k < 2:
             return newest, 0
-        if predict is True and item.shared is not None:
-            return self._estimate_shared(item, level)
-        order = (item.count - 1).clamp(max=self.order)
-        if predict is not True:
-            order = torch.where(predict.cpu().bool(), order, torch.zeros_like(order))
-        levels = item.levels
-        tol = 1e-9 * levels[0].abs().clamp_min(1.0)
-        for j in range(1, len(levels)):             # points at one noise level cannot be fitted
-            same = torch.zeros_like(order, dtype=torch.bool)
-            for m in range(j):
-                same |= (levels[j] - levels[m]).abs() <= tol
-            order = torch.where((order >= j) & same, torch.full_like(order, j - 1), order)
-        if not bool((order > 0).any()):
-            return newest, 0
-        at = torch.full_like(levels[0], float(level))
-        span = torch.zeros_like(at)
-        for o in range(1, len(levels)):
-            span = torch.where(order == o, (levels[0] - levels[o]).abs(), span)
-        direction = torch.sign(at - levels[0])
-        at = torch.where(order > 0, levels[0] + direction * torch.minimum((at - levels[0]).abs(), REACH * span), at)
-        w = lagrange_weights(levels, order, at)
+        if predict is True and item.shared is not None:          # every token the same points
+            w, order = self._weights(item.shared, min(self.order, k - 1), level)
+            if order == 0:
+                return newest, 0
+            weights, predicted = torch.tensor(w, dtype=torch.float64).view(k, 1), newest.shape[1]
+        else:
+            order = (item.count - 1).clamp(max=self.order)
+            if predict is not True:
+                order = torch.where(predict.cpu().bool(), order, torch.zeros_like(order))
+            groups, inverse = torch.unique(torch.cat([torch.stack(item.levels), order[None].double()]), dim=1,
+                                           return_inverse=True)
+            table = [self._weights(col[:k].tolist(), int(col[k]), level) for col in groups.T]
+            fitted = torch.tensor([o for _, o in table])[inverse] > 0
+            if not bool(fitted.any()):
+                return newest, 0
+            weights, predicted = torch.tensor([w for w, _ in table], dtype=torch.float64).T[:, inverse], int(fitted.sum())
         dtype = torch.promote_types(newest.dtype, torch.float32)
         out = None
         for j, value in enumerate(item.values):
-            wj = w[j].to(device=newest.device, dtype=dtype).view(1, -1, *([1] * (newest.dim() - 2)))
+            wj = weights[j].to(device=newest.device, dtype=dtype).view(1, -1, *([1] * (newest.dim() - 2)))
             term = value.to(dtype) * wj
             out = term if out is None else out + term
-        return out.to(newest.dtype), int((order > 0).sum())
+        return out.to(newest.dtype), predicted
 
-    def _estimate_shared(self, item: History, level: float) -> tuple[torch.Tensor, int]:
-        """`estimate` for a chunk whose tokens share their points (FlowCache; MotionCache before its
-        first subset): the same arithmetic on scalars, without per-token tensors (bit-identical)."""
-        lv, newest = item.shared, item.values[0]
-        order = min(self.order, len(lv) - 1)
+    @staticmethod
+    def _weights(lv: list, order: int, level: float) -> tuple[list, int]:
+        """Lagrange weights (one per slot, newest first) at `level` through the points lv[0..order],
+        after the safeguards (coincident levels lower the order; the reach is clamped), and the
+        order used."""
         tol = 1e-9 * max(abs(lv[0]), 1.0)
         for j in range(1, len(lv)):
             if order >= j and any(abs(lv[j] - lv[m]) <= tol for m in range(j)):
                 order = j - 1
+        weights = [1.0] + [0.0] * (len(lv) - 1)
         if order == 0:
-            return newest, 0
+            return weights, 0
         span, gap = abs(lv[0] - lv[order]), level - lv[0]
         direction = (gap > 0) - (gap < 0)
         at = lv[0] + direction * min(abs(gap), REACH * span)
-        dtype = torch.promote_types(newest.dtype, torch.float32)
-        out = None
-        for j, value in enumerate(item.values):
-            w = 0.0
-            if j <= order:
-                w = 1.0
-                for m in range(order + 1):
-                    if m != j:
-                        w = w * (at - lv[m]) / (lv[j] - lv[m])
-            term = value.to(dtype) * torch.tensor(w, dtype=torch.float64).to(device=newest.device, dtype=dtype)
-            out = term if out is None else out + term
-        return out.to(newest.dtype), newest.shape[1]
+        for j in range(order + 1):
+            w = 1.0
+            for m in range(order + 1):
+                if m != j:
+                    w = w * (at - lv[m]) / (lv[j] - lv[m])
+            weights[j] = w
+        return weights, order
