@@ -79,7 +79,7 @@ def bench_model(name: str, model, job: dict, repeats: int, settings=METHODS) -> 
             "wall_ratio": statistics.median(w / b for w, b in zip(walls, base_walls)),
             "psnr_db": psnr, "ssim": ssim, "psnr_first_window_db": psnr_first,
             "psnr_vs_chunk_causal_db": psnr_causal, "peak_rss_mb": rss,
-            "first_window_s": report["first_window_seconds"], "wall_s": statistics.median(walls),
+            "ttff_s": report["ttff_s"], "wall_s": statistics.median(walls),
             "chunk_steps_skipped": cache.get("chunk_steps_skipped"), "kv_bytes_peak": cache.get("kv_bytes_peak"),
             "token_fraction": cache.get("token_fraction_computed"),
             "model_calls": report["model_calls"], "windows": report["windows"],
@@ -112,7 +112,7 @@ def bench_streaming(unet: Path, vae_path: Path, out_dir: Path) -> list[dict]:
             wall = time.perf_counter() - t0
         writer.close()
         rows.append({"windows": windows, "frames": writer.frames, "model_calls": report["model_calls"],
-                     "wall_s": wall, "first_window_s": report["first_window_seconds"],
+                     "wall_s": wall, "ttff_s": report["ttff_s"],
                      "rss_before_mb": rss0, "peak_rss_mb": mem.peak / 2**20, "peak_rss_growth_mb": mem.peak / 2**20 - rss0})
     return rows[1:]
 
@@ -142,7 +142,7 @@ def write_outputs(random_rows: list[dict], curve_rows: list[dict], magi_rows: li
                                                  "magi_guide": curves.magi_guide(magi_rows),
                                                  "magi": magi_rows, "random_model": random_rows}, indent=1) + "\n")
     cols = ["model", "method", "setting", "flops_ratio", "wall_ratio", "psnr_db", "ssim", "psnr_first_window_db",
-            "token_fraction", "psnr_vs_chunk_causal_db", "kv_bytes_peak", "peak_rss_mb", "first_window_s"]
+            "token_fraction", "psnr_vs_chunk_causal_db", "kv_bytes_peak", "peak_rss_mb", "ttff_s"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     random_lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     random_lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in random_rows]
@@ -204,7 +204,7 @@ def streaming_table(rows: list[dict]) -> str:
     lines = ["", "## Streaming sampler (tiny random model, 64x64, decoded and written to mp4 per window)", "",
              "| windows | frames | model calls | wall s | first window s | peak RSS MB | growth during run MB |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['windows']} | {r['frames']} | {r['model_calls']} | {r['wall_s']:.1f} | {r['first_window_s']:.2f} | "
+    lines += [f"| {r['windows']} | {r['frames']} | {r['model_calls']} | {r['wall_s']:.1f} | {r['ttff_s']:.2f} | "
               f"{r['peak_rss_mb']:.0f} | {r['peak_rss_growth_mb']:.0f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -254,7 +254,7 @@ def main() -> int:
     stream_rows = bench_streaming(Path(tiny["1.3b"]), Path(tiny["vae"]), REPO / "out")
     for r in stream_rows:
         print(f"streaming {r['windows']:2d} windows: {r['frames']} frames, {r['model_calls']} calls, "
-              f"{r['wall_s']:.1f} s, first window {r['first_window_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"{r['wall_s']:.1f} s, first window {r['ttff_s']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
               f"(+{r['peak_rss_growth_mb']:.0f})", flush=True)
     random_rows = bench_model("random", load_unet(Path(tiny["14b"])), job_for(6 if a.quick else 12, 64),
                               1 if a.quick else a.repeats, METHODS[:4] if a.quick else METHODS)

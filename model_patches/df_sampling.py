@@ -1,7 +1,9 @@
 """SkyReels-V2-DF's run: diffusion forcing window by window, through ComfyUI's own sampling machinery.
 
 `DFRun` plans the windows (history prefixes, start/end images, video extension) and generates
-them one after another; each window's decoded frames are emitted as it finishes. Each window
+them one after another. A generated frame is emitted the moment it is final: in async windows a
+block at its last step (a finished block never changes again), in sync windows at the window's
+last row, with the Drift Anchor at the window's end (it works on the whole window). Each window
 is one `CFGGuider.sample` call with a custom KSAMPLER function, so ComfyUI loads
 and offloads the model, encodes conds, batches CFG and runs every wrapper and hook as usual.
 ComfyUI sees one scalar sigma per call (the window's progress through the template); the real
@@ -37,7 +39,9 @@ class WindowJob:
     seed: int
     calls_done: int                  # model calls finished in earlier windows (one global progress bar)
     on_call: callable = None         # progress(call_global, x0, x)
+    on_final: callable = None        # (first, end, raw latents, calls so far): generated frames now final
     calls: int = 0
+    final: int = 0                   # window frames [0, final) handed to on_final
 
 
 def frame_sigmas_of(counters: torch.Tensor, template: torch.Tensor, steps: int) -> torch.Tensor:
@@ -79,6 +83,15 @@ def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disabl
             timesteps = torch.cat([timesteps, timesteps.new_zeros(timesteps.shape[0], T)], 1)
     transformer_options = extra_args.setdefault("model_options", {}).setdefault("transformer_options", {})
     B = state.shape[0]
+    base = model_k.inner_model.inner_model          # the BaseModel: what CFGGuider.sample does to its output
+    new_end = P + job.plan.new_frames               # generated frames the video keeps (padding is dropped)
+    job.final = P
+
+    def raw(lo: int, hi: int) -> torch.Tensor:
+        """Window frames [lo, hi) as guider.sample returns them (bit-identical: elementwise)."""
+        out = base.model_sampling.inverse_noise_scaling(sigmas[-1], state[:, :, lo:hi])
+        return base.process_latent_out(out.to(torch.float32)).to(comfy.model_management.intermediate_device(),
+                                                                  torch.float32)
 
     try:
         for row in range(counters.shape[0]):
@@ -110,10 +123,23 @@ def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disabl
             state = solver.step(state, x0, (counters[row] - 1).clamp(min=0), upd)
             if job.on_call is not None:
                 preview = torch.where(upd.to(state.device).view(1, 1, -1, 1, 1), x0, state)
-                job.on_call(job.calls_done + row, preview, state)
+                job.on_call(job.calls_done + row, being_finished(preview, upd, P), state)
+            if job.on_final is not None:      # frames whose last step was this row (blocks finish in order)
+                done = P + int((counters[row, P:new_end] >= steps).sum())
+                if done > job.final:
+                    job.on_final(job.final, done, raw(job.final, done), job.calls_done + row + 1)
+                    job.final = done
     finally:
         transformer_options.pop(RECORD_KEY, None)
     return state
+
+
+def being_finished(x: torch.Tensor, update: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The window from its oldest frame still being stepped on: ComfyUI's previewer draws a video
+    latent's frame 0, which from the second window on is a history frame that never changes; this
+    way it draws the frame closest to being finished (the next one emitted)."""
+    stepped = torch.nonzero(update[prefix:]).flatten()
+    return x[:, :, prefix + int(stepped[0]):] if len(stepped) else x
 
 
 def calls_per_window(plans: list[WindowPlan], steps: int, schedule: DFSchedule) -> list[int]:
@@ -135,8 +161,9 @@ def template_sigmas(model_patcher, steps: int, schedule: DFSchedule) -> torch.Te
 
 class DFRun(VideoRun):
     """A SkyReels-V2-DF video: windows of diffusion forcing, each continuing from the last frames of
-    the one before; each finished window is decoded once (for the sink and a pixel-re-encoded
-    history) and emitted."""
+    the one before; generated frames are emitted as they become final (see the module docstring),
+    and with prefix_mode reencode_pixels each window is also decoded on its own for the next
+    window's history, as upstream does."""
 
     schedule = DFSchedule
 
@@ -159,8 +186,8 @@ class DFRun(VideoRun):
         if schedule.overlap_frames == 0 and prefix_latent is not None:
             raise InputError("prefix_latent", "needs schedule.overlap_frames > 0 to continue from it")
 
-    def __init__(self, model, req, family, dm, on_window=None, sink=None):
-        super().__init__(model, req, family, dm, on_window, sink)
+    def __init__(self, model, req, family, dm, on_window=None, sink=None, t_start=None):
+        super().__init__(model, req, family, dm, on_window, sink, t_start)
         fam, sch = family, req.schedule
         self.notes = fam.prepare_sampling(self.model, sch)
         self.template = template_sigmas(self.model, req.steps, sch)
@@ -207,6 +234,8 @@ class DFRun(VideoRun):
         heat = torch.zeros(head_len + sum(p.new_frames for p in self.plans), tokens_per_frame)
         prefix = self.init_prefix
         calls_done = 0
+        if self.head_latent is not None:     # a start image is shown as frame 0; an extended video is not
+            self.show_head(self.head_latent, shown=req.start_image is not None)
         for plan, calls in zip(self.plans, self.calls_per_segment):
             positive = req.positives[min(plan.index, len(req.positives) - 1)]
             P = 0 if prefix is None else prefix.shape[2]
@@ -220,8 +249,13 @@ class DFRun(VideoRun):
             if T:
                 latent[:, :, P + G:] = tail
             noise = comfy.sample.prepare_noise(torch.zeros_like(latent), req.seed + plan.index)
+            def on_final(lo, hi, latents, calls, index=plan.index):
+                self.check_finite(latents, index)
+                self.emit(latents, report, index, calls)
+
             job = WindowJob(plan=plan, prefix_frames=P, gen_frames=G, tail_frames=T, schedule=sch,
-                            steps=self.steps, seed=req.seed + plan.index, calls_done=calls_done, on_call=on_call)
+                            steps=self.steps, seed=req.seed + plan.index, calls_done=calls_done, on_call=on_call,
+                            on_final=None if self.anchoring else on_final)
             guider = comfy.samplers.CFGGuider(self.model)
             guider.set_conds(positive, req.negative)
             guider.set_cfg(req.cfg)
@@ -243,15 +277,14 @@ class DFRun(VideoRun):
             if window_heat is not None:
                 at = head_len + plan.start - P                     # the window's frame 0 in the video
                 heat[at:at + P + plan.new_frames] += window_heat[:P + plan.new_frames]
-            window_px = emitted = None
-            if req.vae is not None and (self.sink is not None or self.mode == "reencode_pixels"):
-                window_px = decode_latents(req.vae, out[:, :, :P + plan.new_frames])
-                keep_from = fam.pixel_frames(P) if P and not (plan.index == 0 and req.start_image is not None) else 0
-                emitted = window_px[keep_from:]
-            self.emit(plan.index, emitted, report)
-            # History for the next window: the tail of the video so far, as latents or re-encoded.
-            if self.overlap_lat:
-                if self.mode == "reencode_pixels" and window_px is not None:
+            if self.anchoring:                 # anchored as a whole window: emitted now
+                self.emit(new, report, plan.index, calls_done)
+            self.piece_done(plan.index)
+            # History for the next window: the tail of the video so far, as latents or re-encoded
+            # (upstream decodes each window on its own, its causal VAE restarting at the prefix).
+            if self.overlap_lat and plan is not self.plans[-1]:
+                if self.mode == "reencode_pixels":
+                    window_px = decode_latents(req.vae, out[:, :, :P + plan.new_frames])
                     prefix = encode_frames(req.vae, window_px[-sch.overlap_frames:])[:, :, :self.overlap_lat]
                 else:
                     prefix = torch.cat(([self.head_latent] if self.head_latent is not None else []) + generated,

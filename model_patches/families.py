@@ -25,7 +25,8 @@ from .magi_cache import MagiCacheRun, check_spec as magi_check_spec
 from .magi_loader import MagiLatentFormat
 from .magi_model import MagiDiT
 from .magi_sampling import MagiRun
-from .magi_vae import MagiVAE
+from .magi_vae import DECODE_TILE, MagiVAE
+from .vae_stream import CheckedStreamDecoder, RedecodeStreamDecoder, SlabStreamDecoder, WanStreamDecoder
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Family:
     check_cache_spec: Callable       # CacheSpec -> None, or an InputError naming the setting it cannot run
     indicator_scale: Callable        # (diffusion model, coefficients) -> the presets' table: fitted | raw | magi
     check_vae: Callable              # a VAE -> None, or an InputError when it is another family's
+    stream_decoder: Callable         # its VAE -> a stream decoder (model_patches/vae_stream.py)
     causal_vae: bool = True          # 4k+1 pixel frames per k+1 latents (Wan); else 4k per k (MAGI-1)
     patch: int = 2                   # latent pixels per transformer token, each way
 
@@ -104,6 +106,11 @@ def _wan_check_vae(vae) -> None:
         raise InputError("vae", f"is not the Wan 2.1 VAE ({describe_vae(vae)}): {fix}")
 
 
+def _wan_stream_decoder(vae):
+    """Core's Wan 2.1 decode loop with its cache carried across pieces, checked on the first piece."""
+    return CheckedStreamDecoder(WanStreamDecoder(vae), vae, lambda: RedecodeStreamDecoder(vae))
+
+
 def _wan_indicator_scale(dm, coefficients) -> str:
     fitted = tuple(wan.resolve_coefficients(coefficients, dm.dim)) != tuple(wan.COEFFICIENTS["none"])
     return "fitted" if fitted else "raw"
@@ -116,7 +123,7 @@ WAN21 = Family(
     flops=wan.flop_shape,
     coefficients=lambda name, dm: wan.resolve_coefficients(name, dm.dim), prepare_sampling=_wan_prepare,
     new_cache_run=_wan_cache_run, check_cache_spec=lambda spec: check_attention(spec.attention, spec.compress),
-    indicator_scale=_wan_indicator_scale, check_vae=_wan_check_vae)
+    indicator_scale=_wan_indicator_scale, check_vae=_wan_check_vae, stream_decoder=_wan_stream_decoder)
 
 
 # --- MAGI-1: the pack's own DiT, chunk-wise stages ------------------------------------------------
@@ -150,7 +157,8 @@ MAGI1 = Family(
     chunk_adapter=None, supports_chunks=lambda dm: isinstance(dm, MagiDiT), flops=lambda dm: dm.config.flop_shape(),
     coefficients=_magi_coefficients,
     prepare_sampling=lambda model_patcher, schedule: {}, new_cache_run=MagiCacheRun, check_cache_spec=magi_check_spec,
-    indicator_scale=lambda dm, coefficients: "magi", check_vae=_magi_check_vae, causal_vae=False)
+    indicator_scale=lambda dm, coefficients: "magi", check_vae=_magi_check_vae,
+    stream_decoder=lambda vae: SlabStreamDecoder(vae, DECODE_TILE[0]), causal_vae=False)
 
 FAMILIES: dict[str, Family] = {WAN21.name: WAN21, MAGI1.name: MAGI1}
 
@@ -179,7 +187,7 @@ def family_of(diffusion_model) -> Optional[Family]:
     return next((f for f in FAMILIES.values() if f.supports_chunks(diffusion_model)), None)
 
 
-def new_video_run(model_patcher, req, on_window=None, sink=None):
+def new_video_run(model_patcher, req, on_window=None, sink=None, t_start=None):
     """The sampler run for a request on this MODEL: its family's run (the node and the bench use it)."""
     family, dm = detect(model_patcher)
-    return family.run(model_patcher, req, family, dm, on_window=on_window, sink=sink)
+    return family.run(model_patcher, req, family, dm, on_window=on_window, sink=sink, t_start=t_start)

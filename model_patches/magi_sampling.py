@@ -24,7 +24,7 @@ from ..cache_core.record import CACHE_RUN_KEY
 from .magi_cache import ALONE, HISTORY, TEXT
 from .magi_model import ChunkForward, kv_store
 from .magi_text import SPECIAL_KEY, chunk_text
-from .video_run import VideoRun, check_image, check_prefix_latent, decode_latents
+from .video_run import VideoRun, check_image, check_prefix_latent
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,8 @@ class MagiRun(VideoRun):
                              "(video-to-video)")
         check_prefix_latent(prefix_latent, width, height, family)
 
-    def __init__(self, model, req, family, dm, on_window=None, sink=None):
-        super().__init__(model, req, family, dm, on_window, sink)
+    def __init__(self, model, req, family, dm, on_window=None, sink=None, t_start=None):
+        super().__init__(model, req, family, dm, on_window, sink, t_start)
         self.refuse_foreign_wrappers()
         sch: MagiSchedule = req.schedule
         cfg = self.dm.config
@@ -134,6 +134,8 @@ class MagiRun(VideoRun):
         x = torch.randn((1, cfg.latent_channels, self.T, self.lat_h, self.lat_w), generator=gen).to(device)
         prefix = None if self.prefix is None else fmt.process_in(self.prefix).to(device)
         P = 0 if prefix is None else prefix.shape[2]
+        if P and req.start_image is None:     # the continued video opens the output, not shown again
+            self.show_head(self.prefix.cpu(), shown=False)
         grid = time_grid(S, sch.shift).tolist()
         cache = kv_store(cfg, self.num_chunks, tokens, keep=cached_chunks_needed(self.plan, S, sch.kv_range),
                          offload=sch.kv_on_cpu)
@@ -215,7 +217,7 @@ class MagiRun(VideoRun):
                     x[:, :, own] = fmt.process_in(raw).to(x.dtype)
                 if cached is not None:
                     cached.chunk_finished(step.finished)
-                self._emit_chunk(fmt, x, step.finished, P, data)
+                self._emit_chunk(fmt, x, step.finished, P, data, step.index + 1)
         video = self._assemble(fmt.process_out(x.float()).cpu(), P)
         if cached is not None:
             data["cache"] = cached.summary()
@@ -299,15 +301,12 @@ class MagiRun(VideoRun):
         A, B, C = (torch.cat(out[b], dim=2) if b in out else zero for b in (TEXT, HISTORY, ALONE))
         return guided(scales, A, B, C, sch.chunk_width), noskip
 
-    def _emit_chunk(self, fmt, x, chunk, P, data):
+    def _emit_chunk(self, fmt, x, chunk, P, data, calls):
+        """Chunk `chunk` is final: its frames of the output video (see `_assemble`) are emitted."""
         cw = self.req.schedule.chunk_width
-        frames = None
-        if self.req.vae is not None and self.sink is not None:
-            lo = max(chunk * cw, P) if self.req.start_image is None else chunk * cw
-            latent = fmt.process_out(x[:, :, lo:(chunk + 1) * cw].float()).cpu()
-            if latent.shape[2]:
-                frames = decode_latents(self.req.vae, latent)
-        self.emit(chunk - self.prefix_chunks, frames, data)
+        lo = max(chunk * cw, P) if self.req.start_image is None else chunk * cw
+        self.emit(fmt.process_out(x[:, :, lo:(chunk + 1) * cw].float()).cpu(), data, chunk - self.prefix_chunks, calls)
+        self.piece_done(chunk - self.prefix_chunks)
 
     def _assemble(self, video: torch.Tensor, P: int) -> torch.Tensor:
         """The output: a continued video's prefix as given, then every generated frame; image-to-video

@@ -5,8 +5,11 @@ plans its pieces (DF windows, MAGI-1 chunks) from the request and the schedule, 
 generates them. The base owns what does not depend on the family:
 - the run report (one RunReport, one vocabulary, in transformer_options only while the run
   lasts, taken out in `finally`);
-- emission: each finished piece decoded once, handed to the sink (the video file), the time
-  to the first piece, the window callback;
+- emission: the output video's latents handed over in order the moment they are final (a DF
+  async block at its last step, a MAGI-1 chunk), decoded once by the family's stream decoder
+  (whose frames equal VAEDecode of the whole LATENT), handed to the sink (file, live view), and
+  logged on one timeline with one set of definitions for every family (TTFF, frames/s, real-time
+  factor, stall-free start-up delay);
 - the cache's per-run state, created by the cache's OUTER_SAMPLE wrapper (ar_cache) around the
   run, so a family whose loop does not go through ComfyUI's CFGGuider still meets the cache
   only through its keyed wrappers;
@@ -27,6 +30,7 @@ from ..cache_core.drift import DriftAnchor, DriftMeter, anchor_latent, latent_st
 from ..cache_core.errors import InputError, ModelFamilyError
 from ..cache_core.record import CACHE_WRAPPER_KEY
 from ..cache_core.run_report import RunReport
+from .vae_stream import decode_whole
 
 
 @dataclass
@@ -51,10 +55,7 @@ def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
     return vae.encode(frames[..., :3]).to(comfy.model_management.intermediate_device(), torch.float32)
 
 
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Raw latent [1,C,F,h,w] -> pixel frames [N,H,W,3] in 0..1."""
-    img = vae.decode(latents)
-    return img.reshape(-1, *img.shape[-3:]).float().cpu()
+decode_latents = decode_whole           # raw latent [1,C,F,h,w] -> pixel frames [N,H,W,3] in 0..1
 
 
 def resize_image(image: torch.Tensor, width: int, height: int, crop: str = "center") -> torch.Tensor:
@@ -106,12 +107,16 @@ class VideoRun:
     schedule: type = None                     # the schedule type this run takes
     image_crop = "center"                     # how a given image is fitted to the video (common_upscale crop)
 
-    def __init__(self, model, req: VideoRequest, family, dm, on_window=None, sink=None):
+    def __init__(self, model, req: VideoRequest, family, dm, on_window=None, sink=None, t_start=None):
         if not isinstance(req.schedule, self.schedule):
             raise ModelFamilyError(f"{family.title} models take the {self.schedule.node_title}, not a "
                                    f"{type(req.schedule).__name__}")
         self.req, self.family, self.dm = req, family, dm
         self.on_window, self.sink = on_window, sink
+        self._t0 = time.perf_counter() if t_start is None else t_start   # the node's start: TTFF counts from it
+        self.decoder = None                       # the family's stream decoder while a run with a sink lasts
+        self._shown_head = None                   # latents shown before the first piece (an i2v start frame)
+        self._latents_out = 0                     # output latent frames handed over so far
         self.model = model.clone()
         self.heat = None
         self.plans: list = []
@@ -134,16 +139,26 @@ class VideoRun:
 
     def new_report(self, **fields) -> RunReport:
         return RunReport(windows=len(self.plans), model_calls=0, calls_per_window=list(self.calls_per_segment),
-                         steps=self.steps, latent_frames=0, first_window_seconds=None, transformer_flops=0.0,
+                         steps=self.steps, latent_frames=0, ttff_s=None, ttff_calls=None, emissions=[],
+                         transformer_flops=0.0,
                          transformer_flops_vanilla=0.0, cache=None, **fields)
 
     @torch.no_grad()   # ComfyUI's executor already disables autograd; callers outside it must not grow graphs
     def run(self, on_call=None) -> tuple[torch.Tensor, dict]:
         """(video latent, report). on_call(call, x0, x): after every model call (previews, progress)."""
-        self._t0 = time.perf_counter()
         report = self.new_report(**self.report_fields())
-        with report.installed(self.model.model_options["transformer_options"]):
-            video = self._generate(report, on_call)
+        if self.sink is not None and self.req.vae is not None:
+            self.decoder = self.family.stream_decoder(self.req.vae)
+        try:
+            with report.installed(self.model.model_options["transformer_options"]):
+                video = self._generate(report, on_call)
+            self._hand_over(self.decoder.flush() if self.decoder is not None else None, 0, report.data,
+                            report.data["model_calls"], piece=None)
+            if self.decoder is not None:
+                report.data["stream_decode"] = dict(self.decoder.status)
+        finally:
+            self.decoder = None
+        report.data.update(stream_summary(report.data["emissions"], self.req.schedule.fps))
         report.data["latent_frames"] = int(video.shape[2])
         report.data["drift"] = self.drift.summary()
         report.data["seconds"] = time.perf_counter() - self._t0
@@ -216,13 +231,67 @@ class VideoRun:
                              "again), or the compute dtype overflows (fp16 on a model trained in bf16: choose "
                              "weight_dtype default or bf16)")
 
-    def emit(self, index: int, frames: torch.Tensor | None, data: dict) -> None:
-        """Piece `index` is final: its decoded frames to the sink, the time to the first piece."""
-        if frames is not None and frames.shape[0]:
-            self.drift.add(frames.movedim(-1, 1))    # what was decoded anyway: no second decode
-            if self.sink is not None:
-                self.sink(frames, index)
-        if index == 0:
-            data["first_window_seconds"] = time.perf_counter() - self._t0
+    def show_head(self, latents: torch.Tensor, shown: bool) -> None:
+        """Latents that precede the generated ones in the output video: a start image's frame, shown
+        with the first piece; or the video being extended, decoded only to carry the stream
+        decoder's state (its frames are the user's own video, not shown again)."""
+        if shown:
+            self._shown_head = latents
+        elif self.decoder is not None:
+            self.decoder.push(latents)
+            self._latents_out += latents.shape[2]
+
+    def emit(self, latents: torch.Tensor, data: dict, piece: int, calls: int) -> None:
+        """The output video's next raw latents [1, C, n, h, w] are final (they never change again):
+        decoded in order, handed to the sink, logged. `piece`: the window or chunk they belong to;
+        `calls`: model calls (DF) or forward steps (MAGI-1) run so far."""
+        if self._shown_head is not None:
+            latents, self._shown_head = torch.cat([self._shown_head, latents], 2), None
+        frames = self.decoder.push(latents) if self.decoder is not None else None
+        self._hand_over(frames, latents.shape[2], data, calls, piece)
+
+    def _hand_over(self, frames, n_latents: int, data: dict, calls: int, piece) -> None:
+        before = self.family.pixel_frames(self._latents_out) if self._latents_out else 0
+        self._latents_out += n_latents
+        if frames is None:              # nothing decoded: the frames these latents will give
+            n = (self.family.pixel_frames(self._latents_out) if self._latents_out else 0) - before
+        else:
+            n = int(frames.shape[0])
+            if n:
+                self.drift.add(frames.movedim(-1, 1))    # what was decoded anyway: no second decode
+                if self.sink is not None:
+                    self.sink(frames, piece)
+        if not n:
+            return
+        timeline = data["emissions"]
+        first = timeline[-1][1] + timeline[-1][2] if timeline else 0
+        t = time.perf_counter() - self._t0
+        timeline.append([piece, first, n, round(t, 4)])
+        if data["ttff_s"] is None:
+            data["ttff_s"], data["ttff_calls"] = t, calls
+
+    def piece_done(self, index: int) -> None:
+        """Window or chunk `index` is finished (progress text)."""
         if self.on_window is not None:
             self.on_window(self.plans[index], len(self.plans))
+
+
+def stream_summary(emissions: list, fps: float) -> dict:
+    """Streaming figures from an emission timeline [[piece, first frame, frames, seconds], ...]
+    (one definition for every family; seconds from the sampler node's start):
+    - sustained_fps: frames after the first emission / seconds from the first to the last;
+    - realtime_factor: those seconds / the video seconds they made (<= 1: faster than real time);
+    - startup_delay_s: how long after the first frame a viewer must wait to start playback at `fps`
+      and never stall: max over emissions k of t_k - t_first - (frames before k) / fps."""
+    out = {"sustained_fps": None, "realtime_factor": None, "startup_delay_s": None}
+    if not emissions:
+        return out
+    fps = float(fps or 24)
+    t_first = emissions[0][3]
+    out["startup_delay_s"] = round(max(e[3] - t_first - e[1] / fps for e in emissions), 4)
+    later = sum(e[2] for e in emissions[1:])
+    span = emissions[-1][3] - t_first
+    if later and span > 0:
+        out["sustained_fps"] = round(later / span, 4)
+        out["realtime_factor"] = round(span / (later / fps), 4)
+    return out

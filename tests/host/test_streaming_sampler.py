@@ -90,7 +90,7 @@ def test_cfg_doubles_vanilla_flops_and_report_fields(comfy):
     _, r1 = run_latent(comfy, *streaming_graph(UNET13, length=17, seed=3, steps=3, cfg=1.0, save_prefix=unique(), schedule=SMALL))
     _, r2 = run_latent(comfy, *streaming_graph(UNET13, length=17, seed=3, steps=3, cfg=3.0, save_prefix=unique(), schedule=SMALL))
     for r in (r1, r2):
-        assert {"windows", "model_calls", "seconds", "first_window_seconds", "transformer_flops",
+        assert {"windows", "model_calls", "seconds", "ttff_s", "emissions", "transformer_flops",
                 "transformer_flops_vanilla", "cache"} <= set(r)
         assert r["cache"] is None and r["transformer_flops"] == r["transformer_flops_vanilla"] > 0
     assert r2["transformer_flops_vanilla"] == pytest.approx(2 * r1["transformer_flops_vanilla"])
