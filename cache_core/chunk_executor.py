@@ -174,7 +174,7 @@ class ChunkExecutor:
 
     # -- segments ----------------------------------------------------------------------------------
     def _begin_call(self, call: ChunkCall, layout: ChunkLayout, record: Optional[StepRecord], num_layers: int):
-        key = (None if record is None else record.window_index, call.shape_key, layout)
+        key = (None if record is None else (record.window_index, record.prompt_switches), call.shape_key, layout)
         new = key != self._segment
         if record is not None:
             new = new or record.call < self._last_call

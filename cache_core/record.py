@@ -28,6 +28,8 @@ class StepRecord:
     call: int                    # index of this model call within the window (0-based): a step-matrix row
     calls: int                   # model calls in this window
     timesteps: torch.Tensor | None = None   # [F] what the model sees; None: 1000 * frame_sigmas
+    prompt_switches: int = 0     # prompt switches so far (steering): each starts the caches afresh,
+                                 # so nothing computed under the old prompt is reused
 
     @property
     def num_frames(self) -> int:

@@ -24,6 +24,7 @@ from ..cache_core.df_schedule import DFSchedule, WindowPlan, flow_template, plan
 from ..cache_core.errors import InputError
 from ..cache_core.frame_solver import make_solver
 from ..cache_core.record import RECORD_KEY, StepRecord
+from .steering import SteeredGuider
 from .video_run import VideoRun, check_image, check_prefix_latent, decode_latents, encode_frames
 
 
@@ -40,6 +41,7 @@ class WindowJob:
     calls_done: int                  # model calls finished in earlier windows (one global progress bar)
     on_call: callable = None         # progress(call_global, x0, x)
     on_final: callable = None        # (first, end, raw latents, calls so far): generated frames now final
+    steering: object = None          # a Steering: prompt switches at block starts
     calls: int = 0
     final: int = 0                   # window frames [0, final) handed to on_final
 
@@ -107,6 +109,8 @@ def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disabl
                 if f_t is not None:
                     f_t[:P] = sch.addnoise_condition
             upd = update[row]
+            if job.steering is not None and bool((counters[row, P:new_end] == 1).any()):   # a block starts
+                job.steering.at_boundary(job.calls_done + row, job.plan.index)
             # The scalar sigma ComfyUI sees (EasyCache, timestep-range conds, post-CFG hooks): the
             # window's progress through the template, so it only ever decreases. In async windows the
             # stepped frames' own sigmas jump back up whenever a new block starts; those reach the
@@ -115,7 +119,8 @@ def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disabl
             transformer_options[RECORD_KEY] = StepRecord(
                 frame_sigmas=f_sig, active=upd.clone(), prefix_frames=P,
                 chunk_frames=sch.causal_block_size, steps=steps, window_index=job.plan.index,
-                call=row, calls=counters.shape[0], timesteps=f_t)
+                call=row, calls=counters.shape[0], timesteps=f_t,
+                prompt_switches=0 if job.steering is None else job.steering.switches)
             denoised = model_k(x_in, sigma_call.to(state) * state.new_ones(B), **extra_args)
             job.calls += 1
             v = (x_in - denoised) / sigma_call.to(state)
@@ -255,8 +260,9 @@ class DFRun(VideoRun):
 
             job = WindowJob(plan=plan, prefix_frames=P, gen_frames=G, tail_frames=T, schedule=sch,
                             steps=self.steps, seed=req.seed + plan.index, calls_done=calls_done, on_call=on_call,
-                            on_final=None if self.anchoring else on_final)
-            guider = comfy.samplers.CFGGuider(self.model)
+                            on_final=None if self.anchoring else on_final, steering=req.steering)
+            guider = comfy.samplers.CFGGuider(self.model) if req.steering is None else SteeredGuider(self.model,
+                                                                                                  req.steering)
             guider.set_conds(positive, req.negative)
             guider.set_cfg(req.cfg)
             sampler = comfy.samplers.KSAMPLER(df_window_sampler, extra_options={"job": job})

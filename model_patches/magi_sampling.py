@@ -102,6 +102,13 @@ class MagiRun(VideoRun):
         self.plans = [ChunkPlan(i) for i in range(self.num_chunks - self.prefix_chunks)]
         self.calls_per_segment = [len(self.plan)]
         self._texts: dict = {}
+        self._step = 0                   # the forward step being run (where a steered switch is logged)
+        self.slot_captions = [] if req.steering is None else [
+            magi_conditioning(p, "live") for p in req.steering.slots]
+        for caption, _ in self.slot_captions:
+            if caption.shape[-1] != cfg.caption_channels:
+                raise InputError("live", f"a prompt's text states are {caption.shape[-1]} wide; this MAGI-1 model "
+                                 f"takes {cfg.caption_channels}-wide T5-XXL states (MAGI-1 Text Encode with T5-XXL)")
         self.anchor_latent = self.anchor_image_latent()
 
     def report_fields(self) -> dict:
@@ -109,10 +116,15 @@ class MagiRun(VideoRun):
                     passes_run={"text": 0, "history": 0, "alone": 0, "refresh_only": 0})
 
     def text_for(self, chunk: int) -> torch.Tensor:
-        """A generated chunk's text (fixed for the run: built once, asked for every forward)."""
+        """A generated chunk's text, fixed when the chunk enters the window (built once, asked for
+        every forward): the storyboard's, or the steered slot's from a switch at that step on."""
         if chunk not in self._texts:
             k = chunk - self.prefix_chunks                       # generated chunk number
-            caption, special = self.captions[min(k, len(self.captions) - 1)]
+            steering = self.req.steering
+            if steering is not None:
+                steering.at_boundary(self._step, k)
+            caption, special = self.captions[min(k, len(self.captions) - 1)] if steering is None or \
+                steering.active is None else self.slot_captions[steering.active]
             self._texts[chunk] = chunk_text(caption, special, len(self.plans) - 1 - k,
                                             self.dm.config.caption_max_length)
         return self._texts[chunk]
@@ -186,6 +198,7 @@ class MagiRun(VideoRun):
                 count_cached(before)
         for step in self.plan:
             comfy.model_management.throw_exception_if_processing_interrupted()
+            self._step = step.index
             if cached is None:
                 v = self._vanilla_step(step, x, grid, null, forward, data)
             else:

@@ -49,6 +49,7 @@ class VideoRequest:
     prefix_latent: torch.Tensor | None = None   # raw latent of a video to extend
     end_image: torch.Tensor | None = None
     anchor: DriftAnchor | None = None           # the Drift Anchor node's settings (None: off)
+    steering: object = None                     # a steering.Steering: prompt switches while it runs (None: off)
 
 
 def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
@@ -156,6 +157,9 @@ class VideoRun:
                             report.data["model_calls"], piece=None)
             if self.decoder is not None:
                 report.data["stream_decode"] = dict(self.decoder.status)
+            if self.req.steering is not None:
+                report.data["switches"] = self.req.steering.log
+                self.req.steering.check_replayed()
         finally:
             self.decoder = None
         report.data.update(stream_summary(report.data["emissions"], self.req.schedule.fps))

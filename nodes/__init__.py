@@ -5,6 +5,7 @@ from .anchor import DriftAnchorNode
 from .conditioning import EmptyConditioningNode
 from .flowcache import FlowCacheNode
 from .heatmap import ComputeHeatmapNode
+from .live import LiveViewNode
 from .magi import MagiModelLoaderNode, MagiScheduleNode, MagiTextEncodeNode, MagiVAELoaderNode
 from .motioncache import MotionCacheNode
 from .preview import LatentPreviewNode
@@ -28,6 +29,7 @@ class ARCacheExtension(ComfyExtension):
             MagiTextEncodeNode,
             MagiScheduleNode,
             DriftAnchorNode,
+            LiveViewNode,
         ]
 
 

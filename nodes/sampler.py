@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 
 from comfy_api.latest import io
 
+import comfy.model_management
+import comfy.utils
 import folder_paths
 import latent_preview
 
@@ -14,6 +18,7 @@ from ..model_patches.video_run import VideoRequest
 from .anchor import AnchorType
 from .errors import InputError, named_errors
 from .heatmap import FAMILY_KEY, HEAT_KEY
+from .live import LiveType, open_session
 from .schedules import ARPrompts, ARSchedule
 from .video_stream import StreamingVideoWriter
 
@@ -46,6 +51,42 @@ def validate(width, height, length, schedule, vae, start_image, prefix_latent, e
     if vae is not None:
         family.check_vae(vae)
     family.run.validate(width, height, length, schedule, vae, start_image, prefix_latent, end_image, family)
+
+
+def queued_seconds_ago() -> float | None:
+    """Seconds since the running prompt was queued (ComfyUI stamps create_time at POST /prompt), or None."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+        prompt_id = get_executing_context().prompt_id
+        for item in PromptServer.instance.prompt_queue.currently_running.values():
+            if item[1] == prompt_id and "create_time" in item[3]:
+                return time.time() - item[3]["create_time"] / 1000.0
+    except Exception:    # not run by a server (in-process use), or a core that moved these
+        pass
+    return None
+
+
+def chunk_preview(model, total: int):
+    """The per-call progress callback: the family's latent-to-RGB preview of the frame being finished
+    (SkyReels-V2-DF), or for a family without preview factors (MAGI-1) the last decoded frame,
+    which changes once per emitted chunk. Returns (callback, sink for decoded frames)."""
+    if model.model.latent_format.latent_rgb_factors is not None:
+        return latent_preview.prepare_callback(model, total), None
+    pbar = comfy.utils.ProgressBar(total)
+    last = {"frame": None}
+
+    def callback(call, x0, x, total_calls):
+        preview = None
+        if last["frame"] is not None:
+            from PIL import Image
+            img = Image.fromarray((last["frame"].clamp(0, 1) * 255).round().byte().numpy())
+            preview = ("JPEG", img, latent_preview.MAX_PREVIEW_RESOLUTION)
+        pbar.update_absolute(call + 1, total_calls, preview)
+
+    def keep(frames, piece):
+        last["frame"] = frames[-1]
+    return callback, keep
 
 
 def video_path(filename_prefix: str, width: int, height: int) -> str:
@@ -94,9 +135,10 @@ class StreamingSamplerNode(io.ComfyNode):
                 io.Image.Input("end_image", optional=True, tooltip="Last frame to steer towards (appended clean to the last window; SkyReels-V2-DF only). Needs the vae."),
                 AnchorType.Input("anchor", optional=True, tooltip="A Drift Anchor: holds the video's colour and contrast to its first window/chunk (or an image) over a long video."),
                 io.Boolean.Input("save_video", default=False, optional=True,
-                                 tooltip="With a vae: write each finished window to an mp4 in the output folder before the next starts."),
+                                 tooltip="With a vae: write every frame to a fragmented mp4 in the output folder the moment it is final (playable while it grows). An interrupted run keeps what was written as <name>_interrupted.mp4."),
                 io.String.Input("filename_prefix", default="ARCache/video", optional=True,
                                 tooltip="Where save_video writes, relative to ComfyUI's output folder."),
+                LiveType.Input("live", optional=True, tooltip="A Live View: watch the video in a player on this node while it is made, and switch prompts as it runs. Needs the vae."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="The whole video's latents (raw, in the model's VAE layout); decode with VAEDecode and the same VAE."),
@@ -107,44 +149,68 @@ class StreamingSamplerNode(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        """With a Live View the result depends on what the user does during the run: never cached.
+        (ComfyUI gives a linked input here as None, without running its node: the key is what counts.)"""
+        return float("nan") if "live" in kwargs else None
+
+    @classmethod
     @named_errors("Streaming AR Sampler")
     def execute(cls, model, positive, negative, width, height, length, seed, steps, cfg, schedule=None,
                 prompt_schedule=None, vae=None, start_image=None, prefix_latent=None, end_image=None, anchor=None,
-                save_video=False, filename_prefix="ARCache/video") -> io.NodeOutput:
+                save_video=False, filename_prefix="ARCache/video", live=None) -> io.NodeOutput:
+        t_start = time.perf_counter()
         prefix = prefix_latent["samples"] if prefix_latent is not None else None
         family, dm = families.detect(model)                 # says what the model is, before anything runs
         schedule = check_schedule(schedule, family)
         validate(width, height, length, schedule, vae, start_image, prefix, end_image, family)
         if save_video and vae is None:
             raise InputError("save_video", "needs a vae: connect the model's VAE")
+        if live is not None and vae is None:
+            raise InputError("live", "shows decoded frames: connect the model's VAE to the sampler's vae input")
         if anchor is not None and anchor.image is not None and vae is None:
             raise InputError("anchor", "has an image, which the sampler encodes with its vae: connect the model's VAE, "
                              "or take the image out of the Drift Anchor to anchor to the first window/chunk")
         node_id = cls.hidden.unique_id
+        positives = list(prompt_schedule or [positive])
+        fps = schedule.fps or 24
+        session = open_session(live, positives, node_id, fps, None)
         req = VideoRequest(width=width, height=height, length=length, seed=seed, steps=steps, cfg=cfg,
-                           schedule=schedule, positives=list(prompt_schedule or [positive]), negative=negative,
-                           vae=vae, start_image=start_image, prefix_latent=prefix, end_image=end_image, anchor=anchor)
-        writer = None
-        if save_video:
-            writer = StreamingVideoWriter(video_path(filename_prefix, width, height), schedule.fps or 24)
+                           schedule=schedule, positives=positives, negative=negative, vae=vae, start_image=start_image,
+                           prefix_latent=prefix, end_image=end_image, anchor=anchor,
+                           steering=None if session is None else session.steering)
+        writer = StreamingVideoWriter(video_path(filename_prefix, width, height), fps) if save_video else None
 
         def on_window(plan, n):
-            progress_text(f"window {plan.index + 1}/{n} done", node_id)
+            progress_text(f"{'window' if family.causal_vae else 'chunk'} {plan.index + 1}/{n} done", node_id)
 
-        sink = (lambda frames, i: writer.write(frames)) if writer else None
+        status, report = "error", None
         try:
-            run = family.run(model, req, family, dm, on_window=on_window, sink=sink)
+            run = family.run(model, req, family, dm, on_window=on_window, t_start=t_start)
             total = run.total_calls
-            preview = latent_preview.prepare_callback(run.model, total)
-            progress_text(f"{len(run.plans)} windows, {total} model calls", node_id)
+            preview, keep_last = chunk_preview(run.model, total)
+            sinks = [f for f in (writer and (lambda frames, piece: writer.write(frames)), keep_last,
+                                 session and session.frames) if f]
+            if sinks:
+                run.sink = lambda frames, piece: [f(frames, piece) for f in sinks]
+            progress_text(f"{len(run.plans)} {'windows' if family.causal_vae else 'chunks'}, {total} model calls",
+                          node_id)
             video, report = run.run(on_call=lambda call, x0, x: preview(call, x0, x, total))
+            ago = queued_seconds_ago()
+            if ago is not None and report["ttff_s"] is not None:   # queue -> node start -> first frame
+                report["ttff_queue_s"] = round(ago - (time.perf_counter() - t_start) + report["ttff_s"], 4)
             if writer:
                 report["video_file"] = os.path.relpath(writer.close(), folder_paths.get_output_directory())
                 report["video_frames"] = writer.frames
-        except BaseException:
-            if writer:
-                writer.abort()
+            status = "finished"
+        except BaseException as e:
+            status = "interrupted" if isinstance(e, comfy.model_management.InterruptProcessingException) else "error"
+            if writer and (kept := writer.abort()):
+                logging.warning("ARCache: the run stopped (%s); the frames written so far are in %s", status, kept)
             raise
+        finally:
+            if session is not None:
+                session.close(status, report)
         text = json.dumps(report, indent=1)
         latent = {"samples": video}
         if run.heat is not None:                   # for ARCacheComputeHeatmap: where the cache spent compute

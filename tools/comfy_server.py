@@ -229,6 +229,71 @@ class ComfyServer:
         return self.base_dir / root / file_info.get("subfolder", "") / file_info["filename"]
 
 
+class Events:
+    """The JSON messages the server sends to one client id over its websocket, collected by a thread
+    (ComfyUI sends a run's messages to the client that queued it: queue with the same client id)."""
+
+    def __init__(self, server: "ComfyServer"):
+        self.url = server.url.replace("http://", "ws://") + f"/ws?clientId={server.client_id}"
+        self.messages: list[dict] = []
+        self._stop = False
+
+    def __enter__(self) -> "Events":
+        import threading
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._listen, args=(ready,), daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise ComfyError("could not open the websocket")
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join(timeout=10)
+
+    def _listen(self, ready) -> None:
+        import asyncio
+
+        import aiohttp
+
+        async def main():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(self.url) as ws:
+                    ready.set()
+                    while not self._stop:
+                        try:
+                            msg = await ws.receive(timeout=0.2)
+                        except asyncio.TimeoutError:
+                            continue
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            self.messages.append(json.loads(msg.data))
+                        elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                            return
+        asyncio.run(main())
+
+    def of(self, kind: str) -> list[dict]:
+        return [m["data"] for m in list(self.messages) if m.get("type") == kind]
+
+    def wait_for(self, kind: str, timeout: float = 120, count: int = 1) -> list[dict]:
+        t0 = time.time()
+        while len(self.of(kind)) < count:
+            if time.time() - t0 > timeout:
+                raise ComfyError(f"no {count} {kind!r} message(s) after {timeout:.0f} s")
+            time.sleep(0.02)
+        return self.of(kind)
+
+
+def http(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None,
+         timeout: float = 30) -> tuple[int, bytes]:
+    """(status, body) of one request; 4xx/5xx answers are returned, not raised."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 def execution_error(entry: dict) -> str:
     """The human part of a failed prompt's history: node, type and exception message."""
     for kind, data in entry.get("status", {}).get("messages", []):
