@@ -26,6 +26,10 @@ bench: host-core
 	$(HOST_PY) bench/run.py
 
 docs: host
+	@# screenshots with the fonts users have: the workflows' Chinese negative prompt needs a CJK font
+	@fc-list :lang=zh | grep -q . || { [ "$$(id -u)" = 0 ] && apt-get update -qq >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-wqy-microhei >/dev/null; } || \
+	  echo "WARNING: no CJK font (apt-get install fonts-wqy-microhei): Chinese text renders as boxes"
 	$(HOST_PY) scripts/make_docs.py
 
 checkpoints: host

@@ -15,6 +15,9 @@ The concatenation of everything it returns equals `VAEDecode(LATENT)` of the who
   in time, so whole tiles aligned to the video's first frame decode exactly as in the full video.
 - Anything else (`RedecodeStreamDecoder`): each piece decoded with a few latents of context before
   it; close to, not equal to, the whole decode (the report says "approximate").
+- No VAE (`PreviewStreamDecoder`): the family's linear latent-to-RGB preview (the sampler preview's
+  colours), each latent frame shown for the pixel frames it stands for: a live view without a
+  decode, not the video.
 """
 from __future__ import annotations
 
@@ -43,12 +46,50 @@ def _empty(like: torch.Tensor | None = None) -> torch.Tensor:
     return torch.zeros(0, 1, 1, 3) if like is None else like[:0]
 
 
+def rgb_preview(raw: torch.Tensor, latent_format) -> torch.Tensor:
+    """Raw latent [B, C, F, h, w] -> frames [B*F, h, w, 3] in 0..1 through a latent format's linear
+    preview factors (what ComfyUI's Latent2RGB previewer draws)."""
+    x = latent_format.process_in(raw.float())
+    factors = torch.tensor(latent_format.latent_rgb_factors, dtype=x.dtype)          # [C, 3]
+    bias = torch.tensor(latent_format.latent_rgb_factors_bias or [0.0, 0.0, 0.0], dtype=x.dtype)
+    rgb = torch.einsum("bcfhw,cr->bfhwr", x, factors) + bias
+    return ((rgb + 1.0) / 2.0).clamp(0, 1).reshape(-1, *rgb.shape[2:])
+
+
+class PreviewStreamDecoder:
+    """Frames from the family's latent-to-RGB factors, upscaled to the video's size (nearest), each
+    latent frame repeated for the pixel frames it decodes to, so the timeline counts video frames."""
+
+    exact = False
+    pixels = False                    # not the video's pixels: no drift measure on them
+    status = {"mode": "latent_preview"}
+
+    def __init__(self, family):
+        self.family, self.fed = family, 0
+
+    def push(self, z: torch.Tensor) -> torch.Tensor:
+        if not z.shape[2]:
+            return _empty()
+        fam = self.family
+        rgb = rgb_preview(z.cpu(), fam.latent_format())
+        rgb = rgb.repeat_interleave(fam.spatial_stride, 1).repeat_interleave(fam.spatial_stride, 2)
+        counts = torch.full((z.shape[2],), fam.temporal_stride)
+        if fam.causal_vae and self.fed == 0:
+            counts[0] = 1                # a causal VAE's first latent is one frame
+        self.fed += z.shape[2]
+        return rgb.repeat_interleave(counts, 0)
+
+    def flush(self) -> torch.Tensor:
+        return _empty()
+
+
 class RedecodeStreamDecoder:
     """Each piece decoded by `vae.decode` together with up to `context` latents before it, whose
     frames are dropped. Not the whole video's decode for causal VAEs (the cache restarts at the
     context), so `exact` is False."""
 
     exact = False
+    pixels = True
     status = {"mode": "approximate"}
 
     def __init__(self, vae, first_frames: int = 1, frames_per_latent: int = 4, context: int = 4):
@@ -76,6 +117,7 @@ class SlabStreamDecoder:
     tiles do not overlap (MAGI-1's)."""
 
     exact = True
+    pixels = True
     status = {"mode": "exact"}
 
     def __init__(self, vae, slab: int):
@@ -99,6 +141,7 @@ class WanStreamDecoder:
     memory the piece needs, cast to the VAE's dtype and device, process the output."""
 
     exact = True
+    pixels = True
 
     def __init__(self, vae):
         import comfy.ldm.wan.vae as wan_vae
@@ -158,6 +201,8 @@ class CheckedStreamDecoder:
     """A stream decoder whose first piece is checked against `vae.decode` of the same latents; on a
     difference above EXACT_TOLERANCE it warns once and hands over to `fallback()` for the rest of
     the run. `status` says which decode the video got ({"mode": exact | approximate, "max_abs"})."""
+
+    pixels = True
 
     def __init__(self, decoder, vae, fallback):
         self.decoder, self.vae, self.fallback = decoder, vae, fallback

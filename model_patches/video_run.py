@@ -30,7 +30,7 @@ from ..cache_core.drift import DriftAnchor, DriftMeter, anchor_latent, latent_st
 from ..cache_core.errors import InputError, ModelFamilyError
 from ..cache_core.record import CACHE_WRAPPER_KEY
 from ..cache_core.run_report import RunReport
-from .vae_stream import decode_whole
+from .vae_stream import PreviewStreamDecoder, decode_whole
 
 
 @dataclass
@@ -148,8 +148,9 @@ class VideoRun:
     def run(self, on_call=None) -> tuple[torch.Tensor, dict]:
         """(video latent, report). on_call(call, x0, x): after every model call (previews, progress)."""
         report = self.new_report(**self.report_fields())
-        if self.sink is not None and self.req.vae is not None:
-            self.decoder = self.family.stream_decoder(self.req.vae)
+        if self.sink is not None:
+            self.decoder = self.family.stream_decoder(self.req.vae) if self.req.vae is not None else \
+                PreviewStreamDecoder(self.family) if self.family.latent_format.latent_rgb_factors else None
         try:
             with report.installed(self.model.model_options["transformer_options"]):
                 video = self._generate(report, on_call)
@@ -262,7 +263,8 @@ class VideoRun:
         else:
             n = int(frames.shape[0])
             if n:
-                self.drift.add(frames.movedim(-1, 1))    # what was decoded anyway: no second decode
+                if self.decoder.pixels:
+                    self.drift.add(frames.movedim(-1, 1))    # what was decoded anyway: no second decode
                 if self.sink is not None:
                     self.sink(frames, piece)
         if not n:

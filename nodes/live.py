@@ -247,8 +247,9 @@ class LiveViewNode(io.ComfyNode):
             category="ARCache/sampling",
             description=(
                 "Watch the video while the Streaming AR Sampler makes it, and switch its prompt as it runs. "
-                "Connect to the sampler's live input (and its vae): each finished block (SkyReels-V2-DF async) or "
-                "chunk (MAGI-1) is decoded at once and played in a player on the sampler node. Buttons on the "
+                "Connect to the sampler's live input: each finished block (SkyReels-V2-DF async) or chunk (MAGI-1) "
+                "is decoded at once with the sampler's vae and played in a player on the sampler node (without a "
+                "vae, SkyReels-V2-DF shows the latent preview's colours instead; MAGI-1 needs the vae). Buttons on the "
                 "player switch to one of the prompts given here; the switch applies at the sampler's next block "
                 "start (SkyReels-V2-DF; sync windows: the next window) or the next chunk entering the window "
                 "(MAGI-1), and the report's `switches` log lets replay reproduce the run exactly."),

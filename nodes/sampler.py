@@ -138,7 +138,7 @@ class StreamingSamplerNode(io.ComfyNode):
                                  tooltip="With a vae: write every frame to a fragmented mp4 in the output folder the moment it is final (playable while it grows). An interrupted run keeps what was written as <name>_interrupted.mp4."),
                 io.String.Input("filename_prefix", default="ARCache/video", optional=True,
                                 tooltip="Where save_video writes, relative to ComfyUI's output folder."),
-                LiveType.Input("live", optional=True, tooltip="A Live View: watch the video in a player on this node while it is made, and switch prompts as it runs. Needs the vae."),
+                LiveType.Input("live", optional=True, tooltip="A Live View: watch the video in a player on this node while it is made, and switch prompts as it runs. Frames are decoded with the vae (SkyReels-V2-DF without one: latent preview colours)."),
             ],
             outputs=[
                 io.Latent.Output(display_name="LATENT", tooltip="The whole video's latents (raw, in the model's VAE layout); decode with VAEDecode and the same VAE."),
@@ -166,8 +166,9 @@ class StreamingSamplerNode(io.ComfyNode):
         validate(width, height, length, schedule, vae, start_image, prefix, end_image, family)
         if save_video and vae is None:
             raise InputError("save_video", "needs a vae: connect the model's VAE")
-        if live is not None and vae is None:
-            raise InputError("live", "shows decoded frames: connect the model's VAE to the sampler's vae input")
+        if live is not None and vae is None and family.latent_format.latent_rgb_factors is None:
+            raise InputError("live", f"shows decoded frames, and {family.title} latents have no preview colours: "
+                             "connect the model's VAE to the sampler's vae input")
         if anchor is not None and anchor.image is not None and vae is None:
             raise InputError("anchor", "has an image, which the sampler encodes with its vae: connect the model's VAE, "
                              "or take the image out of the Drift Anchor to anchor to the first window/chunk")

@@ -92,6 +92,20 @@ def magi_nodes(*, length: int, extra_inputs: dict | None = None, text: str | Non
     }
 
 
+def live(clip_encoder: str, texts: list[str], clip_extra: dict | None = None) -> dict:
+    """A Live View on the sampler, switching among the sampler's prompt and `texts`."""
+    nodes = {f"steer_{i}": (clip_encoder, dict(text=t, **(clip_extra or {})), {"clip": ("clip", 0)})
+             for i, t in enumerate(texts, start=2)}
+    slots = {"prompt_1": ("pos", 0), **{f"prompt_{i}": (f"steer_{i}", 0) for i in range(2, len(texts) + 2)}}
+    nodes["slots"] = ("ARCachePromptSchedule", {}, slots)
+    nodes["live"] = ("ARCacheLiveView", dict(replay="", view_size=512, ring_frames=720), {"prompts": ("slots", 0)})
+    return nodes
+
+
+STEER_TEXTS = ["The red kite climbs into golden sunset clouds above the hill, cinematic, detailed.",
+               "A thunderstorm rolls in over the hill, rain and lightning around the red kite, cinematic."]
+
+
 def workflows(info: dict) -> dict[str, dict]:
     unet13 = {"unet": ("UNETLoader", dict(unet_name=DF_13B, weight_dtype="default"), {})}
     image = {"image": ("LoadImage", dict(image="example.png"), {})}
@@ -111,6 +125,10 @@ def workflows(info: dict) -> dict[str, dict]:
         out["magi1_v2v"] = {**extend_src, **magi_nodes(length=241, extra_inputs={"prefix_latent": ("encode", 0)})}
         # The references' MAGI-1 settings: FlowCache with full-history attention at 16 steps (FC-M
         # sample/vbench), MotionCache at 64 steps (its token phase starts after 25 steps per chunk).
+        magi_live = magi_nodes(length=24 * 40, extra_inputs={"live": ("live", 0)})
+        magi_live["sampler"][1].update(save_video=True, filename_prefix="ARCache/magi1_live")
+        out["magi1_t2v_live"] = {**magi_live, **live("ARCacheMagiTextEncode", STEER_TEXTS,
+                                                     dict(special_tokens="special_tokens.npz"))}
         out["magi1_t2v_flowcache"] = {
             **magi_nodes(length=241, model_from="flowcache", schedule=dict(kv_range="all")),
             "flowcache": ("ARCacheFlowCache", dict(rel_l1_thresh=0.01, warmup_steps=5, coefficients="none"),
@@ -125,6 +143,9 @@ def workflows(info: dict) -> dict[str, dict]:
                                             **sampler_nodes("flowcache", length=737, async_mode=True), **heatmap()}
         out["skyreels_df_i2v_flowcache"] = {**unet13, **image, **flowcache("unet"), **sampler_nodes(
             "flowcache", length=257, async_mode=True, extra_inputs={"start_image": ("image", 0)}), **heatmap()}
+        df_live = sampler_nodes("flowcache", length=1457, async_mode=True, extra_inputs={"live": ("live", 0)})
+        df_live["sampler"][1].update(save_video=True, filename_prefix="ARCache/skyreels_df_live")
+        out["skyreels_df_t2v_live"] = {**unet13, **flowcache("unet"), **df_live, **live("CLIPTextEncode", STEER_TEXTS)}
     if "ARCacheMotionCache" in info:
         out["skyreels_df_t2v_motioncache"] = {**unet13, **motioncache("unet"),
                                               **sampler_nodes("motioncache", length=737, async_mode=True), **heatmap()}

@@ -5,7 +5,9 @@
 - docs/screenshots/<workflow>.png: the main shipped workflows as ComfyUI's real web frontend
   draws them (Debian's Chromium, as in the frontend tests), the whole graph in view;
 - docs/screenshots/heatmap.png: MotionCache's compute heatmap over a toy-world video (every
-  second latent frame of the first windows: preview colours on top, heatmap below).
+  second latent frame of the first windows: preview colours on top, heatmap below);
+- docs/screenshots/live_view.png: the live view playing a toy-world video while it is generated
+  (queued from the page, captured mid-run).
 """
 from __future__ import annotations
 
@@ -45,8 +47,40 @@ def heatmap_sheet(server: ComfyServer, path: Path) -> None:
             sheet.paste(im.convert("RGB"), (c * w, r * h))
     sheet.save(path)
 
+def live_view_shot(server: ComfyServer, fe: Frontend, path: Path) -> None:
+    """The player on the sampler node, mid-run, on the toy world (queued from the page itself; no
+    VAE for toy latents, so the player shows the latent preview's colours)."""
+    from build_workflows import to_ui
+    server.add_model(TOY, "diffusion_models")
+    graph = {
+        "unet": ("UNETLoader", dict(unet_name=TOY.name, weight_dtype="default"), {}),
+        "pos": ("ARCacheEmptyConditioning", dict(value=0.0), {}),
+        "other": ("ARCacheEmptyConditioning", dict(value=1.0), {}),
+        "schedule": ("ARCacheDFSchedule", dict(window_frames=29, overlap_frames=5, ar_step=2, causal_block_size=2,
+                                               addnoise_condition=0, solver="unipc", shift=0.0, fps=16,
+                                               prefix_mode="latent"), {}),
+        "slots": ("ARCachePromptSchedule", {}, {"prompt_1": ("pos", 0), "prompt_2": ("other", 0)}),
+        "live": ("ARCacheLiveView", dict(replay="", view_size=256, ring_frames=720), {"prompts": ("slots", 0)}),
+        "sampler": ("ARCacheStreamingSampler",
+                    dict(width=128, height=128, length=241, seed=3, steps=12, cfg=1.0, save_video=False,
+                         filename_prefix="ARCache/docs_live"),
+                    {"model": ("unet", 0), "positive": ("pos", 0), "negative": ("pos", 0),
+                     "schedule": ("schedule", 0), "live": ("live", 0)}),
+    }
+    fe.load(to_ui(graph, server.object_info()), "live_view.json")
+    fe.page.evaluate(FIT)
+    fe.page.evaluate("""async () => {
+        const t0 = performance.now();
+        await app.queuePrompt(0, 1);
+        const run = () => Object.values(window.ARCacheLive?.runs ?? {}).find(r => r.startedAt >= t0);
+        while (!(run() && run().drawn >= 40)) await new Promise(r => setTimeout(r, 50));
+    }""")
+    fe.page.evaluate(FIT)
+    fe.screenshot(str(path))
+
+
 SHOTS = ("skyreels_df_t2v_flowcache", "skyreels_df_t2v_motioncache", "skyreels_df_i2v_flowcache",
-         "skyreels_df_extend_video", "magi1_t2v")
+         "skyreels_df_extend_video", "magi1_t2v", "skyreels_df_t2v_live", "magi1_t2v_live")
 FIT = """() => {
     let x0 = 1e9, y0 = 1e9, x1 = -1e9, y1 = -1e9;
     for (const n of app.graph._nodes) {
@@ -72,6 +106,8 @@ def main() -> int:
         with Frontend(server.url) as fe:
             heatmap_sheet(server, out / "screenshots" / "heatmap.png")
             print(f"wrote {out / 'screenshots' / 'heatmap.png'}")
+            live_view_shot(server, fe, out / "screenshots" / "live_view.png")
+            print(f"wrote {out / 'screenshots' / 'live_view.png'}")
             for name in SHOTS:
                 wf = json.loads((REPO / "workflows" / f"{name}.json").read_text())
                 fe.load(wf, f"{name}.json")

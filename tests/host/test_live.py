@@ -237,3 +237,19 @@ def test_replay_that_does_not_fit_the_run_is_a_named_error(comfy):
     g, _ = df_live(length=33, replay="not json")
     with pytest.raises(ComfyError, match="Live View, replay: is not JSON"):
         comfy.run(g.prompt)
+
+
+def test_without_a_vae_the_player_gets_latent_preview_frames(comfy):
+    from tools.comfy_server import ComfyError
+    g, sid = streaming_graph(UNET13, length=33, seed=31, steps=3, schedule=ASYNC, save_prefix=unique())
+    add_live(g, sid)
+    with Events(comfy) as ev:
+        report = report_of(comfy.run(g.prompt), sid)
+        ev.wait_for("arcache.live.end")
+    assert report["stream_decode"] == {"mode": "latent_preview"}
+    assert sum(m["count"] for m in ev.of("arcache.live.frames")) == 33          # one per video frame
+    assert report["drift"] is None                            # preview colours are not the video: not measured
+    g, sid = magi_graph(length=24, steps=4, save_prefix=unique())
+    add_live(g, sid)
+    with pytest.raises(ComfyError, match="live: shows decoded frames, and MAGI-1 latents have no preview"):
+        comfy.run(g.prompt)
