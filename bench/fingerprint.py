@@ -76,7 +76,7 @@ def cached(model, name, extra=None):
     return flowcache_patch.apply_flowcache(model, FlowCacheConfig(**kw), skip=skip, attention=attention)
 
 
-TIMES = ("seconds", "ttff_s", "sustained_fps", "realtime_factor", "startup_delay_s")
+TIMES = ("seconds", "ttff_s", "ttff_queue_s", "stream_seconds", "sustained_fps", "realtime_factor", "startup_delay_s")
 
 
 def numbers(report: dict) -> dict:

@@ -51,6 +51,7 @@ class Family:
     check_vae: Callable              # a VAE -> None, or an InputError when it is another family's
     stream_decoder: Callable         # its VAE -> a stream decoder (model_patches/vae_stream.py)
     causal_vae: bool = True          # 4k+1 pixel frames per k+1 latents (Wan); else 4k per k (MAGI-1)
+    piece: str = "window"            # what users read for one emitted piece of its runs
     patch: int = 2                   # latent pixels per transformer token, each way
 
     def token_grid(self, latent_h: int, latent_w: int) -> tuple[int, int]:
@@ -158,7 +159,7 @@ MAGI1 = Family(
     coefficients=_magi_coefficients,
     prepare_sampling=lambda model_patcher, schedule: {}, new_cache_run=MagiCacheRun, check_cache_spec=magi_check_spec,
     indicator_scale=lambda dm, coefficients: "magi", check_vae=_magi_check_vae,
-    stream_decoder=lambda vae: SlabStreamDecoder(vae, DECODE_TILE[0]), causal_vae=False)
+    stream_decoder=lambda vae: SlabStreamDecoder(vae, DECODE_TILE[0]), causal_vae=False, piece="chunk")
 
 FAMILIES: dict[str, Family] = {WAN21.name: WAN21, MAGI1.name: MAGI1}
 

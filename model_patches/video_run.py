@@ -140,7 +140,7 @@ class VideoRun:
 
     def new_report(self, **fields) -> RunReport:
         return RunReport(windows=len(self.plans), model_calls=0, calls_per_window=list(self.calls_per_segment),
-                         steps=self.steps, latent_frames=0, ttff_s=None, ttff_calls=None, emissions=[],
+                         steps=self.steps, latent_frames=0, ttff_s=None, ttff_calls=None, emissions=[], stream_seconds=0.0,
                          transformer_flops=0.0,
                          transformer_flops_vanilla=0.0, cache=None, **fields)
 
@@ -230,8 +230,7 @@ class VideoRun:
     def check_finite(self, latent: torch.Tensor, index: int) -> None:
         """A finished piece must be finite: a NaN video is an error, not a result (one sync per piece)."""
         if not bool(torch.isfinite(latent).all()):
-            piece = "window" if self.family.causal_vae else "chunk"
-            raise InputError("model", f"{piece} {index + 1} of {len(self.plans)} came out NaN or infinite. Likely "
+            raise InputError("model", f"{self.family.piece} {index + 1} of {len(self.plans)} came out NaN or infinite. Likely "
                              "causes: the checkpoint holds non-finite weights (a damaged or converted file: download it "
                              "again), or the compute dtype overflows (fp16 on a model trained in bf16: choose "
                              "weight_dtype default or bf16)")
@@ -252,8 +251,10 @@ class VideoRun:
         `calls`: model calls (DF) or forward steps (MAGI-1) run so far."""
         if self._shown_head is not None:
             latents, self._shown_head = torch.cat([self._shown_head, latents], 2), None
+        t0 = time.perf_counter()
         frames = self.decoder.push(latents) if self.decoder is not None else None
         self._hand_over(frames, latents.shape[2], data, calls, piece)
+        data["stream_seconds"] += time.perf_counter() - t0
 
     def _hand_over(self, frames, n_latents: int, data: dict, calls: int, piece) -> None:
         before = self.family.pixel_frames(self._latents_out) if self._latents_out else 0

@@ -175,15 +175,15 @@ class StreamingSamplerNode(io.ComfyNode):
         node_id = cls.hidden.unique_id
         positives = list(prompt_schedule or [positive])
         fps = schedule.fps or 24
-        session = open_session(live, positives, node_id, fps, None)
+        writer = StreamingVideoWriter(video_path(filename_prefix, width, height), fps) if save_video else None
+        session = open_session(live, positives, node_id, fps, None)     # closed in the finally below
         req = VideoRequest(width=width, height=height, length=length, seed=seed, steps=steps, cfg=cfg,
                            schedule=schedule, positives=positives, negative=negative, vae=vae, start_image=start_image,
                            prefix_latent=prefix, end_image=end_image, anchor=anchor,
                            steering=None if session is None else session.steering)
-        writer = StreamingVideoWriter(video_path(filename_prefix, width, height), fps) if save_video else None
 
         def on_window(plan, n):
-            progress_text(f"{'window' if family.causal_vae else 'chunk'} {plan.index + 1}/{n} done", node_id)
+            progress_text(f"{family.piece} {plan.index + 1}/{n} done", node_id)
 
         status, report = "error", None
         try:
@@ -194,8 +194,7 @@ class StreamingSamplerNode(io.ComfyNode):
                                  session and session.frames) if f]
             if sinks:
                 run.sink = lambda frames, piece: [f(frames, piece) for f in sinks]
-            progress_text(f"{len(run.plans)} {'windows' if family.causal_vae else 'chunks'}, {total} model calls",
-                          node_id)
+            progress_text(f"{len(run.plans)} {family.piece}s, {total} model calls", node_id)
             video, report = run.run(on_call=lambda call, x0, x: preview(call, x0, x, total))
             ago = queued_seconds_ago()
             if ago is not None and report["ttff_s"] is not None:   # queue -> node start -> first frame

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tools.comfy_server import ComfyServer  # noqa: E402
 from tools.frontend import Frontend  # noqa: E402
-from tools.graphs import streaming_graph  # noqa: E402
+from tools.graphs import live_graph, streaming_graph  # noqa: E402
 from tools.node_reference import render  # noqa: E402
 
 TOY = REPO / "toy_world" / "weights" / "toy_world_df.safetensors"
@@ -52,21 +52,9 @@ def live_view_shot(server: ComfyServer, fe: Frontend, path: Path) -> None:
     VAE for toy latents, so the player shows the latent preview's colours)."""
     from build_workflows import to_ui
     server.add_model(TOY, "diffusion_models")
-    graph = {
-        "unet": ("UNETLoader", dict(unet_name=TOY.name, weight_dtype="default"), {}),
-        "pos": ("ARCacheEmptyConditioning", dict(value=0.0), {}),
-        "other": ("ARCacheEmptyConditioning", dict(value=1.0), {}),
-        "schedule": ("ARCacheDFSchedule", dict(window_frames=29, overlap_frames=5, ar_step=2, causal_block_size=2,
-                                               addnoise_condition=0, solver="unipc", shift=0.0, fps=16,
-                                               prefix_mode="latent"), {}),
-        "slots": ("ARCachePromptSchedule", {}, {"prompt_1": ("pos", 0), "prompt_2": ("other", 0)}),
-        "live": ("ARCacheLiveView", dict(replay="", view_size=256, ring_frames=720), {"prompts": ("slots", 0)}),
-        "sampler": ("ARCacheStreamingSampler",
-                    dict(width=128, height=128, length=241, seed=3, steps=12, cfg=1.0, save_video=False,
-                         filename_prefix="ARCache/docs_live"),
-                    {"model": ("unet", 0), "positive": ("pos", 0), "negative": ("pos", 0),
-                     "schedule": ("schedule", 0), "live": ("live", 0)}),
-    }
+    graph = live_graph(TOY.name, width=128, height=128, length=241, steps=12, seed=3,
+                       schedule=dict(window_frames=29, ar_step=2, causal_block_size=2, addnoise_condition=0, fps=16,
+                                     prefix_mode="latent"))
     fe.load(to_ui(graph, server.object_info()), "live_view.json")
     fe.page.evaluate(FIT)
     fe.page.evaluate("""async () => {
@@ -77,6 +65,10 @@ def live_view_shot(server: ComfyServer, fe: Frontend, path: Path) -> None:
     }""")
     fe.page.evaluate(FIT)
     fe.screenshot(str(path))
+    fe.page.evaluate("""async () => {      // the run ends before the next screenshots (no progress overlay)
+        const runs = Object.values(window.ARCacheLive.runs);
+        while (runs.some(r => r.ended === null)) await new Promise(r => setTimeout(r, 100));
+    }""")
 
 
 SHOTS = ("skyreels_df_t2v_flowcache", "skyreels_df_t2v_motioncache", "skyreels_df_i2v_flowcache",

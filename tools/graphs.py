@@ -82,3 +82,28 @@ def magi_graph(model: str = TINY_MAGI, *, width=64, height=64, length=33, seed=0
                     width=width, height=height, length=length, seed=seed, steps=steps, cfg=cfg, **extra)
     g.add("SaveLatent", samples=g.out(sampler), filename_prefix=save_prefix)
     return g, sampler
+
+
+def live_graph(unet: str, *, vae: str | None = None, width=64, height=64, length=201, steps=6, seed=7,
+               schedule: dict | None = None, view_size=256) -> dict:
+    """A SkyReels-V2-DF run with a Live View of two prompts, in build_workflows' compact UI form
+    ({key: (type, widgets, links)}), for pages that queue it themselves (tests, docs)."""
+    sch = dict(DF_SCHEDULE_DEFAULTS, window_frames=17, overlap_frames=5, ar_step=1, causal_block_size=1)
+    sch.update(schedule or {})
+    graph = {
+        "unet": ("UNETLoader", dict(unet_name=unet, weight_dtype="default"), {}),
+        "pos": ("ARCacheEmptyConditioning", dict(value=0.0), {}),
+        "other": ("ARCacheEmptyConditioning", dict(value=2.0), {}),
+        "schedule": ("ARCacheDFSchedule", sch, {}),
+        "slots": ("ARCachePromptSchedule", {}, {"prompt_1": ("pos", 0), "prompt_2": ("other", 0)}),
+        "live": ("ARCacheLiveView", dict(replay="", view_size=view_size, ring_frames=720), {"prompts": ("slots", 0)}),
+        "sampler": ("ARCacheStreamingSampler",
+                    dict(width=width, height=height, length=length, seed=seed, steps=steps, cfg=1.0, save_video=False,
+                         filename_prefix="ARCache/live"),
+                    {"model": ("unet", 0), "positive": ("pos", 0), "negative": ("pos", 0),
+                     "schedule": ("schedule", 0), "live": ("live", 0)}),
+    }
+    if vae:
+        graph["vae"] = ("VAELoader", dict(vae_name=vae), {})
+        graph["sampler"][2]["vae"] = ("vae", 0)
+    return graph

@@ -135,6 +135,8 @@ def test_file_plays_while_it_grows_and_has_every_frame(comfy):
 
 def test_interrupted_run_keeps_a_playable_partial_file(comfy):
     import av
+    short, _ = df_live(length=33)
+    before = latent_of(comfy, comfy.run(short.prompt), short)
     g, sid = df_live(length=801, steps=10, save_video=True)
     name = g.prompt[sid]["inputs"]["filename_prefix"].split("/")[-1]
     with Events(comfy) as ev:
@@ -150,6 +152,8 @@ def test_interrupted_run_keeps_a_playable_partial_file(comfy):
     with av.open(str(kept[0])) as c:
         frames = sum(1 for _ in c.decode(video=0))
     assert 1 <= frames < 801
+    short, _ = df_live(length=33)                               # the next live run is a clean one
+    assert torch.equal(latent_of(comfy, comfy.run(short.prompt), short), before)
 
 
 def steer(comfy, body, raw: bytes | None = None, headers=None):

@@ -381,3 +381,20 @@ def test_decode_returns_5d_frames_in_unit_range(vae, net):
     assert tiled.shape == (1, 8, 48, 64, 3) and tiled.min() >= 0 and tiled.max() <= 1
     enc = vae.encode_tiled(images[0], tile_x=32, tile_y=32, overlap=8, tile_t=4)
     assert enc.shape == (1, 16, 2, 6, 8)
+
+
+@pytest.mark.parametrize("pieces", [[6, 6, 6, 6], [4, 4, 4, 4, 4, 4], [1, 5, 7, 11]])
+def test_stream_decoder_equals_the_whole_decode(vae, pieces):
+    """MAGI-1's stream decoder (whole temporal tiles from the video's first frame, a remainder held
+    back) gives VAEDecode's frames bit for bit, however the latents arrive."""
+    vae_stream = pack("model_patches.vae_stream")
+    z = torch.randn(1, 16, sum(pieces), 6, 8, generator=torch.Generator().manual_seed(3))
+    whole = vae.decode(z)
+    whole = whole.reshape(-1, *whole.shape[-3:]).float()
+    dec = vae_stream.SlabStreamDecoder(vae, mv.DECODE_TILE[0])
+    out, at = [], 0
+    for n in pieces:
+        out.append(dec.push(z[:, :, at:at + n]))
+        at += n
+    out.append(dec.flush())
+    assert torch.equal(torch.cat([o for o in out if o.shape[0]]), whole)      # held-back pieces give no frames

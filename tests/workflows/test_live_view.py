@@ -10,6 +10,7 @@ import pytest
 
 from build_workflows import to_ui
 from tools.frontend import CHROMIUM, Frontend
+from tools.graphs import live_graph
 
 UNET13, VAE = "tiny_skyreels_df_1.3b_layout.safetensors", "tiny_wan21_vae.safetensors"
 
@@ -22,26 +23,6 @@ def frontend(comfy):
         raise RuntimeError(f"no {CHROMIUM}: `apt-get install chromium`, or set ARCACHE_SKIP_BROWSER=1")
     with Frontend(comfy.url) as fe:
         yield fe
-
-
-def live_graph(length: int) -> dict:
-    """A tiny SkyReels-V2-DF run with a Live View of two prompts, in build_workflows' compact form."""
-    return {
-        "unet": ("UNETLoader", dict(unet_name=UNET13, weight_dtype="default"), {}),
-        "pos": ("ARCacheEmptyConditioning", dict(value=0.0), {}),
-        "other": ("ARCacheEmptyConditioning", dict(value=2.0), {}),
-        "vae": ("VAELoader", dict(vae_name=VAE), {}),
-        "schedule": ("ARCacheDFSchedule", dict(window_frames=17, overlap_frames=5, ar_step=1, causal_block_size=1,
-                                               addnoise_condition=20, solver="unipc", shift=0.0, fps=24,
-                                               prefix_mode="auto"), {}),
-        "slots": ("ARCachePromptSchedule", {}, {"prompt_1": ("pos", 0), "prompt_2": ("other", 0)}),
-        "live": ("ARCacheLiveView", dict(replay="", view_size=256, ring_frames=720), {"prompts": ("slots", 0)}),
-        "sampler": ("ARCacheStreamingSampler",
-                    dict(width=64, height=64, length=length, seed=7, steps=6, cfg=1.0, save_video=False,
-                         filename_prefix="ARCache/live_browser"),
-                    {"model": ("unet", 0), "positive": ("pos", 0), "negative": ("pos", 0),
-                     "schedule": ("schedule", 0), "vae": ("vae", 0), "live": ("live", 0)}),
-    }
 
 
 PLAY_AND_STEER = """async () => {
@@ -73,7 +54,7 @@ PLAY_AND_STEER = """async () => {
 
 def test_player_shows_frames_while_running_and_steers(frontend, comfy, tmp_path):
     info = comfy.object_info()
-    wf = to_ui(live_graph(length=201), info)
+    wf = to_ui(live_graph(UNET13, vae=VAE, length=201), info)
     got = frontend.load(wf, "live_view_test.json")
     assert got["missing"] == []
     result = frontend.page.evaluate(PLAY_AND_STEER)
