@@ -10,7 +10,7 @@
    give), the emission timeline, sustained frames/s, real-time factor and stall-free start-up
    delay; uncached and FlowCache; and the same jobs without a sink, for the streaming overhead.
    Wall times on a shared 2-core machine: the ratios within one round are what to read.
-3. Peak memory of a streamed run at 1 and 5 windows (flat in length).
+3. Peak memory of a process streaming 5 and 10 windows (flat in length); `--memory-only` re-measures it.
 
 Writes bench/results/stream.json and stream.md.
 """
@@ -51,6 +51,43 @@ SHIPPED = dict(window_frames=97, overlap_frames=17, ar_step=5, causal_block_size
 SYNC = dict(window_frames=97, overlap_frames=17, ar_step=0, causal_block_size=1)
 
 
+H100_BF16 = 989e12               # dense bf16 peak, FLOP/s
+MFU = 0.4                        # the share of it a well-tuned DiT forward reaches (an assumption, said so)
+
+
+def realtime_rows() -> list[dict]:
+    """Computed (no GPU here): uncached transformer FLOPs per second of video and the real-time
+    factor on one H100 at MFU, from the pack's FLOP model and the shipped schedules. MAGI-1: each
+    chunk walks its steps against about 4.5 chunks of keys (the default key ranges) and 800 text
+    tokens; base models ~2 guidance passes on average."""
+    fl = pack("cache_core.flops")
+
+    def df_flops(shape, w, h, steps=30, branches=2, seconds=60, fps=24):
+        fam, sch = families.WAN21, SHIPPED
+        wl, ol = fam.latent_frames(sch["window_frames"]), fam.latent_frames(sch["overlap_frames"])
+        plans = df_schedule.plan_windows(fam.latent_frames(seconds * fps - 3), wl, ol, sch["causal_block_size"])
+        tpf, total = fl.tokens_per_frame(h, w), 0
+        for p in plans:
+            frames = (0 if p.index == 0 else ol) + p.new_frames + p.pad_frames
+            rows = df_schedule.window_rows(p.new_frames + p.pad_frames, steps, sch["ar_step"], sch["causal_block_size"])
+            total += rows * fl.window_flops(shape, frames * tpf, frames, batch=branches)
+        return total / seconds
+
+    def magi_flops(shape, w, h, steps=16, passes=1, seconds=60):
+        lq, chunks = fl.tokens_per_frame(h, w) * 6, seconds          # a chunk: 6 latents, 24 frames = 1 s
+        return chunks * steps * passes * fl.magi_chunk_flops(shape, lq, int(lq * 4.5), 800) / seconds
+
+    rows = [("SkyReels-V2-DF-1.3B 960x544, 30 steps, cfg 6", df_flops(fl.DiTShape.wan_1_3b(), 960, 544)),
+            ("SkyReels-V2-DF-1.3B 832x480, 30 steps, cfg 6", df_flops(fl.DiTShape.wan_1_3b(), 832, 480)),
+            ("SkyReels-V2-DF-14B 960x544, 30 steps, cfg 6", df_flops(fl.DiTShape.wan_14b(), 960, 544)),
+            ("SkyReels-V2-DF-14B 1280x720, 30 steps, cfg 6", df_flops(fl.DiTShape.wan_14b(), 1280, 720)),
+            ("MAGI-1 4.5B distill 720x720, 16 steps", magi_flops(fl.MagiShape.magi_4_5b(), 720, 720)),
+            ("MAGI-1 24B distill 720x720, 16 steps", magi_flops(fl.MagiShape.magi_24b(), 720, 720)),
+            ("MAGI-1 4.5B base 720x720, 64 steps", magi_flops(fl.MagiShape.magi_4_5b(), 720, 720, 64, 2))]
+    return [{"model": m, "pflop_per_video_second": f / 1e15, "realtime_factor_h100": f / (H100_BF16 * MFU)}
+            for m, f in rows]
+
+
 def first_frame_calls(sch: dict, steps: int, length: int) -> dict:
     """Model calls until the first generated frame is final: chunk emission vs window emission."""
     fam = families.WAN21
@@ -67,7 +104,7 @@ def first_frame_calls(sch: dict, steps: int, length: int) -> dict:
             "windows": len(plans), "calls": sum(per_window)}
 
 
-def job(cache: str, sink: bool, vae, out: Path, steps: int, length: int):
+def job(cache: str, sink: bool, vae, out: Path, steps: int, length: int, after_piece=None):
     """One run; returns its report (and wall) with or without the file + live-view sink."""
     model = methods.with_method(JOB["model"], "flowcache" if cache == "flowcache" else "uncached",
                                 0.1 if cache == "flowcache" else None)
@@ -81,6 +118,8 @@ def job(cache: str, sink: bool, vae, out: Path, steps: int, length: int):
     def both(frames, piece):
         writer.write(frames)
         session.frames(frames, piece)
+        if after_piece is not None:
+            after_piece(piece)
     t0 = time.perf_counter()
     try:
         run = families.new_video_run(model, req, sink=both if sink else None, t_start=t0)
@@ -97,17 +136,37 @@ def job(cache: str, sink: bool, vae, out: Path, steps: int, length: int):
 JOB: dict = {}
 
 
-def memory(vae, out: Path) -> list[dict]:
-    """Peak resident memory of a streamed run (file + live view) at 1 and 5 windows: flat in length."""
+def memory() -> list[dict]:
+    """Resident memory of a whole process that streams one run (file + live view, uncached, 3 steps:
+    decode-heavy) of 5 and of 10 windows, each in a fresh process (the allocator's history of other
+    jobs does not count): the level after each emitted piece (first and last window) and the peak.
+    The level is what grows if anything is kept per frame; the peak moves by the allocator's
+    transients."""
+    import subprocess
     rows = []
-    for length in (97, 417, 97):                 # the first short run warms up; the second is reported
-        rss0 = psutil.Process().memory_info().rss / 2**20
-        with methods.PeakRSS() as mem:
-            report, wall = job("uncached", True, vae, out, 10, length)
-        rows.append({"frames": length, "windows": report["windows"], "wall_s": wall,
-                     "peak_rss_growth_mb": mem.peak / 2**20 - rss0})
-        print(f"memory {length} frames: peak RSS +{rows[-1]['peak_rss_growth_mb']:.0f} MB", flush=True)
-    return rows[1:]
+    for length in (417, 817):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(length)], capture_output=True,
+                             text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"memory {length} frames: {rows[-1]}", flush=True)
+    return rows
+
+
+def memory_child(length: int) -> None:
+    import resource
+    from make_tiny_checkpoints import write_all
+    tiny = write_all(tempfile.mkdtemp(prefix="arcache_stream_"), seed=0)
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(tiny["vae"]))
+    JOB["model"] = methods.load_unet(TOY)
+    levels: dict = {}
+    proc = psutil.Process()
+    report, wall = job("uncached", True, vae, Path(tempfile.mkdtemp(prefix="arcache_stream_out_")), 3, length,
+                       after_piece=lambda piece: levels.setdefault(piece, []).append(proc.memory_info().rss / 2**20))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024          # KiB on Linux
+    windows = sorted(levels)
+    print(json.dumps({"frames": length, "windows": report["windows"], "wall_s": wall, "peak_rss_mb": peak,
+                      "rss_first_window_mb": statistics.median(levels[windows[0]]),
+                      "rss_last_window_mb": statistics.median(levels[windows[-1]])}))
 
 
 def main() -> int:
@@ -115,7 +174,19 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--length", type=int, default=177, help="pixel frames (177: 2 windows of the shipped geometry)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--memory-only", action="store_true", help="re-measure only the memory rows of stream.json")
+    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    results = REPO / "bench" / "results"
+    if a.memory_child is not None:
+        memory_child(a.memory_child)
+        return 0
+    if a.memory_only:
+        result = json.loads((results / "stream.json").read_text())
+        result["memory"] = memory()
+        (results / "stream.json").write_text(json.dumps(result, indent=1) + "\n")
+        (results / "stream.md").write_text(markdown(result))
+        return 0
     torch.manual_seed(0)
     from make_tiny_checkpoints import write_all
     tiny = write_all(tempfile.mkdtemp(prefix="arcache_stream_"), seed=0)
@@ -156,11 +227,10 @@ def main() -> int:
             "wall_s": statistics.median(w for _, w in streamed), "frames": sum(e[2] for e in rep["emissions"]),
             "stream_share": statistics.median(r["stream_seconds"] / w for r, w in streamed),
         })
-    result = {"arithmetic": arithmetic, "measured": rows, "memory": memory(vae, out),
+    result = {"arithmetic": arithmetic, "realtime": realtime_rows(), "measured": rows, "memory": memory(),
               "setup": {"model": "toy_world_df (128x128)", "schedule": SHIPPED, "steps": a.steps, "length": a.length,
                         "rounds": a.rounds, "vae": "tiny random Wan 2.1 VAE", "device": "cpu",
                         "threads": torch.get_num_threads()}}
-    results = REPO / "bench" / "results"
     (results / "stream.json").write_text(json.dumps(result, indent=1) + "\n")
     (results / "stream.md").write_text(markdown(result))
     print((results / "stream.md").read_text())
@@ -179,6 +249,10 @@ def markdown(result: dict) -> str:
              "| schedule | chunk emission | window emission | ratio |", "|---|---|---|---|"]
     for name, r in result["arithmetic"].items():
         lines.append(f"| {name} | {r['chunk_calls']} | {r['window_calls']} | {r['ratio']:.2f} |")
+    lines += ["", f"## Real-time factor on one H100, computed ({MFU:.0%} of the dense bf16 peak; uncached)", "",
+              "| model, setting | PFLOP per video second | real-time factor |", "|---|---|---|"]
+    lines += [f"| {r['model']} | {r['pflop_per_video_second']:.1f} | {r['realtime_factor_h100']:.0f} |"
+              for r in result["realtime"]]
     lines += ["", "## Measured (toy, CPU)", "",
               "| cache | TTFF s | first window complete s | TTFF / window | calls before first frame | sustained frames/s "
               "| real-time factor | stall-free start-up delay s | streaming overhead (wall with / without sink) "
@@ -189,9 +263,10 @@ def markdown(result: dict) -> str:
                      f"{r['ttff_over_window']:.2f} | {r['ttff_calls']} of {r['first_window_calls']} | "
                      f"{r['sustained_fps']:.2f} | {r['realtime_factor']:.1f} | {r['startup_delay_s']:.2f} | "
                      f"{r['overhead']:.3f} | {r['stream_share']:.2f} |")
-    lines += ["", "Peak resident memory while streaming (uncached, 10 steps, file + live view): "
-              + ", ".join(f"{m['frames']} frames ({m['windows']} windows): +{m['peak_rss_growth_mb']:.0f} MB"
-                          for m in result["memory"]) + "."]
+    lines += ["", "Resident memory of a fresh process streaming one run (uncached, 3 steps, file + live view), "
+              "after each emitted piece in the first / last window, and its peak: " + "; ".join(
+                  f"{m['frames']} frames ({m['windows']} windows): {m['rss_first_window_mb']:.0f} / "
+                  f"{m['rss_last_window_mb']:.0f} MB, peak {m['peak_rss_mb']:.0f} MB" for m in result["memory"]) + "."]
     r = result["measured"][0]
     lines += ["", f"Emission timeline, uncached ([piece, first frame, frames, seconds from start]): "
               + ", ".join(str(e) for e in r["emissions"]), ""]

@@ -288,9 +288,16 @@ class DFRun(VideoRun):
             self.piece_done(plan.index)
             # History for the next window: the tail of the video so far, as latents or re-encoded
             # (upstream decodes each window on its own, its causal VAE restarting at the prefix).
-            if self.overlap_lat and plan is not self.plans[-1]:
-                if self.mode == "reencode_pixels":
-                    window_px = decode_latents(req.vae, out[:, :, :P + plan.new_frames])
+            # Without a stream (no sink) that decode is also what the drift measure sees, as before.
+            last = plan is self.plans[-1]
+            window_px = None
+            if self.mode == "reencode_pixels" and (self.decoder is None or (self.overlap_lat and not last)):
+                window_px = decode_latents(req.vae, out[:, :, :P + plan.new_frames])
+                if self.decoder is None:
+                    own = fam.pixel_frames(P) if P and not (plan.index == 0 and req.start_image is not None) else 0
+                    self.measure_drift(window_px[own:])
+            if self.overlap_lat and not last:
+                if window_px is not None:
                     prefix = encode_frames(req.vae, window_px[-sch.overlap_frames:])[:, :, :self.overlap_lat]
                 else:
                     prefix = torch.cat(([self.head_latent] if self.head_latent is not None else []) + generated,

@@ -37,9 +37,9 @@ class Mailbox:
             return slot
 
 
-def parse_replay(text: str, slots: int) -> dict[int, int] | None:
+def parse_replay(text: str, slots: int) -> dict[tuple[int, int], int] | None:
     """A steered run's switches, from its report (the whole JSON or its "switches" list), as
-    {call: slot}; None for an empty text. Named errors for anything else."""
+    {(call, piece): slot}; None for an empty text. Named errors for anything else."""
     text = (text or "").strip()
     if not text:
         return None
@@ -54,14 +54,14 @@ def parse_replay(text: str, slots: int) -> dict[int, int] | None:
         raise InputError("replay", f"holds no switches list: {fix}")
     out = {}
     for entry in data:
-        call = entry.get("call") if isinstance(entry, dict) else None
-        slot = entry.get("slot") if isinstance(entry, dict) else None
-        if not isinstance(call, int) or not isinstance(slot, int) or call < 0:
-            raise InputError("replay", f"entry {entry!r} is not a switch {{\"call\": int, \"slot\": int}}: {fix}")
+        call, piece, slot = (entry.get(k) if isinstance(entry, dict) else None for k in ("call", "piece", "slot"))
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in (call, piece, slot)):
+            raise InputError("replay", f"entry {entry!r} is not a switch {{\"call\": int, \"piece\": int, "
+                             f"\"slot\": int}}: {fix}")
         if not 0 <= slot < slots:
             raise InputError("replay", f"switches to prompt slot {slot}, but the live view has {slots} prompt(s) "
                              "(slots count from 0): give it the same prompts as the logged run")
-        out[call] = slot
+        out[(call, piece)] = slot
     return out
 
 
@@ -69,7 +69,7 @@ class Steering:
     """The switches of one run (see the module docstring). `active` is the slot in use (None: the
     sampler's own prompt or storyboard); `log` the switches applied, as the report keeps them."""
 
-    def __init__(self, slots: list, replay: dict[int, int] | None = None, mailbox: Mailbox | None = None,
+    def __init__(self, slots: list, replay: dict[tuple[int, int], int] | None = None, mailbox: Mailbox | None = None,
                  on_switch=None):
         self.slots, self.replay = slots, replay
         self.mailbox = mailbox if replay is None else None      # a replay takes no live requests
@@ -82,7 +82,7 @@ class Steering:
     def at_boundary(self, call: int, piece: int) -> bool:
         """A point where a switch may take effect; True when the prompt changes from this call on."""
         if self.replay is not None:
-            slot = self.replay.pop(call, None)
+            slot = self.replay.pop((call, piece), None)
         else:
             slot = self.mailbox.take() if self.mailbox is not None else None
         if slot is None or slot == self.active:
@@ -98,7 +98,7 @@ class Steering:
     def check_replayed(self) -> None:
         """At the end of a replay: every logged switch must have met a boundary."""
         if self.replay:
-            calls = ", ".join(str(c) for c in sorted(self.replay))
+            calls = ", ".join(str(c) for c, _ in sorted(self.replay))
             raise InputError("replay", f"switches at call(s) {calls} never met a point where a prompt can change: "
                              "the logged run had other settings (schedule, steps, length); replay it with the same ones")
 

@@ -118,6 +118,8 @@ class VideoRun:
         self.decoder = None                       # the family's stream decoder while a run with a sink lasts
         self._shown_head = None                   # latents shown before the first piece (an i2v start frame)
         self._latents_out = 0                     # output latent frames handed over so far
+        self._head_owed = 0                       # frames of an extended video the decoder still owes
+        self._piece_frames: list = []             # decoded frames of the piece being finished (drift)
         self.model = model.clone()
         self.heat = None
         self.plans: list = []
@@ -156,6 +158,7 @@ class VideoRun:
                 video = self._generate(report, on_call)
             self._hand_over(self.decoder.flush() if self.decoder is not None else None, 0, report.data,
                             report.data["model_calls"], piece=None)
+            self.measure_drift()               # frames a decoder held back to the end
             if self.decoder is not None:
                 report.data["stream_decode"] = dict(self.decoder.status)
             if self.req.steering is not None:
@@ -238,12 +241,27 @@ class VideoRun:
     def show_head(self, latents: torch.Tensor, shown: bool) -> None:
         """Latents that precede the generated ones in the output video: a start image's frame, shown
         with the first piece; or the video being extended, decoded only to carry the stream
-        decoder's state (its frames are the user's own video, not shown again)."""
+        decoder's state (its frames are the user's own video, not shown again: a decoder that held
+        part of it back owes those frames, which are dropped when they come)."""
         if shown:
             self._shown_head = latents
-        elif self.decoder is not None:
-            self.decoder.push(latents)
-            self._latents_out += latents.shape[2]
+            return
+        n = latents.shape[2]
+        if self.decoder is not None:
+            self.keep_loaded()
+            owed = self._pixel_frames(self._latents_out + n) - self._pixel_frames(self._latents_out)
+            self._head_owed = owed - int(self.decoder.push(latents).shape[0])
+        self._latents_out += n
+
+    def _pixel_frames(self, latents: int) -> int:
+        return self.family.pixel_frames(latents) if latents else 0
+
+    def keep_loaded(self) -> None:
+        """Before a decode during sampling: the VAE loaded next to the sampling model, so making room
+        for it never unloads the model mid-run (ComfyUI keeps the models of one load call)."""
+        vae = self.req.vae
+        if vae is not None and hasattr(vae, "patcher"):
+            comfy.model_management.load_models_gpu([self.model, vae.patcher])
 
     def emit(self, latents: torch.Tensor, data: dict, piece: int, calls: int) -> None:
         """The output video's next raw latents [1, C, n, h, w] are final (they never change again):
@@ -252,20 +270,26 @@ class VideoRun:
         if self._shown_head is not None:
             latents, self._shown_head = torch.cat([self._shown_head, latents], 2), None
         t0 = time.perf_counter()
-        frames = self.decoder.push(latents) if self.decoder is not None else None
+        frames = None
+        if self.decoder is not None:
+            self.keep_loaded()
+            frames = self.decoder.push(latents)
         self._hand_over(frames, latents.shape[2], data, calls, piece)
         data["stream_seconds"] += time.perf_counter() - t0
 
     def _hand_over(self, frames, n_latents: int, data: dict, calls: int, piece) -> None:
-        before = self.family.pixel_frames(self._latents_out) if self._latents_out else 0
+        before = self._pixel_frames(self._latents_out)
         self._latents_out += n_latents
         if frames is None:              # nothing decoded: the frames these latents will give
-            n = (self.family.pixel_frames(self._latents_out) if self._latents_out else 0) - before
+            n = self._pixel_frames(self._latents_out) - before
         else:
+            if self._head_owed:         # the extended video's own last frames, held back until now
+                cut = min(self._head_owed, int(frames.shape[0]))
+                frames, self._head_owed = frames[cut:], self._head_owed - cut
             n = int(frames.shape[0])
             if n:
                 if self.decoder.pixels:
-                    self.drift.add(frames.movedim(-1, 1))    # what was decoded anyway: no second decode
+                    self._piece_frames.append(frames)     # the drift measure takes each piece whole
                 if self.sink is not None:
                     self.sink(frames, piece)
         if not n:
@@ -277,8 +301,18 @@ class VideoRun:
         if data["ttff_s"] is None:
             data["ttff_s"], data["ttff_calls"] = t, calls
 
+    def measure_drift(self, frames: torch.Tensor | None = None) -> None:
+        """One segment (a window's or chunk's new frames) into the drift measure: the frames given,
+        or those the stream decoded since the last segment (what was decoded anyway: no second decode)."""
+        if frames is None and self._piece_frames:
+            frames = torch.cat(self._piece_frames)
+        self._piece_frames = []
+        if frames is not None and frames.shape[0]:
+            self.drift.add(frames.movedim(-1, 1))
+
     def piece_done(self, index: int) -> None:
-        """Window or chunk `index` is finished (progress text)."""
+        """Window or chunk `index` is finished: its drift segment, the progress text."""
+        self.measure_drift()
         if self.on_window is not None:
             self.on_window(self.plans[index], len(self.plans))
 

@@ -62,18 +62,21 @@ class LiveRun:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, jpegs: list[bytes]) -> int:
+        """A piece's frames; older frames leave the ring beyond `ring_frames`, never the new piece's
+        own (the player has not been told of them yet)."""
         with self.lock:
             first = self.emitted
             for data in jpegs:
                 self.frames[self.emitted] = data
                 self.emitted += 1
-            while len(self.frames) > self.ring_frames:
+            while len(self.frames) > self.ring_frames and next(iter(self.frames)) < first:
                 self.frames.popitem(last=False)
             return first
 
-    def frame(self, index: int) -> bytes | None:
+    def frame(self, index: int) -> tuple[bytes | None, int]:
+        """(the frame's JPEG or None, the oldest frame held)."""
         with self.lock:
-            return self.frames.get(index)
+            return self.frames.get(index), next(iter(self.frames), 0)
 
 
 class Registry:
@@ -113,8 +116,10 @@ def server():
 
 
 def send(event: str, data: dict, client_id) -> None:
+    """To the client that queued the prompt only (ComfyUI would broadcast a None client id to every
+    tab, token included; a prompt queued without one gets no events, as ComfyUI's own)."""
     srv = server()
-    if srv is not None:
+    if srv is not None and client_id is not None:
         srv.send_sync(f"arcache.live.{event}", data, client_id)
 
 
@@ -187,9 +192,9 @@ async def get_frame(request):
         index = int(request.match_info.get("frame", ""))
     except ValueError:
         return _error(400, "frame must be a whole number")
-    data = live.frame(index)
+    data, oldest = live.frame(index)
     if data is None:
-        return _error(404, f"frame {index} is not held (frames {min(live.frames, default=0)}..{live.emitted - 1})")
+        return _error(404, f"frame {index} is not held (frames {oldest}..{live.emitted - 1})")
     return web.Response(body=data, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
 
@@ -199,7 +204,7 @@ async def post_steer(request):
         return _error(413, f"the body must be JSON of at most {MAX_BODY} bytes, with a Content-Length")
     try:
         body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return _error(400, 'the body is not JSON; send {"run": ..., "token": ..., "slot": <prompt number from 0>}')
     if not isinstance(body, dict):
         return _error(400, 'the body must be a JSON object {"run": ..., "token": ..., "slot": ...}')

@@ -69,8 +69,9 @@ def queued_seconds_ago() -> float | None:
 
 def chunk_preview(model, total: int):
     """The per-call progress callback: the family's latent-to-RGB preview of the frame being finished
-    (SkyReels-V2-DF), or for a family without preview factors (MAGI-1) the last decoded frame,
-    which changes once per emitted chunk. Returns (callback, sink for decoded frames)."""
+    (SkyReels-V2-DF), or for a family without preview factors (MAGI-1) the last decoded frame when
+    the run decodes for a file or a Live View (it changes once per chunk). Returns (callback, sink
+    for decoded frames)."""
     if model.model.latent_format.latent_rgb_factors is not None:
         return latent_preview.prepare_callback(model, total), None
     pbar = comfy.utils.ProgressBar(total)
@@ -111,8 +112,9 @@ class StreamingSamplerNode(io.ComfyNode):
                 "has its own noise level, each window continues from the last frames of the previous "
                 "one), MAGI-1 chunk by chunk (up to 4 chunks of 24 frames denoised at staggered noise "
                 "levels, finished chunks kept in a K/V cache). One progress bar over the whole video; "
-                "with a VAE, each finished window or chunk is decoded at once and can be written to disk "
-                "before the next starts. Connect a FlowCache or MotionCache node before it (SkyReels-V2-DF) "
+                "every frame is handed over the moment it is final (an async block at its last step, a "
+                "MAGI-1 chunk), decoded with the vae into exactly the frames VAEDecode gives, written to an "
+                "mp4 you can play while it grows, and shown in a Live View. Connect a FlowCache or MotionCache node before it (SkyReels-V2-DF) "
                 "to skip redundant work."),
             inputs=[
                 io.Model.Input("model", tooltip="A SkyReels-V2-DF model (Wan 2.1 t2v layout) from UNETLoader, optionally through a cache node, or a MAGI-1 model from MAGI-1 Model Loader."),
@@ -129,7 +131,7 @@ class StreamingSamplerNode(io.ComfyNode):
                                tooltip="Classifier-free guidance scale (SkyReels-V2-DF: 6 upstream, 1 skips the negative pass). MAGI-1 base models: the text guidance scale (7.5 upstream); distilled models ignore it."),
                 ARSchedule.Input("schedule", optional=True, tooltip="Diffusion Forcing Schedule (SkyReels-V2-DF) or MAGI-1 Schedule; upstream's defaults when empty."),
                 ARPrompts.Input("prompt_schedule", optional=True, tooltip="Per-window prompts (storyboard); overrides positive."),
-                io.Vae.Input("vae", optional=True, tooltip="The model's VAE (Wan 2.1 VAE, or MAGI-1 VAE Loader): needed for start/end images, pixel re-encoded history and streaming to file."),
+                io.Vae.Input("vae", optional=True, tooltip="The model's VAE (Wan 2.1 VAE, or MAGI-1 VAE Loader): needed for start/end images, pixel re-encoded history, streaming to file and the Live View's frames (MAGI-1: with a file or a Live View, also its preview)."),
                 io.Image.Input("start_image", optional=True, tooltip="First frame (image-to-video). Needs the vae."),
                 io.Latent.Input("prefix_latent", optional=True, tooltip="A video's latents to continue (video extension; MAGI-1 v2v: whole 6-latent chunks go into the K/V cache, the rest is written over the first chunk's frames); the output includes them."),
                 io.Image.Input("end_image", optional=True, tooltip="Last frame to steer towards (appended clean to the last window; SkyReels-V2-DF only). Needs the vae."),
@@ -190,8 +192,10 @@ class StreamingSamplerNode(io.ComfyNode):
             run = family.run(model, req, family, dm, on_window=on_window, t_start=t_start)
             total = run.total_calls
             preview, keep_last = chunk_preview(run.model, total)
-            sinks = [f for f in (writer and (lambda frames, piece: writer.write(frames)), keep_last,
+            sinks = [f for f in (writer and (lambda frames, piece: writer.write(frames)),
                                  session and session.frames) if f]
+            if sinks and keep_last:     # MAGI-1's preview: a frame decoded anyway, never a decode of its own
+                sinks.append(keep_last)
             if sinks:
                 run.sink = lambda frames, piece: [f(frames, piece) for f in sinks]
             progress_text(f"{len(run.plans)} {family.piece}s, {total} model calls", node_id)

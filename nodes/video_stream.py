@@ -43,9 +43,11 @@ class StreamingVideoWriter:
         self.frames += len(arr)
 
     def _finish(self) -> None:
-        for packet in self.stream.encode():
-            self.container.mux(packet)
-        self.container.close()
+        try:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+        finally:
+            self.container.close()
 
     def close(self) -> str:
         if self.container is not None:
@@ -59,7 +61,7 @@ class StreamingVideoWriter:
             return None
         try:
             self._finish()
-        except Exception:        # a half-closed container: the fragments written so far still play
-            pass
-        os.replace(self.partial, self.interrupted)
+            os.replace(self.partial, self.interrupted)
+        except Exception:        # never mask why the run stopped; the fragments written so far still play
+            return self.partial if os.path.exists(self.partial) else None
         return self.interrupted

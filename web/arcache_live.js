@@ -8,8 +8,14 @@ const runs = {};                       // run id -> player state (also read by t
 window.ARCacheLive = { runs };
 
 function graphNode(id) {
-  const last = String(id).split(":").pop();          // subgraph paths end with the node's own id
-  return app.graph?.getNodeById?.(Number(last)) ?? app.graph?.getNodeById?.(last);
+  // a node inside a subgraph has a path id ("5:12"): look in the graph on screen, then the root;
+  // only a Streaming AR Sampler gets the player, never an unrelated node with the same number
+  const last = String(id).split(":").pop();
+  for (const graph of [app.canvas?.graph, app.graph]) {
+    const node = graph?.getNodeById?.(Number(last)) ?? graph?.getNodeById?.(last);
+    if (node && (node.comfyClass ?? node.type) === "ARCacheStreamingSampler") return node;
+  }
+  return null;
 }
 
 function playerFor(node) {
@@ -59,9 +65,15 @@ async function steer(run, slot) {
 }
 
 function tick(run) {
+  if (run.failed.has(run.drawn)) {               // a frame the server no longer holds: skip it
+    run.failed.delete(run.drawn);
+    run.drawn += 1;
+    return;
+  }
   const img = run.loaded.get(run.drawn);
   if (!img) {                                    // waiting for the generator: a stall
     if (run.drawn > 0 && !run.ended) run.stalls += 1;
+    if (run.ended && run.drawn >= run.emitted) { clearInterval(run.timer); run.timer = null; }
     return;
   }
   const c = run.player.canvas;
@@ -77,7 +89,7 @@ api.addEventListener("arcache.live.start", ({ detail }) => {
   const node = graphNode(detail.node);
   const run = runs[detail.run] = {
     id: detail.run, token: detail.token, node: detail.node, fps: detail.fps || 24, slots: detail.slots,
-    emitted: 0, drawn: 0, loaded: new Map(), stalls: 0, switches: [], requests: [], ended: null,
+    emitted: 0, drawn: 0, loaded: new Map(), failed: new Set(), stalls: 0, switches: [], requests: [], ended: null,
     startedAt: performance.now(), firstDrawnAt: null, player: node ? playerFor(node) : null,
   };
   for (const other of Object.values(runs)) {
@@ -106,6 +118,7 @@ api.addEventListener("arcache.live.frames", ({ detail }) => {
   for (let i = detail.first; i < detail.first + detail.count; i++) {
     const img = new Image();
     img.onload = () => { run.loaded.set(i, img); };
+    img.onerror = () => { run.failed.add(i); };
     img.src = api.apiURL(`/arcache/live/${run.id}/${i}.jpg?token=${encodeURIComponent(run.token)}`);
   }
   render(run);

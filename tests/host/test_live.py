@@ -214,6 +214,7 @@ def test_steer_route_refuses_bad_requests_and_changes_nothing(comfy):
             (None, b"{not json", 400),
             (None, b"[1, 2]", 400),
             (None, b'{"pad": "' + b"x" * 20000 + b'"}', 413),
+            (None, b"[" * 16000, 400),                                     # nested too deep for the parser
         ]
         for body, raw, want in cases:
             status, answer = steer(comfy, body, raw)
@@ -232,14 +233,17 @@ def test_steer_route_refuses_bad_requests_and_changes_nothing(comfy):
 
 def test_replay_that_does_not_fit_the_run_is_a_named_error(comfy):
     from tools.comfy_server import ComfyError
-    g, _ = df_live(length=33, values=[0.0, 2.0], replay=json.dumps([{"call": 10 ** 6, "slot": 1}]))
+    g, _ = df_live(length=33, values=[0.0, 2.0], replay=json.dumps([{"call": 10 ** 6, "piece": 0, "slot": 1}]))
     with pytest.raises(ComfyError, match="replay: switches at call"):
         comfy.run(g.prompt)
-    g, _ = df_live(length=33, values=[0.0, 2.0], replay=json.dumps([{"call": 3, "slot": 5}]))
+    g, _ = df_live(length=33, values=[0.0, 2.0], replay=json.dumps([{"call": 3, "piece": 0, "slot": 5}]))
     with pytest.raises(ComfyError, match="replay: switches to prompt slot 5"):
         comfy.run(g.prompt)
     g, _ = df_live(length=33, replay="not json")
     with pytest.raises(ComfyError, match="Live View, replay: is not JSON"):
+        comfy.run(g.prompt)
+    g, _ = df_live(length=33, replay=json.dumps([{"call": 3, "slot": 1}]))       # no piece: not a logged switch
+    with pytest.raises(ComfyError, match="replay: entry .* is not a switch"):
         comfy.run(g.prompt)
 
 
@@ -257,3 +261,33 @@ def test_without_a_vae_the_player_gets_latent_preview_frames(comfy):
     add_live(g, sid)
     with pytest.raises(ComfyError, match="live: shows decoded frames, and MAGI-1 latents have no preview"):
         comfy.run(g.prompt)
+
+
+@pytest.mark.parametrize("family", ["skyreels_df", "magi1"])
+def test_extension_streams_only_the_new_frames(comfy, family):
+    """Continuing a video whose latents do not fill the MAGI-1 VAE's 3-frame tiles (17 frames -> 5
+    latents): the decoder holds part of the user's video back, and those frames must not reach the
+    player; what does is VAEDecode of the output after the given video."""
+    from tools.media import write_test_video
+    write_test_video(comfy.base_dir / "input" / "live_prefix17.mp4", frames=17)
+    if family == "skyreels_df":
+        g, sid = streaming_graph(UNET13, length=21, seed=31, steps=3, vae=VAE, schedule=ASYNC, save_prefix=unique())
+    else:
+        g, sid = magi_graph(length=48, steps=4, vae="tiny_magi1_vae.safetensors", save_prefix=unique())
+    vae = g.prompt[sid]["inputs"]["vae"]
+    frames = g.add("GetVideoComponents", video=g.out(g.add("LoadVideo", file="live_prefix17.mp4")))
+    g.prompt[sid]["inputs"]["prefix_latent"] = g.out(g.add("VAEEncode", pixels=g.out(frames), vae=vae))
+    add_live(g, sid)
+    tensor = decoded_to_file(g, sid)
+    with Events(comfy) as ev:
+        entry = comfy.run(g.prompt)
+        ev.wait_for("arcache.live.end")
+    video = torch.load(str(comfy.base_dir / "output" / tensor))
+    start = ev.of("arcache.live.start")[0]
+    given = 17 if family == "skyreels_df" else 20            # the given video's frames in VAEDecode's output
+    total = sum(m["count"] for m in ev.of("arcache.live.frames"))
+    assert total == video.shape[0] - given > 0
+    for i in range(total):
+        status, body = http(frame_url(comfy, start["run"], i, start["token"]))
+        assert status == 200 and body == jpeg_of(video[given + i]), f"frame {i}"
+    assert sum(e[2] for e in report_of(entry, sid)["emissions"]) == total

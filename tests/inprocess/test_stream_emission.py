@@ -106,3 +106,13 @@ def test_anchored_windows_stream_the_anchored_video(model, vae):
     assert len(latents) == report["windows"]                # whole windows: the anchor needs them
     assert torch.equal(torch.cat([lat for lat, _ in latents], 2), video)
     assert torch.equal(frames, decoded(vae, video))
+
+
+def test_live_ring_keeps_a_whole_piece_even_when_it_is_larger_than_the_ring():
+    live = pack("nodes.live")
+    run = live.LiveRun(run="r", token="t", node="1", client_id=None, slots=1, steerable=True, fps=24, ring_frames=16)
+    assert run.add([b"a"] * 24) == 0
+    assert all(run.frame(i)[0] == b"a" for i in range(24))       # announced next: all still held
+    assert run.add([b"b"] * 24) == 24
+    assert run.frame(23)[0] is None and run.frame(24) == (b"b", 24)
+    assert all(run.frame(i)[0] == b"b" for i in range(24, 48))
