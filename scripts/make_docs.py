@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tools.comfy_server import ComfyServer  # noqa: E402
-from tools.frontend import Frontend  # noqa: E402
+from tools.frontend import READY, Frontend  # noqa: E402
 from tools.graphs import live_graph, streaming_graph  # noqa: E402
 from tools.node_reference import render  # noqa: E402
 
@@ -65,10 +65,12 @@ def live_view_shot(server: ComfyServer, fe: Frontend, path: Path) -> None:
     }""")
     fe.page.evaluate(FIT)
     fe.screenshot(str(path))
-    fe.page.evaluate("""async () => {      // the run ends before the next screenshots (no progress overlay)
+    fe.page.evaluate("""async () => {      // the run ends before the next screenshots
         const runs = Object.values(window.ARCacheLive.runs);
         while (runs.some(r => r.ended === null)) await new Promise(r => setTimeout(r, 100));
     }""")
+    fe.page.reload(wait_until="load")          # no "job completed" toast over the next screenshots
+    fe.page.wait_for_function(READY, timeout=120_000)
 
 
 SHOTS = ("skyreels_df_t2v_flowcache", "skyreels_df_t2v_motioncache", "skyreels_df_i2v_flowcache",
