@@ -263,7 +263,7 @@ class LiveViewNode(io.ComfyNode):
                                 tooltip="The prompts the player can switch to (a Prompt Schedule list). Empty: the sampler's prompt_schedule, or its positive."),
                 io.String.Input("replay", default="", multiline=True, optional=True,
                                 tooltip="Reproduce a steered run: paste its report's `switches` list (or the whole report). Empty: steer live."),
-                io.Int.Input("view_size", default=512, min=64, max=4096, step=16, optional=True,
+                io.Int.Input("view_size", default=512, min=16, max=4096, optional=True,
                              tooltip="Longest side of the frames sent to the player, in pixels (the file keeps full size)."),
                 io.Int.Input("ring_frames", default=720, min=16, max=100000, optional=True,
                              tooltip="How many recent frames the player can still fetch (JPEGs kept in memory)."),
