@@ -218,10 +218,13 @@ class VideoRun:
         per-channel statistics. With an image (`image_latent`) the anchor is the image's, for the
         whole video; otherwise it is the first piece of the current prompt, which itself stays as
         generated, and a new prompt (another conditioning than the anchored piece's) re-anchors to
-        its own first piece, so the anchor never pulls a new scene back to the old one."""
+        its own first piece (a prompt switched in the Live View as well), so the anchor never pulls a
+        new scene back to the old one."""
         if not self.anchoring:
             return latent
         prompt = self.req.positives[min(index, len(self.req.positives) - 1)]
+        if self.req.steering is not None:          # a steered prompt is a new prompt too
+            prompt = self.req.steering.prompt(prompt)
         if image_latent is not None:
             if self._anchor is None:
                 self._anchor = (None, latent_stats(image_latent))

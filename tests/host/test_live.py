@@ -291,3 +291,21 @@ def test_extension_streams_only_the_new_frames(comfy, family):
         status, body = http(frame_url(comfy, start["run"], i, start["token"]))
         assert status == 200 and body == jpeg_of(video[given + i]), f"frame {i}"
     assert sum(e[2] for e in report_of(entry, sid)["emissions"]) == total
+
+
+def test_a_steered_prompt_re_anchors_the_drift_anchor(comfy):
+    """The Drift Anchor leaves the first window of every prompt as generated and pulls the later ones
+    to it: a prompt switched in the Live View is a new prompt too, so with the anchor at full strength
+    and a switch at window 1, windows 0 and 1 equal the unanchored run's and window 2 does not."""
+    def run(anchor: bool):
+        g, sid = streaming_graph(UNET13, length=41, seed=33, steps=3, schedule=dict(window_frames=17, overlap_frames=5,
+                                 prefix_mode="latent"), save_prefix=unique())
+        add_live(g, sid, values=[0.0, 2.0], replay=json.dumps([{"call": 3, "piece": 1, "slot": 1}]))
+        if anchor:
+            g.prompt[sid]["inputs"]["anchor"] = g.out(g.add("ARCacheDriftAnchor", strength=1.0))
+        entry = comfy.run(g.prompt)
+        assert len(report_of(entry, sid)["switches"]) == 1
+        return latent_of(comfy, entry, g)
+    plain, anchored = run(False), run(True)
+    assert torch.equal(plain[:, :, :8], anchored[:, :, :8])           # windows 0 (5 frames) and 1 (3 frames)
+    assert not torch.allclose(plain[:, :, 8:], anchored[:, :, 8:])
