@@ -34,6 +34,12 @@ Measured, every time CUDA-synchronised (the median of a few calls after a warm-u
   Per call: `store.bytes_allocated()`, `store.peak_bytes`, torch.cuda.memory_allocated /
   max_memory_allocated above the model + inputs.
 - Memory for every case (store bytes, store peak, CUDA peak above the model and inputs).
+- stream: the live stream's decode, a Wan 2.1 VAE at full width (dim 96, random weights) through
+  the pack's stream decoder one async block at a time against ComfyUI's whole decode of the same
+  latents (max difference, share of identical uint8 pixels: the CPU tests prove them bit for bit),
+  seconds per latent frame and the VAE's peak memory; and the shipped long async schedule's TTFF,
+  block period, sustained frames/s and real-time factor computed from the measured 1.3B window
+  call and block decode.
 
 The 14B repeats the key numbers (uncached, FlowCache patterns, async K/V, restructure) at the
 largest window/batch whose K/V fits the free memory (its full-window K/V at batch 2 is ~84 GB);
@@ -766,6 +772,59 @@ def bench_magi(b: Bench, dims: dict, lat_hw, reps: int) -> dict:
     return out
 
 
+def bench_stream(b: Bench, lat_hw, reps: int, t_call_s) -> dict:
+    """The live stream's decode at real size: a Wan 2.1 VAE (dim 96, random weights) through the
+    pack's stream decoder, one async block (5 latent frames) at a time, against ComfyUI's whole
+    decode of the same latents (the equality the CPU tests prove bit for bit, here on the device);
+    seconds per latent frame, the VAE's peak memory; then, from the 1.3B window call measured
+    above, the shipped long async schedule's TTFF and sustained frames/s (computed from measured
+    parts: calls x call time + the block decodes)."""
+    torch = b.torch
+    import comfy.sd
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_tiny_checkpoints import tiny_vae_tensors
+    vae_stream = importlib.import_module("arcache_pack.model_patches.vae_stream")
+    base_dim = 8 if b.args.tiny else 96
+    sd = tiny_vae_tensors(None, seed=1, base_dim=base_dim)
+    m0 = b.mem_base()
+    vae = comfy.sd.VAE(sd=sd)
+    weights = b.mem_since(m0)
+    g = torch.Generator().manual_seed(0)
+    blocks, per = 4, CHUNK_FRAMES
+    z = torch.randn(1, IN_DIM, 1 + blocks * per, *lat_hw, generator=g)
+    m0 = b.mem_base()
+    t_whole, whole = b.timed(lambda: vae_stream.decode_whole(vae, z))
+    whole_mem = b.mem_since(m0)
+    times, pieces = [], []
+    dec = vae_stream.WanStreamDecoder(vae)
+    m0 = b.mem_base()
+    for i, (lo, hi) in enumerate([(0, 1 + per)] + [(1 + k * per, 1 + (k + 1) * per) for k in range(1, blocks)]):
+        dt, frames = b.timed(lambda lo=lo, hi=hi: dec.push(z[:, :, lo:hi]))
+        times.append(dt / (hi - lo))
+        pieces.append(frames)
+    stream_mem = b.mem_since(m0)
+    stream = torch.cat(pieces)
+    diff = (stream - whole).abs()
+    q_equal = ((stream * 255).round() == (whole * 255).round()).float().mean().item()
+    out = {"vae_dim": base_dim, "latent_hw": list(lat_hw), "latent_frames": int(z.shape[2]), "weights": weights,
+           "whole_decode_s": t_whole, "whole_decode_memory": whole_mem, "stream_memory": stream_mem,
+           "stream_s_per_latent_frame": median(times[1:]) if len(times) > 1 else times[0],
+           "first_piece_s_per_latent_frame": times[0], "max_abs_diff_vs_vaedecode": diff.max().item(),
+           "uint8_identical_fraction": q_equal, "frames": int(stream.shape[0]),
+           "vae_memory_estimate_bytes": vae.memory_used_decode((1, IN_DIM, per, *lat_hw), vae.vae_dtype)}
+    if t_call_s:                       # the shipped long async schedule: 30 steps, blocks of 5, ar_step 5
+        dec_block = out["stream_s_per_latent_frame"] * per
+        first = 30 * t_call_s + dec_block                      # the first block is final after 30 calls
+        period = 5 * t_call_s + dec_block                      # then a block every 5 calls
+        out["shipped_async_computed"] = {
+            "window_call_s": t_call_s, "ttff_s": first, "block_period_s": period,
+            "sustained_fps": 4 * per / period, "realtime_factor": period / (4 * per / 24.0),
+            "decode_share": dec_block / period,
+            "note": "computed from the measured window call (batch 2: cfg > 1) and block decode; not a sampler run"}
+    del vae, dec
+    return out
+
+
 def plan_large(b: Bench, dims: dict, lat_hw, t_per_flop: float, free_bytes, weight_bytes):
     """Largest (frames, batch) whose K/V + activations fit, and whose minimum run fits the time."""
     cands = [(25, 2), (25, 1), (20, 1), (15, 1), (10, 1)] if not b.args.tiny else [(25, 2)]
@@ -991,6 +1050,12 @@ def main(argv=None) -> int:
             results["errors"]["14B"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
             results["models"].setdefault("14B", {})["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
         b.free()
+
+    # ---- the live stream's decode (Wan 2.1 VAE at full width, random weights) ---------------------
+    stream_where = results["models"].setdefault("stream", {"_tag": "stream"})
+    b.stage(stream_where, "stream", bench_stream, b, lat, max(1, min(args.reps, 3)),
+            (small.get("uncached") or {}).get("median_s"))
+    b.write()
 
     # ---- MAGI-1 at 4.5B dimensions (random weights) ------------------------------------------------
     magi_where = results["models"].setdefault("MAGI-1-4.5B", {"_tag": "MAGI-1-4.5B"})

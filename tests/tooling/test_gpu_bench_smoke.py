@@ -108,3 +108,14 @@ def test_magi_stage(result):
     assert all(positive(r["median_s"]) for r in m["per_chunk"]) and positive(m["window"]["median_s"])
     assert m["sdpa"]["rel_err_vs_fp32"] < 1e-5          # fp32 on CPU; bf16 on a GPU is ~1e-3
     assert any(r["case"].startswith("chunk vs") for r in result["table"])
+
+
+def test_stream_stage(result):
+    """The live stream's decode at the device: the stream decoder's frames against VAEDecode's (bit
+    for bit on CPU), seconds per latent frame, and the shipped schedule's TTFF computed from them."""
+    s = result["models"]["stream"]["stream"]
+    assert s["frames"] == 4 * (s["latent_frames"] - 1) + 1
+    assert s["max_abs_diff_vs_vaedecode"] == 0.0 and s["uint8_identical_fraction"] == 1.0
+    assert positive(s["stream_s_per_latent_frame"]) and positive(s["whole_decode_s"])
+    shipped = s["shipped_async_computed"]
+    assert shipped["ttff_s"] > shipped["block_period_s"] > 0 and 0 < shipped["decode_share"] < 1
