@@ -120,6 +120,7 @@ class VideoRun:
         self._latents_out = 0                     # output latent frames handed over so far
         self._head_owed = 0                       # frames of an extended video the decoder still owes
         self._piece_frames: list = []             # decoded frames of the piece being finished (drift)
+        self._last_latent = None                  # the last latent frame emitted (on_window's preview)
         self.model = model.clone()
         self.heat = None
         self.plans: list = []
@@ -272,6 +273,7 @@ class VideoRun:
         `calls`: model calls (DF) or forward steps (MAGI-1) run so far."""
         if self._shown_head is not None:
             latents, self._shown_head = torch.cat([self._shown_head, latents], 2), None
+        self._last_latent = latents[:, :, -1:]
         t0 = time.perf_counter()
         frames = None
         if self.decoder is not None:
@@ -314,10 +316,11 @@ class VideoRun:
             self.drift.add(frames.movedim(-1, 1))
 
     def piece_done(self, index: int) -> None:
-        """Window or chunk `index` is finished: its drift segment, the progress text."""
+        """Window or chunk `index` is finished: its drift segment, then on_window(plan, pieces, the
+        last latent frame emitted) (progress text, a preview)."""
         self.measure_drift()
         if self.on_window is not None:
-            self.on_window(self.plans[index], len(self.plans))
+            self.on_window(self.plans[index], len(self.plans), self._last_latent)
 
 
 def stream_summary(emissions: list, fps: float) -> dict:

@@ -14,7 +14,7 @@ import folder_paths
 import latent_preview
 
 from ..model_patches import families
-from ..model_patches.video_run import VideoRequest
+from ..model_patches.video_run import VideoRequest, decode_latents
 from .anchor import AnchorType
 from .errors import InputError, named_errors
 from .heatmap import FAMILY_KEY, HEAT_KEY
@@ -67,15 +67,16 @@ def queued_seconds_ago() -> float | None:
     return None
 
 
-def chunk_preview(model, total: int):
-    """The per-call progress callback: the family's latent-to-RGB preview of the frame being finished
-    (SkyReels-V2-DF), or for a family without preview factors (MAGI-1) the last decoded frame when
-    the run decodes for a file or a Live View (it changes once per chunk). Returns (callback, sink
-    for decoded frames)."""
+def chunk_preview(model, total: int, vae):
+    """The per-call progress callback with a preview of the frame being finished: the family's
+    latent-to-RGB factors (SkyReels-V2-DF), or for a family without them (MAGI-1) a decoded frame
+    that changes once per chunk: the last frame the run decoded anyway for a file or a Live View,
+    else a cheap decode of the chunk's last latent frame (4 video frames, not the chunk's 24).
+    Returns (callback, sink for decoded frames, on_piece(last latent) or None)."""
     if model.model.latent_format.latent_rgb_factors is not None:
-        return latent_preview.prepare_callback(model, total), None
+        return latent_preview.prepare_callback(model, total), None, None
     pbar = comfy.utils.ProgressBar(total)
-    last = {"frame": None}
+    last = {"frame": None, "streamed": False}
 
     def callback(call, x0, x, total_calls):
         preview = None
@@ -86,8 +87,12 @@ def chunk_preview(model, total: int):
         pbar.update_absolute(call + 1, total_calls, preview)
 
     def keep(frames, piece):
-        last["frame"] = frames[-1]
-    return callback, keep
+        last["frame"], last["streamed"] = frames[-1], True
+
+    def on_piece(latent):
+        if vae is not None and latent is not None and not last["streamed"]:
+            last["frame"] = decode_latents(vae, latent)[-1]
+    return callback, keep, on_piece
 
 
 def video_path(filename_prefix: str, width: int, height: int) -> str:
@@ -131,7 +136,7 @@ class StreamingSamplerNode(io.ComfyNode):
                                tooltip="Classifier-free guidance scale (SkyReels-V2-DF: 6 upstream, 1 skips the negative pass). MAGI-1 base models: the text guidance scale (7.5 upstream); distilled models ignore it."),
                 ARSchedule.Input("schedule", optional=True, tooltip="Diffusion Forcing Schedule (SkyReels-V2-DF) or MAGI-1 Schedule; upstream's defaults when empty."),
                 ARPrompts.Input("prompt_schedule", optional=True, tooltip="Per-window prompts (storyboard); overrides positive."),
-                io.Vae.Input("vae", optional=True, tooltip="The model's VAE (Wan 2.1 VAE, or MAGI-1 VAE Loader): needed for start/end images, pixel re-encoded history, streaming to file and the Live View's frames (MAGI-1: with a file or a Live View, also its preview)."),
+                io.Vae.Input("vae", optional=True, tooltip="The model's VAE (Wan 2.1 VAE, or MAGI-1 VAE Loader): needed for start/end images, pixel re-encoded history, streaming to file and the Live View's frames (MAGI-1: also its preview, a decoded frame per chunk)."),
                 io.Image.Input("start_image", optional=True, tooltip="First frame (image-to-video). Needs the vae."),
                 io.Latent.Input("prefix_latent", optional=True, tooltip="A video's latents to continue (video extension; MAGI-1 v2v: whole 6-latent chunks go into the K/V cache, the rest is written over the first chunk's frames); the output includes them."),
                 io.Image.Input("end_image", optional=True, tooltip="Last frame to steer towards (appended clean to the last window; SkyReels-V2-DF only). Needs the vae."),
@@ -184,17 +189,22 @@ class StreamingSamplerNode(io.ComfyNode):
                            prefix_latent=prefix, end_image=end_image, anchor=anchor,
                            steering=None if session is None else session.steering)
 
-        def on_window(plan, n):
+        preview_piece = []                 # the preview's per-piece decode, once the run has its callbacks
+
+        def on_window(plan, n, last_latent=None):
             progress_text(f"{family.piece} {plan.index + 1}/{n} done", node_id)
+            for on_piece in preview_piece:
+                on_piece(last_latent)
 
         status, report = "error", None
         try:
             run = family.run(model, req, family, dm, on_window=on_window, t_start=t_start)
             total = run.total_calls
-            preview, keep_last = chunk_preview(run.model, total)
+            preview, keep_last, on_piece = chunk_preview(run.model, total, vae)
+            preview_piece.extend([on_piece] if on_piece else [])
             sinks = [f for f in (writer and (lambda frames, piece: writer.write(frames)),
                                  session and session.frames) if f]
-            if sinks and keep_last:     # MAGI-1's preview: a frame decoded anyway, never a decode of its own
+            if sinks and keep_last:     # MAGI-1's preview: a frame the stream decoded anyway
                 sinks.append(keep_last)
             if sinks:
                 run.sink = lambda frames, piece: [f(frames, piece) for f in sinks]

@@ -236,6 +236,7 @@ class Events:
     def __init__(self, server: "ComfyServer"):
         self.url = server.url.replace("http://", "ws://") + f"/ws?clientId={server.client_id}"
         self.messages: list[dict] = []
+        self.binary: list[int] = []            # the event types of binary messages (1: a preview image)
         self._stop = False
 
     def __enter__(self) -> "Events":
@@ -267,6 +268,8 @@ class Events:
                             continue
                         if msg.type == aiohttp.WSMsgType.TEXT:
                             self.messages.append(json.loads(msg.data))
+                        elif msg.type == aiohttp.WSMsgType.BINARY:     # 4-byte event type, then its data
+                            self.binary.append(int.from_bytes(msg.data[:4], "big"))
                         elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                             return
         asyncio.run(main())

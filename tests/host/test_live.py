@@ -309,3 +309,21 @@ def test_a_steered_prompt_re_anchors_the_drift_anchor(comfy):
     plain, anchored = run(False), run(True)
     assert torch.equal(plain[:, :, :8], anchored[:, :, :8])           # windows 0 (5 frames) and 1 (3 frames)
     assert not torch.allclose(plain[:, :, 8:], anchored[:, :, 8:])
+
+
+@pytest.mark.parametrize("with_vae", [True, False])
+def test_magi_preview_is_a_decoded_frame_per_chunk(comfy, with_vae):
+    """MAGI-1 has no latent-to-RGB factors: with a VAE the node preview is a decoded frame that
+    changes once per chunk (here without a file or a Live View: a decode of the chunk's last latent
+    frame), without one the sampler shows progress only."""
+    g, sid = magi_graph(length=72, steps=4, vae="tiny_magi1_vae.safetensors" if with_vae else None,
+                        save_prefix=unique())
+    with Events(comfy) as ev:
+        comfy.run(g.prompt)
+        time.sleep(0.5)                   # the last messages are sent after the prompt's history
+    previews = ev.binary.count(1)
+    if with_vae:
+        assert previews >= 3 - 1          # every step after the first chunk finished carries one
+    else:
+        assert previews == 0
+    assert ev.of("progress")
