@@ -327,3 +327,15 @@ def test_magi_preview_is_a_decoded_frame_per_chunk(comfy, with_vae):
     else:
         assert previews == 0
     assert ev.of("progress")
+
+
+def test_a_replaying_run_takes_no_live_switch(comfy):
+    g, sid = df_live(length=161, steps=4, values=[0.0, 2.0], replay="[]")
+    with Events(comfy) as ev:
+        pid = comfy.queue(g.prompt)
+        start = ev.wait_for("arcache.live.start")[0]
+        assert start["steerable"] is False
+        status, body = steer(comfy, {"run": start["run"], "token": start["token"], "slot": 1})
+        entry = comfy.wait(pid)
+    assert status == 409 and "replays" in json.loads(body)["error"]
+    assert report_of(entry, sid)["switches"] == []
