@@ -302,6 +302,9 @@ class DFRun(VideoRun):
                 else:
                     prefix = torch.cat(([self.head_latent] if self.head_latent is not None else []) + generated,
                                        dim=2)[:, :, -self.overlap_lat:]
+            if not last and self.finish_here(calls_done, plan.index):
+                break
         video = torch.cat(([self.head_latent] if self.head_latent is not None else []) + generated, dim=2)
+        heat = heat[:video.shape[2]]                 # a video ended early: its frames only
         self.heat = heat.reshape(heat.shape[0], *fam.token_grid(self.lat_h, self.lat_w)) if report["cache"] else None
         return video

@@ -231,10 +231,16 @@ class MagiRun(VideoRun):
                 if cached is not None:
                     cached.chunk_finished(step.finished)
                 self._emit_chunk(fmt, x, step.finished, P, data, step.index + 1)
-        video = self._assemble(fmt.process_out(x.float()).cpu(), P)
+                if step.finished + 1 < self.num_chunks and self.finish_here(step.index + 1,
+                                                                           step.finished - self.prefix_chunks):
+                    end = (step.finished + 1) * cw        # the chunks after it are not finished: dropped
+                    break
+        else:
+            end = self.T
+        video = self._assemble(fmt.process_out(x[:, :, :end].float()).cpu(), P)
         if cached is not None:
             data["cache"] = cached.summary()
-            self.heat = cached.heat.reshape(self.T, *self.grid)
+            self.heat = cached.heat.reshape(self.T, *self.grid)[:end]
         data["pixel_frames"] = self.family.pixel_frames(int(video.shape[2]))
         data["kv_cache_chunks"] = cache.chunks()
         data["kv_cache_bytes"] = cache.bytes_allocated()

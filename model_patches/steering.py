@@ -1,8 +1,9 @@
 """Prompt switches while a video is being made: live (the live view's steering route) or replayed
 from a run's log.
 
-A `Steering` holds the prompts a run may switch to (its slots, encoded before the run) and
-decides nothing about timing: the family's run asks `at_boundary(call, piece)` where a switch may
+A `Steering` holds the prompts a run may switch to (its slots, encoded before the run), and a
+request to end the video early (after the next finished window or chunk; the video so far is the
+run's result). It decides nothing about timing: the family's run asks `at_boundary(call, piece)` where a switch may
 take effect (SkyReels-V2-DF: the first row of a new block; sync windows have one, at the window's
 start; MAGI-1: a chunk entering the window), and the switch applies from that call on. The log
 names the call, so a replay applies the same switches at the same calls and reproduces the run
@@ -26,6 +27,7 @@ class Mailbox:
         self._lock = threading.Lock()
         self._slot = None
         self.received_at = None
+        self.finish = threading.Event()      # "that is enough": end at the next finished window/chunk
 
     def put(self, slot: int) -> None:
         with self._lock:
@@ -77,6 +79,7 @@ class Steering:
         self.active = None
         self.switches = 0            # switches so far: the caches start a new segment at each
         self.log: list[dict] = []
+        self.finished = None         # where the run ended early on request, or None
         self._t0 = time.perf_counter()
 
     def at_boundary(self, call: int, piece: int) -> bool:
@@ -101,6 +104,14 @@ class Steering:
             calls = ", ".join(str(c) for c, _ in sorted(self.replay))
             raise InputError("replay", f"switches at call(s) {calls} never met a point where a prompt can change: "
                              "the logged run had other settings (schedule, steps, length); replay it with the same ones")
+
+    def finish_requested(self, call: int, piece: int) -> bool:
+        """After a finished window (DF) or chunk (MAGI-1): True when the user asked to end here. The
+        video so far is the run's result, logged as `finished_early`."""
+        if self.mailbox is None or not self.mailbox.finish.is_set():
+            return False
+        self.finished = {"call": call, "piece": piece, "t_s": round(time.perf_counter() - self._t0, 4)}
+        return True
 
     def prompt(self, default):
         """The prompt in use: the active slot's, or `default` (the sampler's own for this piece)."""

@@ -164,7 +164,10 @@ class VideoRun:
                 report.data["stream_decode"] = dict(self.decoder.status)
             if self.req.steering is not None:
                 report.data["switches"] = self.req.steering.log
-                self.req.steering.check_replayed()
+                if self.req.steering.finished is not None:
+                    report.data["finished_early"] = self.req.steering.finished
+                else:
+                    self.req.steering.check_replayed()
         finally:
             self.decoder = None
         report.data.update(stream_summary(report.data["emissions"], self.req.schedule.fps))
@@ -314,6 +317,10 @@ class VideoRun:
         self._piece_frames = []
         if frames is not None and frames.shape[0]:
             self.drift.add(frames.movedim(-1, 1))
+
+    def finish_here(self, calls: int, index: int) -> bool:
+        """After piece `index`: whether the user asked the Live View to end the video here."""
+        return self.req.steering is not None and self.req.steering.finish_requested(calls, index)
 
     def piece_done(self, index: int) -> None:
         """Window or chunk `index` is finished: its drift segment, then on_window(plan, pieces, the

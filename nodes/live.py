@@ -7,7 +7,9 @@ While a sampler with a Live View runs, it is one `LiveRun` in the registry:
   `GET /arcache/live/{run}/{frame}.jpg?token=...` and plays them at the video's fps;
 - `POST /arcache/steer` {run, token, slot} switches the prompt to one of the Live View's prompts
   (encoded before the run); the sampler applies it at its next point where a prompt can change
-  and logs it in the report's `switches`, which the `replay` input reproduces bit for bit.
+  and logs it in the report's `switches`, which the `replay` input reproduces bit for bit;
+- `POST /arcache/finish` {run, token} ends the video after the next finished window or chunk:
+  the sampler returns the video so far as its result.
 The token is made per run and sent only to the queuing client; ComfyUI itself has no
 authentication, so anyone who can reach its port can queue prompts anyway: the routes add no
 exposure beyond that, read no paths and accept bodies of at most 16 KB.
@@ -198,26 +200,42 @@ async def get_frame(request):
     return web.Response(body=data, content_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
 
-async def post_steer(request):
-    from aiohttp import web
+async def _json_body(request, shape: str):
+    """(the JSON object of a POST body, None) or (None, a 4xx answer)."""
     if request.content_length is None or request.content_length > MAX_BODY:
-        return _error(413, f"the body must be JSON of at most {MAX_BODY} bytes, with a Content-Length")
+        return None, _error(413, f"the body must be JSON of at most {MAX_BODY} bytes, with a Content-Length")
     try:
         body = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError, RecursionError):
-        return _error(400, 'the body is not JSON; send {"run": ..., "token": ..., "slot": <prompt number from 0>}')
+        return None, _error(400, f"the body is not JSON; send {shape}")
     if not isinstance(body, dict):
-        return _error(400, 'the body must be a JSON object {"run": ..., "token": ..., "slot": ...}')
+        return None, _error(400, f"the body must be a JSON object {shape}")
+    return body, None
+
+
+def _steerable(body: dict):
+    """(the running, live-steered run the body names, None) or (None, a 4xx answer)."""
     live = REGISTRY.get(body.get("run"))
     why = _authorised(live, body.get("token"))
     if why == "unknown":
-        return _error(404, "no live run with this id")
+        return None, _error(404, "no live run with this id")
     if why == "token":
-        return _error(403, "wrong token for this run")
+        return None, _error(403, "wrong token for this run")
     if live.finished:
-        return _error(409, "this run has ended; steer a running one")
+        return None, _error(409, "this run has ended; steer a running one")
     if not live.steerable:
-        return _error(409, "this run replays a logged run's switches; it takes no live ones")
+        return None, _error(409, "this run replays a logged run's switches; it takes no live ones")
+    return live, None
+
+
+async def post_steer(request):
+    from aiohttp import web
+    body, error = await _json_body(request, '{"run": ..., "token": ..., "slot": <prompt number from 0>}')
+    if error is not None:
+        return error
+    live, error = _steerable(body)
+    if error is not None:
+        return error
     slot = body.get("slot")
     if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < live.slots:
         return _error(400, f"slot must be a prompt number from 0 to {live.slots - 1}")
@@ -228,12 +246,29 @@ async def post_steer(request):
                                          "MAGI-1: the next chunk entering the window)"})
 
 
+async def post_finish(request):
+    """End the video at the next finished window (SkyReels-V2-DF) or chunk (MAGI-1): the sampler
+    returns the video so far as its result (and the file is closed as finished)."""
+    from aiohttp import web
+    body, error = await _json_body(request, '{"run": ..., "token": ...}')
+    if error is not None:
+        return error
+    live, error = _steerable(body)
+    if error is not None:
+        return error
+    live.mailbox.finish.set()
+    logging.info("ARCache live run %s: finish requested", live.run[:8])
+    return web.json_response({"accepted": True, "applies": "after the next finished window (SkyReels-V2-DF) or "
+                                                         "chunk (MAGI-1); the video so far is the result"})
+
+
 def register_routes() -> bool:
     srv = server()
     if srv is None or getattr(srv, "_arcache_live_routes", False):
         return False
     srv.routes.get("/arcache/live/{run}/{frame}.jpg")(get_frame)
     srv.routes.post("/arcache/steer")(post_steer)
+    srv.routes.post("/arcache/finish")(post_finish)
     srv._arcache_live_routes = True
     return True
 

@@ -64,6 +64,16 @@ async function steer(run, slot) {
   say(run, res.ok ? `prompt ${slot + 1} requested` : `steer refused: ${body.error ?? res.status}`);
 }
 
+async function finish(run) {
+  const res = await api.fetchApi("/arcache/finish", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ run: run.id, token: run.token }),
+  });
+  const body = await res.json().catch(() => ({}));
+  run.requests.push({ finish: true, status: res.status });
+  say(run, res.ok ? "finishing after the next window/chunk" : `finish refused: ${body.error ?? res.status}`);
+}
+
 function tick(run) {
   if (run.failed.has(run.drawn)) {               // a frame the server no longer holds: skip it
     run.failed.delete(run.drawn);
@@ -105,6 +115,14 @@ api.addEventListener("arcache.live.start", ({ detail }) => {
         b.onclick = () => steer(run, i);
         run.player.buttons.append(b);
       }
+    }
+    if (detail.steerable) {                        // end here: the video so far is the result
+      const f = document.createElement("button");
+      f.textContent = "finish";
+      f.dataset.finish = "1";
+      f.title = "End the video after the next finished window or chunk and keep it";
+      f.onclick = () => finish(run);
+      run.player.buttons.append(f);
     }
     run.timer = setInterval(() => tick(run), 1000 / run.fps);
   }

@@ -339,3 +339,43 @@ def test_a_replaying_run_takes_no_live_switch(comfy):
         entry = comfy.wait(pid)
     assert status == 409 and "replays" in json.loads(body)["error"]
     assert report_of(entry, sid)["switches"] == []
+
+
+@pytest.mark.parametrize("family", ["skyreels_df", "magi1"])
+def test_finish_keeps_the_video_so_far(comfy, family):
+    """POST /arcache/finish mid-run: the sampler returns normally with the video up to the next
+    finished window/chunk, which is the start of the full run's video bit for bit (later pieces
+    never change earlier ones), and the file holds exactly its frames."""
+    import av
+
+    def graph():
+        if family == "skyreels_df":
+            return df_live(length=401, steps=6, save_video=True)
+        g, sid = magi_graph(length=24 * 20, steps=4, vae="tiny_magi1_vae.safetensors", save_prefix=unique(),
+                            sampler_extra={"save_video": True, "filename_prefix": f"ARCache/{uuid.uuid4().hex[:8]}"})
+        add_live(g, sid)
+        return g, sid
+
+    g, sid = graph()
+    with Events(comfy) as ev:
+        pid = comfy.queue(g.prompt)
+        start = ev.wait_for("arcache.live.start")[0]
+        ev.wait_for("arcache.live.frames")
+        status, body = http(comfy.url + "/arcache/finish", "POST",
+                            json.dumps({"run": start["run"], "token": "wrong"}).encode(),
+                            {"Content-Type": "application/json"})
+        assert status == 403
+        status, body = http(comfy.url + "/arcache/finish", "POST",
+                            json.dumps({"run": start["run"], "token": start["token"]}).encode(),
+                            {"Content-Type": "application/json"})
+        assert status == 200, body
+        entry = comfy.wait(pid)
+    early, report = latent_of(comfy, entry, g), report_of(entry, sid)
+    assert "finished_early" in report and ev.of("arcache.live.end")[0]["status"] == "finished"
+    g2, _ = graph()
+    g2.prompt[next(k for k, v in g2.prompt.items() if v["class_type"] == "ARCacheLiveView")]["inputs"]["replay"] = "[]"
+    full = latent_of(comfy, comfy.run(g2.prompt), g2)
+    assert 0 < early.shape[2] < full.shape[2]
+    assert torch.equal(early, full[:, :, :early.shape[2]])
+    with av.open(str(comfy.base_dir / "output" / report["video_file"])) as c:
+        assert sum(1 for _ in c.decode(video=0)) == report["video_frames"] == sum(e[2] for e in report["emissions"])

@@ -64,7 +64,7 @@ def test_player_shows_frames_while_running_and_steers(frontend, comfy, tmp_path)
     assert result["ended_at_first_draw"] is None           # a frame was drawn while the prompt was running
     assert result["ended"] == "finished"
     assert result["drawn"] == result["emitted"] == 201     # every frame played, in order
-    assert result["canvas"] == [64, 64] and result["buttons"] == 2
+    assert result["canvas"] == [64, 64] and result["buttons"] == 3       # two prompts and "finish"
     assert result["requests"] == [{"slot": 1, "status": 200}]
     assert len(result["switches"]) == 1 and result["switches"][0]["slot"] == 1
     history = comfy.get("/history")
