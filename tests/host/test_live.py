@@ -156,9 +156,17 @@ def test_interrupted_run_keeps_a_playable_partial_file(comfy):
     assert torch.equal(latent_of(comfy, comfy.run(short.prompt), short), before)
 
 
-def steer(comfy, body, raw: bytes | None = None, headers=None):
+def steer(comfy, body, raw: bytes | None = None, route: str = "/arcache/steer"):
     data = raw if raw is not None else json.dumps(body).encode()
-    return http(comfy.url + "/arcache/steer", "POST", data, headers or {"Content-Type": "application/json"})
+    return http(comfy.url + route, "POST", data, {"Content-Type": "application/json"})
+
+
+def queue_live(comfy, ev, prompt) -> tuple[str, dict]:
+    """Queue a live prompt; (its id, its start event) once its first frames are out."""
+    pid = comfy.queue(prompt)
+    start = ev.wait_for("arcache.live.start")[0]
+    ev.wait_for("arcache.live.frames")
+    return pid, start
 
 
 @pytest.mark.parametrize("family", ["skyreels_df", "magi1"])
@@ -176,9 +184,7 @@ def test_steered_run_equals_its_replay(comfy, family):
 
     g, sid = graph()
     with Events(comfy) as ev:
-        pid = comfy.queue(g.prompt)
-        start = ev.wait_for("arcache.live.start")[0]
-        ev.wait_for("arcache.live.frames")
+        pid, start = queue_live(comfy, ev, g.prompt)
         status, body = steer(comfy, {"run": start["run"], "token": start["token"], "slot": 1})
         assert status == 200, body
         entry = comfy.wait(pid)
@@ -199,9 +205,7 @@ def test_steered_run_equals_its_replay(comfy, family):
 def test_steer_route_refuses_bad_requests_and_changes_nothing(comfy):
     g, sid = df_live(length=161, steps=4, values=[0.0, 2.0])
     with Events(comfy) as ev:
-        pid = comfy.queue(g.prompt)
-        start = ev.wait_for("arcache.live.start")[0]
-        ev.wait_for("arcache.live.frames")
+        pid, start = queue_live(comfy, ev, g.prompt)
         run, token = start["run"], start["token"]
         cases = [
             ({"run": run, "slot": 1}, None, 403),                          # no token
@@ -358,16 +362,9 @@ def test_finish_keeps_the_video_so_far(comfy, family):
 
     g, sid = graph()
     with Events(comfy) as ev:
-        pid = comfy.queue(g.prompt)
-        start = ev.wait_for("arcache.live.start")[0]
-        ev.wait_for("arcache.live.frames")
-        status, body = http(comfy.url + "/arcache/finish", "POST",
-                            json.dumps({"run": start["run"], "token": "wrong"}).encode(),
-                            {"Content-Type": "application/json"})
-        assert status == 403
-        status, body = http(comfy.url + "/arcache/finish", "POST",
-                            json.dumps({"run": start["run"], "token": start["token"]}).encode(),
-                            {"Content-Type": "application/json"})
+        pid, start = queue_live(comfy, ev, g.prompt)
+        assert steer(comfy, {"run": start["run"], "token": "wrong"}, route="/arcache/finish")[0] == 403
+        status, body = steer(comfy, {"run": start["run"], "token": start["token"]}, route="/arcache/finish")
         assert status == 200, body
         entry = comfy.wait(pid)
     early, report = latent_of(comfy, entry, g), report_of(entry, sid)
