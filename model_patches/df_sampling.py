@@ -25,7 +25,8 @@ from ..cache_core.errors import InputError
 from ..cache_core.frame_solver import make_solver
 from ..cache_core.record import RECORD_KEY, StepRecord
 from .steering import SteeredGuider
-from .video_run import VideoRun, check_image, check_prefix_latent, decode_latents, encode_frames
+from .vae_stream import decode_whole
+from .video_run import VideoRun, check_image, check_prefix_latent, encode_frames
 
 
 @dataclass
@@ -40,10 +41,9 @@ class WindowJob:
     seed: int
     calls_done: int                  # model calls finished in earlier windows (one global progress bar)
     on_call: callable = None         # progress(call_global, x0, x)
-    on_final: callable = None        # (first, end, raw latents, calls so far): generated frames now final
+    on_final: callable = None        # (raw latents, calls so far): the next generated frames, now final
     steering: object = None          # a Steering: prompt switches at block starts
     calls: int = 0
-    final: int = 0                   # window frames [0, final) handed to on_final
 
 
 def frame_sigmas_of(counters: torch.Tensor, template: torch.Tensor, steps: int) -> torch.Tensor:
@@ -87,7 +87,7 @@ def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disabl
     B = state.shape[0]
     base = model_k.inner_model.inner_model          # the BaseModel: what CFGGuider.sample does to its output
     new_end = P + job.plan.new_frames               # generated frames the video keeps (padding is dropped)
-    job.final = P
+    final = P                                       # window frames [0, final) handed to on_final
 
     def raw(lo: int, hi: int) -> torch.Tensor:
         """Window frames [lo, hi) as guider.sample returns them (bit-identical: elementwise)."""
@@ -131,9 +131,9 @@ def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disabl
                 job.on_call(job.calls_done + row, being_finished(preview, upd, P), state)
             if job.on_final is not None:      # frames whose last step was this row (blocks finish in order)
                 done = P + int((counters[row, P:new_end] >= steps).sum())
-                if done > job.final:
-                    job.on_final(job.final, done, raw(job.final, done), job.calls_done + row + 1)
-                    job.final = done
+                if done > final:
+                    job.on_final(raw(final, done), job.calls_done + row + 1)
+                    final = done
     finally:
         transformer_options.pop(RECORD_KEY, None)
     return state
@@ -212,7 +212,7 @@ class DFRun(VideoRun):
             self.head_latent = req.prefix_latent.float()
             init_prefix = self.head_latent[:, :, -self.overlap_lat:] if self.overlap_lat else None
             if init_prefix is not None and self.mode == "reencode_pixels":
-                px = decode_latents(req.vae, self.head_latent)[-sch.overlap_frames:]
+                px = decode_whole(req.vae, self.head_latent)[-sch.overlap_frames:]
                 init_prefix = encode_frames(req.vae, px)
         total_lat = fam.latent_frames(req.length)
         new_total = total_lat - (1 if req.start_image is not None else 0)
@@ -254,7 +254,7 @@ class DFRun(VideoRun):
             if T:
                 latent[:, :, P + G:] = tail
             noise = comfy.sample.prepare_noise(torch.zeros_like(latent), req.seed + plan.index)
-            def on_final(lo, hi, latents, calls, index=plan.index):
+            def on_final(latents, calls, index=plan.index):
                 self.check_finite(latents, index)
                 self.emit(latents, report, index, calls)
 
@@ -292,7 +292,7 @@ class DFRun(VideoRun):
             last = plan is self.plans[-1]
             window_px = None
             if self.mode == "reencode_pixels" and (self.decoder is None or (self.overlap_lat and not last)):
-                window_px = decode_latents(req.vae, out[:, :, :P + plan.new_frames])
+                window_px = decode_whole(req.vae, out[:, :, :P + plan.new_frames])
                 if self.decoder is None:
                     own = fam.pixel_frames(P) if P and not (plan.index == 0 and req.start_image is not None) else 0
                     self.measure_drift(window_px[own:])

@@ -26,12 +26,11 @@ class Mailbox:
     def __init__(self):
         self._lock = threading.Lock()
         self._slot = None
-        self.received_at = None
         self.finish = threading.Event()      # "that is enough": end at the next finished window/chunk
 
     def put(self, slot: int) -> None:
         with self._lock:
-            self._slot, self.received_at = slot, time.perf_counter()
+            self._slot = slot
 
     def take(self):
         with self._lock:
@@ -77,7 +76,6 @@ class Steering:
         self.mailbox = mailbox if replay is None else None      # a replay takes no live requests
         self.on_switch = on_switch
         self.active = None
-        self.switches = 0            # switches so far: the caches start a new segment at each
         self.log: list[dict] = []
         self.finished = None         # where the run ended early on request, or None
         self._t0 = time.perf_counter()
@@ -91,7 +89,6 @@ class Steering:
         if slot is None or slot == self.active:
             return False
         self.active = slot
-        self.switches += 1
         entry = {"call": call, "piece": piece, "slot": slot, "t_s": round(time.perf_counter() - self._t0, 4)}
         self.log.append(entry)
         if self.on_switch is not None:
@@ -104,6 +101,11 @@ class Steering:
             calls = ", ".join(str(c) for c, _ in sorted(self.replay))
             raise InputError("replay", f"switches at call(s) {calls} never met a point where a prompt can change: "
                              "the logged run had other settings (schedule, steps, length); replay it with the same ones")
+
+    @property
+    def switches(self) -> int:
+        """Switches applied so far: the caches start a new segment at each."""
+        return len(self.log)
 
     def finish_requested(self, call: int, piece: int) -> bool:
         """After a finished window (DF) or chunk (MAGI-1): True when the user asked to end here. The

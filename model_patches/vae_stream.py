@@ -42,8 +42,8 @@ def decode_whole(vae, latents: torch.Tensor) -> torch.Tensor:
     return img.reshape(-1, *img.shape[-3:]).float().cpu()
 
 
-def _empty(like: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.zeros(0, 1, 1, 3) if like is None else like[:0]
+def _empty() -> torch.Tensor:
+    return torch.zeros(0, 1, 1, 3)
 
 
 def rgb_preview(raw: torch.Tensor, latent_format) -> torch.Tensor:
@@ -65,13 +65,13 @@ class PreviewStreamDecoder:
     status = {"mode": "latent_preview"}
 
     def __init__(self, family):
-        self.family, self.fed = family, 0
+        self.family, self.format, self.fed = family, family.latent_format(), 0
 
     def push(self, z: torch.Tensor) -> torch.Tensor:
         if not z.shape[2]:
             return _empty()
         fam = self.family
-        rgb = rgb_preview(z.cpu(), fam.latent_format())
+        rgb = rgb_preview(z.cpu(), self.format)
         rgb = rgb.repeat_interleave(fam.spatial_stride, 1).repeat_interleave(fam.spatial_stride, 2)
         counts = torch.full((z.shape[2],), fam.temporal_stride)
         if fam.causal_vae and self.fed == 0:
@@ -92,20 +92,22 @@ class RedecodeStreamDecoder:
     pixels = True
     status = {"mode": "approximate"}
 
-    def __init__(self, vae, first_frames: int = 1, frames_per_latent: int = 4, context: int = 4):
-        self.vae, self.first, self.per, self.context = vae, first_frames, frames_per_latent, context
+    def __init__(self, vae, frames_per_latent: int = 4, context: int = 4):
+        self.vae, self.per, self.context = vae, frames_per_latent, max(1, context)
         self.tail = None            # the last latents fed, as context for the next piece
+
+    def follow(self, z: torch.Tensor) -> None:
+        """Latents already decoded elsewhere: only their tail is kept, as the next piece's context."""
+        self.tail = z[:, :, -self.context:]
 
     def push(self, z: torch.Tensor) -> torch.Tensor:
         if not z.shape[2]:
             return _empty()
-        ctx = 0 if self.tail is None else self.tail.shape[2]
-        frames = decode_whole(self.vae, z if not ctx else torch.cat([self.tail, z], 2))
-        full = torch.cat([self.tail, z], 2) if ctx else z
-        self.tail = full[:, :, -self.context:] if self.context else None
-        if not ctx:          # the video's first latents: the decoder's first frame is really first
-            return frames
-        return frames[-z.shape[2] * self.per:]
+        first = self.tail is None   # the video's first latents: the decoder's first frame is really first
+        full = z if first else torch.cat([self.tail, z], 2)
+        frames = decode_whole(self.vae, full)
+        self.follow(full)
+        return frames if first else frames[-z.shape[2] * self.per:]
 
     def flush(self) -> torch.Tensor:
         return _empty()
@@ -226,7 +228,7 @@ class CheckedStreamDecoder:
                         "context instead (close to, not equal to, VAEDecode of the whole video)", diff)
         self.decoder = self.fallback()
         self.status["mode"] = "approximate"
-        self.decoder.push(z)      # its context; the frames are the whole decode's
+        self.decoder.follow(z)    # its context; the frames are the whole decode's, decoded above
         return whole
 
     def flush(self) -> torch.Tensor:

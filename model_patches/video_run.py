@@ -56,7 +56,6 @@ def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
     return vae.encode(frames[..., :3]).to(comfy.model_management.intermediate_device(), torch.float32)
 
 
-decode_latents = decode_whole           # raw latent [1,C,F,h,w] -> pixel frames [N,H,W,3] in 0..1
 
 
 def resize_image(image: torch.Tensor, width: int, height: int, crop: str = "center") -> torch.Tensor:
@@ -266,9 +265,8 @@ class VideoRun:
     def keep_loaded(self) -> None:
         """Before a decode during sampling: the VAE loaded next to the sampling model, so making room
         for it never unloads the model mid-run (ComfyUI keeps the models of one load call)."""
-        vae = self.req.vae
-        if vae is not None and hasattr(vae, "patcher"):
-            comfy.model_management.load_models_gpu([self.model, vae.patcher])
+        if self.req.vae is not None:
+            comfy.model_management.load_models_gpu([self.model, self.req.vae.patcher])
 
     def emit(self, latents: torch.Tensor, data: dict, piece: int, calls: int) -> None:
         """The output video's next raw latents [1, C, n, h, w] are final (they never change again):

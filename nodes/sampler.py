@@ -14,7 +14,8 @@ import folder_paths
 import latent_preview
 
 from ..model_patches import families
-from ..model_patches.video_run import VideoRequest, decode_latents
+from ..model_patches.vae_stream import decode_whole
+from ..model_patches.video_run import VideoRequest
 from .anchor import AnchorType
 from .errors import InputError, named_errors
 from .heatmap import FAMILY_KEY, HEAT_KEY
@@ -67,16 +68,17 @@ def queued_seconds_ago() -> float | None:
     return None
 
 
-def chunk_preview(model, total: int, vae):
+def chunk_preview(model, total: int, vae, streamed: bool):
     """The per-call progress callback with a preview of the frame being finished: the family's
     latent-to-RGB factors (SkyReels-V2-DF), or for a family without them (MAGI-1) a decoded frame
-    that changes once per chunk: the last frame the run decoded anyway for a file or a Live View,
-    else a cheap decode of the chunk's last latent frame (4 video frames, not the chunk's 24).
-    Returns (callback, sink for decoded frames, on_piece(last latent) or None)."""
+    that changes once per chunk: the last frame the run decodes anyway when it `streamed` to a file
+    or a Live View, else a cheap decode of the chunk's last latent frame (4 video frames, not the
+    chunk's 24). Returns (callback, a sink for the streamed frames or None, on_piece(last latent)
+    or None)."""
     if model.model.latent_format.latent_rgb_factors is not None:
         return latent_preview.prepare_callback(model, total), None, None
     pbar = comfy.utils.ProgressBar(total)
-    last = {"frame": None, "streamed": False}
+    last = {"frame": None}
 
     def callback(call, x0, x, total_calls):
         preview = None
@@ -87,12 +89,14 @@ def chunk_preview(model, total: int, vae):
         pbar.update_absolute(call + 1, total_calls, preview)
 
     def keep(frames, piece):
-        last["frame"], last["streamed"] = frames[-1], True
+        last["frame"] = frames[-1]
 
     def on_piece(latent):
-        if vae is not None and latent is not None and not last["streamed"]:
-            last["frame"] = decode_latents(vae, latent)[-1]
-    return callback, keep, on_piece
+        if latent is not None:
+            last["frame"] = decode_whole(vae, latent)[-1]
+    if streamed:
+        return callback, keep, None
+    return callback, None, on_piece if vae is not None else None
 
 
 def video_path(filename_prefix: str, width: int, height: int) -> str:
@@ -189,25 +193,23 @@ class StreamingSamplerNode(io.ComfyNode):
                            prefix_latent=prefix, end_image=end_image, anchor=anchor,
                            steering=None if session is None else session.steering)
 
-        preview_piece = []                 # the preview's per-piece decode, once the run has its callbacks
-
-        def on_window(plan, n, last_latent=None):
-            progress_text(f"{family.piece} {plan.index + 1}/{n} done", node_id)
-            for on_piece in preview_piece:
-                on_piece(last_latent)
-
         status, report = "error", None
         try:
-            run = family.run(model, req, family, dm, on_window=on_window, t_start=t_start)
+            run = family.run(model, req, family, dm, t_start=t_start)
             total = run.total_calls
-            preview, keep_last, on_piece = chunk_preview(run.model, total, vae)
-            preview_piece.extend([on_piece] if on_piece else [])
             sinks = [f for f in (writer and (lambda frames, piece: writer.write(frames)),
                                  session and session.frames) if f]
-            if sinks and keep_last:     # MAGI-1's preview: a frame the stream decoded anyway
+            preview, keep_last, on_piece = chunk_preview(run.model, total, vae, streamed=bool(sinks))
+            if keep_last:               # MAGI-1's preview: a frame the stream decodes anyway
                 sinks.append(keep_last)
             if sinks:
                 run.sink = lambda frames, piece: [f(frames, piece) for f in sinks]
+
+            def on_window(plan, n, last_latent):
+                progress_text(f"{family.piece} {plan.index + 1}/{n} done", node_id)
+                if on_piece is not None:
+                    on_piece(last_latent)
+            run.on_window = on_window
             progress_text(f"{len(run.plans)} {family.piece}s, {total} model calls", node_id)
             video, report = run.run(on_call=lambda call, x0, x: preview(call, x0, x, total))
             ago = queued_seconds_ago()

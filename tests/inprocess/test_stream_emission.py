@@ -116,3 +116,24 @@ def test_live_ring_keeps_a_whole_piece_even_when_it_is_larger_than_the_ring():
     assert run.add([b"b"] * 24) == 24
     assert run.frame(23)[0] is None and run.frame(24) == (b"b", 24)
     assert all(run.frame(i)[0] == b"b" for i in range(24, 48))
+
+
+@torch.no_grad()                  # as the sampler runs it
+def test_a_decode_loop_core_changed_falls_back_and_says_so(vae):
+    """The first-piece check: a stream decoder whose frames differ from VAEDecode's (as if core had
+    changed its decode loop) is replaced by the context re-decode, the first piece is VAEDecode's own
+    frames, and the report's mode reads approximate."""
+    class Shifted(vae_stream.WanStreamDecoder):
+        def push(self, z):
+            return super().push(z) + 0.1
+    z = torch.randn(1, 16, 11, 4, 4, generator=torch.Generator().manual_seed(4))
+    dec = vae_stream.CheckedStreamDecoder(Shifted(vae), vae, lambda: vae_stream.RedecodeStreamDecoder(vae))
+    first = dec.push(z[:, :, :6])
+    assert torch.equal(first, decoded(vae, z[:, :, :6]))
+    assert dec.status["mode"] == "approximate" and dec.status["max_abs"] > vae_stream.EXACT_TOLERANCE
+    later = dec.push(z[:, :, 6:])
+    assert later.shape[0] == 4 * 5 and bool(torch.isfinite(later).all())
+    exact = vae_stream.CheckedStreamDecoder(vae_stream.WanStreamDecoder(vae), vae,
+                                            lambda: vae_stream.RedecodeStreamDecoder(vae))
+    assert torch.equal(torch.cat([exact.push(z[:, :, :6]), exact.push(z[:, :, 6:])]), decoded(vae, z))
+    assert exact.status == {"mode": "exact", "max_abs": 0.0}
