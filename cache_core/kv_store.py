@@ -6,14 +6,18 @@ its slot and attends to the keys of a range of chunks `visible(first, last)`. Th
   finished chunks frozen and optionally compressed;
 - MAGI-1's stages: one store per guidance pass for the whole video, K/V that persist across
   forward steps, chunks that no key range can reach again evicted (`keep`), optional CPU
-  residence (`offload`), compression of the finished history at a chunk's end.
+  residence (`offload`), compression of the finished history at a chunk's end;
+- the few-step causal Wan run: one store per guidance branch for the whole video, a rolling
+  window of the last `keep` + 1 chunks behind `sink` chunks that stay (the first ones written),
+  everything between them evicted.
 Every (branch, layer) owns one contiguous buffer [rows, capacity, channels] in the model's dtype
 (the reference keeps keys in fp32, twice the memory), laid out as
 
     [ compressed history | chunk first_live | ... | chunk started-1 | spare ]
 
 so the keys visible to a chunk are always a contiguous view of the buffer (no copy per call).
-Evicted chunks leave the front the same way compressed ones do, without a history.
+Evicted chunks leave the front the same way compressed ones do, without a history; with a sink,
+the sink chunks become the history (uncompressed) and the evicted ones leave from behind it.
 
 Memory (spec flowcache.md A3/B3):
 - Slots are allocated lazily: a chunk gets its slot when it is first written ("starts");
@@ -48,6 +52,8 @@ of gathered history (<= _GATHER_BLOCK_BYTES) and a slid piece (<= 1/16 of a buff
 """
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -75,15 +81,20 @@ class ChunkLayout:
     def num_chunks(self) -> int:
         return len(self.chunk_tokens)
 
+    @functools.cached_property
+    def _offsets(self) -> tuple[int, ...]:
+        """Token offset of every chunk, and the total (a store of a long video has thousands of chunks)."""
+        return (0, *itertools.accumulate(self.chunk_tokens))
+
     @property
     def total(self) -> int:
-        return sum(self.chunk_tokens)
+        return self._offsets[-1]
 
     def start(self, g: int) -> int:
-        return sum(self.chunk_tokens[:g])
+        return self._offsets[g]
 
     def end(self, g: int) -> int:
-        return sum(self.chunk_tokens[:g + 1])
+        return self._offsets[g + 1]
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,7 @@ class LayerKV:
         self.hist_len = 0       # tokens of compressed history at the front
         self.first_live = 0     # chunks before this one live inside the history (or were evicted)
         self.dropped = 0        # chunks before this one were evicted: no range may reach them
+        self.sink = (0, 0)      # chunks [start, end) held as a sink in the (uncompressed) history
         self.started = 0        # chunks [0, started) have been written (own a slot or are history)
         self.used = 0           # tokens in use: history + slots of chunks first_live .. started-1
         self.k = torch.empty(rows, 0, channels, dtype=dtype, device=device)
@@ -193,7 +205,7 @@ class LayerKV:
     def visible(self, last: int, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of chunks first..last (views). Chunks merged into the compressed
         history cannot be told apart: a range that starts inside it includes all of it."""
-        if first < self.dropped:
+        if self.sink[1] <= first < self.dropped:
             raise RuntimeError(f"chunk {first} was evicted (chunks {self.dropped}..{self.started - 1} are held)")
         e = self.hist_len if last < self.first_live else self.offset(last) + self.layout.chunk_tokens[last]
         s = 0 if first < self.first_live else self.offset(first)
@@ -214,17 +226,26 @@ class LayerKV:
                 block = t[:, src + p:src + q]
                 t[:, dst + p:dst + q].copy_(block.clone() if piece > shift else block)
 
-    def evict_before(self, upto: int) -> None:
-        """Drop the chunks before `upto` (none may be reached again); the live ones slide down."""
+    def evict_before(self, upto: int, sink: int = 0) -> None:
+        """Drop the chunks before `upto` (none may be reached again); the live ones slide down.
+
+        sink: the first `sink` chunks written stay (they become the uncompressed history, which a
+        range from chunk 0 includes); the chunks between them and `upto` are dropped."""
         upto = min(upto, self.started)
+        if sink and not self.hist_len:              # the sink is pinned when the first chunk after it goes
+            if upto <= self.first_live + sink:
+                return
+            self.sink = (self.first_live, self.first_live + sink)
+            self.hist_len = self.layout.start(self.sink[1]) - self.layout.start(self.first_live)
+            self.first_live = self.sink[1]
         if upto <= self.first_live:
             return
-        if self.hist_len:
+        if self.hist_len and not self.sink[1]:
             raise RuntimeError("a store evicts or compresses its history, not both")
         cut = self.offset(upto) if upto < self.started else self.used
-        self._slide_down(cut, 0, self.used - cut)
+        self._slide_down(cut, self.hist_len, self.used - cut)
+        self.used -= cut - self.hist_len
         self.first_live = self.dropped = upto
-        self.used -= cut
 
     def key_count(self, first: int, last: int) -> int:
         """Keys of chunks first..last as `visible` gives them (chunks not written yet at full size)."""
@@ -281,15 +302,16 @@ class KVStore:
     (`offload`: in CPU memory, moved to the compute device by the reader), and hold only chunks
     that have started (see the module docstring for the memory bound). `compress=None` keeps
     every chunk at full length; with it, the frozen history is squeezed to `budget_tokens` per
-    head. `keep`: after a write of chunk c, chunks before c - keep are evicted (no key range
+    head. `keep`: from a write of chunk c on, chunks before c - keep are evicted (no key range
     reaches back further); None keeps them all. `reserve`: a buffer that must grow makes room for
     this many chunks at once (a store that persists over a whole video knows how many it holds at
-    most: one allocation instead of a growing copy per new chunk).
+    most: one allocation instead of a growing copy per new chunk). `sink` (with `keep`): the first
+    `sink` chunks written are never evicted; a range from chunk 0 sees them, then the chunks kept.
     """
 
     def __init__(self, layout: ChunkLayout, num_layers: int, compress: Optional[CompressConfig] = None,
                  budget_tokens: Optional[int] = None, keep: Optional[int] = None, offload: bool = False,
-                 reserve: Optional[int] = None):
+                 reserve: Optional[int] = None, sink: int = 0):
         if compress is not None and budget_tokens is None:
             raise ValueError("compression needs budget_tokens")
         if compress is not None and keep is not None:
@@ -297,7 +319,9 @@ class KVStore:
         self.layout = layout
         self.num_layers = num_layers
         self.compress, self.budget_tokens = compress, budget_tokens
-        self.keep, self.offload, self.reserve = keep, offload, reserve
+        if sink and keep is None:
+            raise ValueError("a sink is what a rolling window (keep) does not evict: give keep too")
+        self.keep, self.offload, self.reserve, self.sink = keep, offload, reserve, sink
         self._queries: dict[tuple[int, int], torch.Tensor] = {}
         self._layers: dict[tuple[int, int], LayerKV] = {}
         self._written: dict[int, set] = {}
@@ -381,9 +405,9 @@ class KVStore:
         upto = self._plan.get(branch)
         if upto is None and self.reserve:
             upto = chunk + self.reserve - 1
+        if self.keep is not None:       # before the write: a new chunk reuses the evicted one's room
+            lkv.evict_before(chunk - self.keep, self.sink)
         lkv.write(chunk, k, v, upto, tokens)
-        if self.keep is not None:
-            lkv.evict_before(chunk - self.keep)
         if layer == self.num_layers - 1:
             self._written.setdefault(branch, set()).add(int(chunk))
 
@@ -401,9 +425,15 @@ class KVStore:
         return sum(self.layout.chunk_tokens[first:last + 1]) if lkv is None else lkv.key_count(first, last)
 
     def chunks(self, branch: int = 0) -> list[int]:
-        """The chunks held at full length (not evicted, not merged into the compressed history)."""
+        """The chunks held at full length (not evicted, not merged into the compressed history): a
+        sink's, then the live ones."""
         lkv = self._layers.get((branch, 0))
-        return [] if lkv is None else list(range(lkv.first_live, lkv.started))
+        return [] if lkv is None else list(range(*lkv.sink)) + list(range(lkv.first_live, lkv.started))
+
+    def sink_chunks(self, branch: int = 0) -> list[int]:
+        """The chunks pinned as the sink (empty until the window first drops a chunk behind it)."""
+        lkv = self._layers.get((branch, 0))
+        return [] if lkv is None else list(range(*lkv.sink))
 
     def history_tokens(self, branch: int = 0) -> int:
         lkv = self._layers.get((branch, 0))

@@ -191,8 +191,8 @@ def test_keep_evicts_what_no_range_reaches_and_live_chunks_slide_down():
     with pytest.raises(RuntimeError, match="chunk 1 was evicted"):
         store.visible(0, 0, 3, 1)
     held = store.bytes_allocated()
-    store.write(0, 0, 4, ks[4], ks[4])                  # the evicted front is reused: no growth
-    assert store.bytes_allocated() == held == 3 * 2 * 4 * 4 * 4   # keep + 1 live chunks, and one spare
+    store.write(0, 0, 4, ks[4], ks[4])                  # evicted before the write: its room is reused
+    assert store.bytes_allocated() == held == 2 * 2 * 4 * 4 * 4   # keep + 1 live chunks, no spare
     assert store.key_count(0, 3, 5) == 3 * 4            # chunk 5 not written yet: counted at full size
 
 
@@ -251,3 +251,51 @@ def test_reserve_sizes_a_persistent_buffer_once():
     for g in range(1, 8):                      # keep 1: chunks g-1 and g held, g+1 writes into the third slot
         store.write(0, 0, g, k, k)
     assert store.bytes_allocated() == store.peak_bytes == 3 * one_chunk
+
+
+def _rolling_reference(written: list, keep: int, sink: int) -> list:
+    """What a rolling window with a sink holds after each write, stated on plain lists: the first
+    `sink` chunks written, then the newest keep + 1 (no chunk twice)."""
+    held = written[:sink]
+    return held + [g for g in written[-(keep + 1):] if g not in held]
+
+
+@pytest.mark.parametrize("keep,sink", [(1, 1), (2, 1), (1, 2), (3, 0), (0, 2)])
+def test_sink_stays_and_the_middle_is_evicted(keep, sink):
+    """A rolling window behind a sink (LongLive, StreamDiffusionV2): after every write the store
+    holds the first `sink` chunks and the newest keep + 1, exactly, in that order; a range from
+    the first chunk sees them; a chunk between them is refused; memory never grows past sink +
+    keep + 1 chunks (the evicted chunk's room is reused by the new one, as upstream's rolling
+    buffer does)."""
+    store = KVStore(ChunkLayout((4,) * 12), num_layers=2, keep=keep, sink=sink, reserve=sink + keep + 1)
+    ks = [_chunk(g)[0] for g in range(12)]
+    for g in range(12):
+        for layer in range(2):
+            store.write(0, layer, g, ks[g], ks[g] + 1)
+            expect = _rolling_reference(list(range(g + 1)), keep, sink)
+            k, v = store.visible(0, layer, g, expect[0])
+            assert torch.equal(k, torch.cat([ks[c] for c in expect], 1))
+            assert torch.equal(v, torch.cat([ks[c] + 1 for c in expect], 1))
+        assert store.chunks() == expect
+        assert store.key_count(0, 0, g) == 4 * len(expect)
+    one_chunk = 2 * ks[0].nbytes
+    assert store.peak_bytes == store.bytes_allocated() == 2 * (sink + keep + 1) * one_chunk
+    if sink and keep + 1 + sink < 11:
+        with pytest.raises(RuntimeError, match="was evicted"):
+            store.visible(0, 0, 11, sink)
+
+
+def test_a_sink_of_a_store_first_written_later_is_its_first_chunks():
+    """After a prompt switch the K/V are rebuilt from the kept chunks on: the sink is the first
+    chunks written into the fresh store (LongLive's re-cache), not chunk 0 of the video."""
+    store = KVStore(ChunkLayout((4,) * 10), num_layers=1, keep=1, sink=1)
+    ks = [_chunk(g)[0] for g in range(10)]
+    for g in range(4, 8):
+        store.write(0, 0, g, ks[g], ks[g])
+    assert store.chunks() == [4, 6, 7]
+    assert torch.equal(store.visible(0, 0, 7, 4)[0], torch.cat([ks[4], ks[6], ks[7]], 1))
+
+
+def test_a_sink_needs_a_window():
+    with pytest.raises(ValueError, match="keep"):
+        KVStore(ChunkLayout((4,) * 3), num_layers=1, sink=1)
