@@ -48,9 +48,10 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
     options = guider.model_options["transformer_options"]
     spec: CacheSpec = options[SPEC_KEY]
+    family = getattr(guider, "family", None) or spec.family     # a family's own run (VideoRun) says which it is
     run = None
     try:
-        run = options[CACHE_RUN_KEY] = spec.family.new_cache_run(spec)
+        run = options[CACHE_RUN_KEY] = family.new_cache_run(spec)
         return executor(*args, **kwargs)
     finally:
         options.pop(CACHE_RUN_KEY, None)

@@ -20,6 +20,7 @@ from ..cache_core.chunk_executor import ChunkExecutor, check_attention
 from ..cache_core.errors import InputError, ModelFamilyError
 from ..cache_core.flowcache_policy import IDENTITY
 from . import wan
+from .causal_sampling import CausalRun
 from .df_sampling import DFRun
 from .magi_cache import MagiCacheRun, check_spec as magi_check_spec
 from .magi_loader import MagiLatentFormat
@@ -161,21 +162,47 @@ MAGI1 = Family(
     indicator_scale=lambda dm, coefficients: "magi", check_vae=_magi_check_vae,
     stream_decoder=lambda vae: SlabStreamDecoder(vae, DECODE_TILE[0]), causal_vae=False, piece="chunk")
 
-FAMILIES: dict[str, Family] = {WAN21.name: WAN21, MAGI1.name: MAGI1}
+# --- few-step causal Wan (Self-Forcing class): ComfyUI's Wan 2.1 transformer, the causal schedule -----
+
+def _causal_cache_refused(spec) -> None:
+    """Step-skipping caches have no room in a few-step chunk: FlowCache computes a chunk's first
+    warmup_steps (5) and its last step, MotionCache its first warmup_steps + 1 (5) and needs more than
+    25 steps for its token phase (specs/motioncache.md pitfall 22); a causal chunk has 3-4 steps, the
+    last of which must run. The K/V bound of this family is the schedule's rolling window."""
+    raise InputError("model", "is a few-step causal Wan, and the AR caches (FlowCache, MotionCache) skip steps of a "
+                     "chunk's denoising: with 3-4 steps per chunk, all inside the caches' warm-up and final steps, "
+                     "there is nothing to skip. Connect the loader's MODEL to the sampler directly; to bound K/V "
+                     "memory, set the Causal Schedule's attention_frames (a rolling window)")
 
 
-def detect(model_patcher) -> tuple[Family, object]:
+CAUSAL_WAN = Family(
+    name="causal_wan", title="causal Wan (Self-Forcing class)", latent_channels=16, spatial_stride=8,
+    temporal_stride=4, latent_format=comfy.latent_formats.Wan21, run=CausalRun,
+    transformer=wan.causal_wan_transformer, chunk_adapter=wan.WanChunkAdapter, supports_chunks=wan.supports_chunks,
+    flops=wan.flop_shape, coefficients=lambda name, dm: wan.resolve_coefficients(name, dm.dim),
+    prepare_sampling=lambda model_patcher, schedule: {}, new_cache_run=_causal_cache_refused,
+    check_cache_spec=_causal_cache_refused, indicator_scale=_wan_indicator_scale, check_vae=_wan_check_vae,
+    stream_decoder=_wan_stream_decoder, piece="chunk")
+
+FAMILIES: dict[str, Family] = {WAN21.name: WAN21, MAGI1.name: MAGI1, CAUSAL_WAN.name: CAUSAL_WAN}
+
+
+def detect(model_patcher, schedule=None) -> tuple[Family, object]:
     """(family, diffusion model) of a MODEL, or a ModelFamilyError that says what it is instead.
 
-    A model one family nearly serves (a causal Wan, a Wan 2.2) gets that family's own message.
+    One transformer may serve two families (a plain Wan 2.1: diffusion forcing or the causal
+    schedule): the schedule picks among those that accept the model, else the first one does.
+    A model one family nearly serves (a Wan 2.2) gets that family's own message.
     Only the messages are kept: a caught exception kept past its handler holds its traceback's
     frames, and with them the model patcher, in a reference cycle."""
-    problems = {}
+    problems, found = {}, []
     for family in FAMILIES.values():
         try:
-            return family, family.transformer(model_patcher)
+            found.append((family, family.transformer(model_patcher)))
         except ModelFamilyError as e:
             problems[family.name] = e.problem
+    if found:
+        return next(((f, dm) for f, dm in found if isinstance(schedule, f.run.schedule)), found[0])
     dm = getattr(model_patcher.model, "diffusion_model", None)
     if type(dm).__module__.startswith("comfy.ldm.wan"):
         raise ModelFamilyError(problems[WAN21.name])
@@ -190,5 +217,5 @@ def family_of(diffusion_model) -> Optional[Family]:
 
 def new_video_run(model_patcher, req, on_window=None, sink=None, t_start=None):
     """The sampler run for a request on this MODEL: its family's run (the node and the bench use it)."""
-    family, dm = detect(model_patcher)
+    family, dm = detect(model_patcher, req.schedule)
     return family.run(model_patcher, req, family, dm, on_window=on_window, sink=sink, t_start=t_start)

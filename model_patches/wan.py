@@ -51,19 +51,54 @@ def describe_model(base) -> str:
     return what + (f", {channels} latent channels)" if channels else ")")
 
 
+def _core_causal_class():
+    """Newer core's own causal Wan (comfy/ldm/wan/ar_model.py, PR #13082), or None (0.3.75 has none)."""
+    try:
+        from comfy.ldm.wan.ar_model import CausalWanModel
+    except ImportError:
+        return None
+    return CausalWanModel
+
+
+CAUSAL_MARK = "arcache_causal"    # on a loaded model: where the pack learned its weights are causal (None: not)
+
+
+def causal_origin(base) -> str | None:
+    """How a loaded Wan model is known to be causally trained: the Causal Wan Loader's mark, or newer
+    core's causal_ar model type; None when nothing says so (the weights of both kinds look alike)."""
+    mark = getattr(base, CAUSAL_MARK, None)
+    if mark:
+        return mark
+    causal = _core_causal_class()
+    if causal is not None and isinstance(getattr(base, "diffusion_model", None), causal):
+        return "core's causal_ar model type"
+    return None
+
+
 def wan_transformer(model_patcher) -> comfy.ldm.wan.model.WanModel:
-    """The WanModel inside a MODEL, or a clear error saying what the model is instead."""
+    """The WanModel inside a MODEL (SkyReels-V2-DF), or a clear error saying what the model is instead."""
     base = model_patcher.model
-    dm = getattr(base, "diffusion_model", None)
     serves = ("the pack serves SkyReels-V2-DF: Wan 2.1 text-to-video transformers with 16 latent "
               "channels, loaded with UNETLoader. Load a SkyReels-V2-DF checkpoint, or use KSampler "
               "for other models.")
-    if "Causal" in type(dm).__name__ or "Causal" in type(base).__name__:   # newer core's own AR Wan
-        raise ModelFamilyError(f"this is {describe_model(base)}, core's causal Wan for Self-Forcing / "
-                               "Causal-Forcing weights: generate it with core's SamplerARVideo (and "
-                               "EmptyARVideoLatent); the Streaming AR Sampler and the AR caches serve "
-                               "SkyReels-V2-DF diffusion forcing")
-    if (not isinstance(base, comfy.model_base.WAN21) or type(dm) is not comfy.ldm.wan.model.WanModel
+    if causal_origin(base):
+        raise ModelFamilyError(f"this is {describe_model(base)}, a causal Wan ({causal_origin(base)}): it takes the "
+                               "Causal Schedule (ARCacheCausalSchedule), not diffusion forcing")
+    dm = causal_wan_transformer(model_patcher, serves)
+    if type(dm) is not comfy.ldm.wan.model.WanModel:
+        raise ModelFamilyError(f"this is {describe_model(base)}; {serves}")
+    return dm
+
+
+def causal_wan_transformer(model_patcher, serves: str | None = None) -> comfy.ldm.wan.model.WanModel:
+    """The Wan 2.1 t2v transformer inside a MODEL for the causal schedule (a plain WanModel, or newer
+    core's CausalWanModel, which has the same weights), or a clear error."""
+    base = model_patcher.model
+    dm = getattr(base, "diffusion_model", None)
+    serves = serves or ("the Causal Schedule serves few-step causal Wan 2.1 models (Self-Forcing, CausVid, Causal "
+                        "Forcing, LongLive 1.0, Krea Realtime): 16 latent channels, text-to-video layout; load one "
+                        "with Causal Wan Loader (ARCacheCausalWanLoader) or UNETLoader")
+    if (not isinstance(base, comfy.model_base.WAN21) or not isinstance(dm, comfy.ldm.wan.model.WanModel)
             or getattr(dm, "model_type", "t2v") != "t2v" or base.latent_format.latent_channels != 16):
         raise ModelFamilyError(f"this is {describe_model(base)}; {serves}")
     return dm
@@ -274,7 +309,8 @@ class WanChunkAdapter:
             return lat.reshape(bs, f * grid[1] * grid[2], c * p1 * p2)
         return ChunkCall(tokens=xe, timesteps=t, tokens_per_frame=grid[1] * grid[2], shape_key=tuple(x.shape[1:]),
                          extra=dict(e=e, e0=e0, ctx=ctx, context_img_len=context_img_len, grid=grid, hw=(h, w),
-                                    options=transformer_options, freqs={}), make_latents=token_grid_latents)
+                                    options=transformer_options, freqs={}, frame_offset=0),
+                         make_latents=token_grid_latents)
 
     def indicators(self, call: ChunkCall, frames) -> torch.Tensor:
         """FlowCache's indicator, the 6-way modulation e0 of the given frames [B, n, 6, dim],
@@ -301,7 +337,8 @@ class WanChunkAdapter:
         f0, f1 = frames
         xe = call.tokens
         if f0 not in ex["freqs"]:
-            ex["freqs"][f0] = dm.rope_encode(f1 - f0, ex["hw"][0], ex["hw"][1], t_start=f0, device=xe.device,
+            ex["freqs"][f0] = dm.rope_encode(f1 - f0, ex["hw"][0], ex["hw"][1], t_start=f0 + ex["frame_offset"],
+                                             device=xe.device,
                                              dtype=xe.dtype, transformer_options=ex["options"])
         freqs, e0 = ex["freqs"][f0], ex["e0"][rows, f0:f1]
         if tokens is not None:       # per-token modulation and RoPE of the selected tokens

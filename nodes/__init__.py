@@ -2,6 +2,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .anchor import DriftAnchorNode
+from .causal import CausalScheduleNode, CausalWanLoaderNode, CausalWanLoraNode
 from .conditioning import EmptyConditioningNode
 from .flowcache import FlowCacheNode
 from .heatmap import ComputeHeatmapNode
@@ -30,6 +31,9 @@ class ARCacheExtension(ComfyExtension):
             MagiScheduleNode,
             DriftAnchorNode,
             LiveViewNode,
+            CausalScheduleNode,
+            CausalWanLoaderNode,
+            CausalWanLoraNode,
         ]
 
 

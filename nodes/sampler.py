@@ -172,7 +172,7 @@ class StreamingSamplerNode(io.ComfyNode):
                 save_video=False, filename_prefix="ARCache/video", live=None) -> io.NodeOutput:
         t_start = time.perf_counter()
         prefix = prefix_latent["samples"] if prefix_latent is not None else None
-        family, dm = families.detect(model)                 # says what the model is, before anything runs
+        family, dm = families.detect(model, schedule)       # says what the model is, before anything runs
         schedule = check_schedule(schedule, family)
         validate(width, height, length, schedule, vae, start_image, prefix, end_image, family)
         if save_video and vae is None:

@@ -13,6 +13,12 @@ demo run on these. ComfyUI's UNETLoader / VAELoader detect them exactly as the r
   magi1/tiny_magi1_24b_layout.safetensors                 MAGI-1 DiT, 24B layout (SwiGLU, 32 input channels)
   magi1/tiny_magi1_vae.safetensors (+ config.json)        MAGI-1 ViT VAE (width 64, 2+2 blocks)
   magi1/special_tokens.npz                                random stand-in for MAGI-1's special_tokens.npz
+  diffusion_models/tiny_self_forcing_layout.pt            a Self-Forcing training file: generator, generator_ema
+                                                          and critic, "model." prefixed Wan 2.1 keys
+  diffusion_models/tiny_causal_wan_comfy_layout.safetensors  bare Wan 2.1 keys, core's causal_ar metadata
+  diffusion_models/tiny_longlive_base_layout.pt           LongLive's base: generator only, "model." keys
+  loras/tiny_longlive_lora_layout.pt                      LongLive's LoRA: generator_lora (PEFT keys
+                                                          base_model.model.blocks.N.<linear>.lora_A/B) + critic_lora
 
 The MAGI-1 DiT key table is written out here from the spec (specs/magi1.md 1.5), not taken
 from the pack's own schema, so strict loading of these files checks the pack's layout.
@@ -38,6 +44,13 @@ DIT_FILES = {
     "14b": "tiny_skyreels_df_14b_layout.safetensors",
 }
 VAE_FILE = "tiny_wan21_vae.safetensors"
+CAUSAL_FILES = {
+    "self_forcing": "tiny_self_forcing_layout.pt",
+    "causal_comfy": "tiny_causal_wan_comfy_layout.safetensors",
+    "longlive_base": "tiny_longlive_base_layout.pt",
+}
+LORA_FILE = "tiny_longlive_lora_layout.pt"
+LORA_MODULES = tuple(f"{a}.{x}" for a in ("self_attn", "cross_attn") for x in "qkvo") + ("ffn.0", "ffn.2")
 TEXT_DIM, FREQ_DIM, LATENT_CHANNELS, PATCH = 4096, 256, 16, (1, 2, 2)
 
 
@@ -223,6 +236,39 @@ def write_magi(out_dir: str, seed: int = 0, comfyui: str | None = None) -> dict[
     return paths
 
 
+def longlive_lora(shapes: dict[str, tuple], seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
+    """PEFT LoRA keys on every Linear of every block, as LongLive's trainer saves them."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in sorted(shapes.items()):
+        module = key[:-len(".weight")]
+        if not key.startswith("blocks.") or module.split(".", 2)[2] not in LORA_MODULES:
+            continue
+        out[f"base_model.model.{module}.lora_A.weight"] = torch.randn((rank, shape[1]), generator=g) * shape[1] ** -0.5
+        out[f"base_model.model.{module}.lora_B.weight"] = torch.randn((shape[0], rank), generator=g) * 0.05
+    return out
+
+
+def write_causal(out_dir: str, seed: int = 0) -> dict[str, str]:
+    """Few-step causal Wan checkpoints in the layouts Self-Forcing, core and LongLive publish."""
+    import json
+    shapes = wan21_dit_shapes(fps_keys=False)
+    model = lambda sd: {"model." + k: v for k, v in sd.items()}   # noqa: E731  (the training wrapper's prefix)
+    folder = os.path.join(out_dir, "diffusion_models")
+    paths = {k: os.path.join(folder, name) for k, name in CAUSAL_FILES.items()}
+    critic = random_tensors(wan21_dit_shapes(fps_keys=False, num_layers=1), seed + 12)
+    torch.save({"generator": model(random_tensors(shapes, seed + 10)), "generator_ema": model(random_tensors(shapes, seed + 11)),
+                "critic": model(critic)}, paths["self_forcing"])
+    save_file(random_tensors(shapes, seed + 11), paths["causal_comfy"],
+              metadata={"config": json.dumps({"transformer": {"causal_ar": True}})})
+    torch.save({"generator": model(random_tensors(shapes, seed + 13))}, paths["longlive_base"])
+    os.makedirs(os.path.join(out_dir, "loras"), exist_ok=True)
+    paths["longlive_lora"] = os.path.join(out_dir, "loras", LORA_FILE)
+    torch.save({"generator_lora": longlive_lora(shapes, seed + 14), "critic_lora": longlive_lora(shapes, seed + 15),
+                "step": 100}, paths["longlive_lora"])
+    return paths
+
+
 def write_all(out_dir: str, seed: int = 0, comfyui: str | None = None) -> dict[str, str]:
     paths = {}
     os.makedirs(os.path.join(out_dir, "diffusion_models"), exist_ok=True)
@@ -234,6 +280,7 @@ def write_all(out_dir: str, seed: int = 0, comfyui: str | None = None) -> dict[s
     paths["vae"] = os.path.join(out_dir, "vae", VAE_FILE)
     save_file(tiny_vae_tensors(comfyui, seed + 1), paths["vae"])
     paths.update(write_magi(out_dir, seed, comfyui))
+    paths.update(write_causal(out_dir, seed))
     return paths
 
 

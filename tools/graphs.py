@@ -107,3 +107,39 @@ def live_graph(unet: str, *, vae: str | None = None, width=64, height=64, length
         graph["vae"] = ("VAELoader", dict(vae_name=vae), {})
         graph["sampler"][2]["vae"] = ("vae", 0)
     return graph
+
+
+CAUSAL_SCHEDULE_DEFAULTS = dict(chunk_frames=3, denoising_steps="1000, 750, 500, 250", warp=True, shift=5.0,
+                                context_noise=0, attention_frames=0, sink_frames=0, switch="recache", fps=16)
+
+
+def causal_graph(ckpt: str = "tiny_self_forcing_layout.pt", *, loader: str = "ARCacheCausalWanLoader", weights="auto",
+                 width=64, height=64, length=33, seed=0, cfg=1.0, schedule: dict | None = None,
+                 lora: tuple | None = None, vae: str | None = None, prompts: tuple = (0.0,), negative=0.0,
+                 save_prefix="latents/causal", sampler_extra: dict | None = None,
+                 cache: dict | None = None) -> tuple[Graph, str]:
+    """A causal Wan loader -> [LoRA] -> ARCacheStreamingSampler (Causal Schedule) -> SaveLatent; prompts
+    are ARCacheEmptyConditioning values, several make a per-chunk Prompt Schedule. Returns (graph, sampler id)."""
+    g = Graph()
+    if loader == "UNETLoader":
+        model = g.out(g.add("UNETLoader", unet_name=ckpt, weight_dtype="default"))
+    else:
+        model = g.out(g.add(loader, ckpt_name=ckpt, weights=weights, weight_dtype="default"))
+    if lora:
+        model = g.out(g.add("ARCacheCausalWanLora", model=model, lora_name=lora[0], strength=lora[1]))
+    if cache:
+        cache = dict(cache)
+        model = g.out(g.add(cache.pop("class_type"), model=model, **cache))
+    conds = [g.add("ARCacheEmptyConditioning", value=v) for v in prompts]
+    neg = g.add("ARCacheEmptyConditioning", value=negative)
+    extra = dict(sampler_extra or {})
+    extra["schedule"] = g.out(g.add("ARCacheCausalSchedule", **dict(CAUSAL_SCHEDULE_DEFAULTS, **(schedule or {}))))
+    if len(conds) > 1:
+        extra["prompt_schedule"] = g.out(g.add("ARCachePromptSchedule", **{f"prompt_{i + 1}": g.out(c)
+                                                                         for i, c in enumerate(conds[:4])}))
+    if vae:
+        extra["vae"] = g.out(g.add("VAELoader", vae_name=vae))
+    sampler = g.add("ARCacheStreamingSampler", model=model, positive=g.out(conds[0]), negative=g.out(neg),
+                    width=width, height=height, length=length, seed=seed, steps=4, cfg=cfg, **extra)
+    g.add("SaveLatent", samples=g.out(sampler), filename_prefix=save_prefix)
+    return g, sampler

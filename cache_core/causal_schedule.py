@@ -1,0 +1,144 @@
+"""The few-step causal schedule (Self-Forcing, CausVid, Causal Forcing, LongLive) on plain numbers.
+
+A video is generated chunk after chunk (`chunk_frames` latent frames, 3 upstream). Each chunk
+walks a short list of model timesteps (e.g. 1000, 750, 500, 250 warped through the flow
+scheduler's shifted grid): at each one the model predicts the flow, the chunk's clean estimate is
+x0 = x - sigma * flow, and before the next timestep x0 is re-noised to that timestep's sigma with
+fresh noise ((1 - sigma) x0 + sigma eps: not an Euler step). After the last timestep x0 is the
+chunk; one more pass at `context_noise` over the clean chunk writes the K/V that later chunks
+attend to (its output is not used). Attention is chunk-causal: a chunk sees itself and the K/V of
+the chunks before it, all of them (full history) or a rolling window of the newest ones behind a
+sink of the first ones (LongLive, StreamDiffusionV2).
+
+The numbers are upstream's (guandeh17/Self-Forcing @33593df):
+- `utils/scheduler.py` FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True) with
+  set_timesteps(1000, training=True): sigmas = shift s / (1 + (shift - 1) s) over
+  s = linspace(1, 0, 1001)[:-1] in float32, timesteps = 1000 sigmas;
+- `pipeline/causal_inference.py:27-31` warp: timestep list = [timesteps, 0][1000 - step];
+- `add_noise` and the flow-to-x0 conversion look sigma up at the grid point nearest the timestep
+  (argmin |timesteps - t|), so t = 0 means sigma = 1/200 of the grid's last point, not 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from .errors import InputError
+
+TRAIN_STEPS = 1000
+SWITCH_MODES = ("recache", "keep")
+
+
+def flow_grid(shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas, timesteps) of the flow scheduler's training grid, float32 [1000], as upstream builds it."""
+    s = torch.linspace(1.0, 0.0, TRAIN_STEPS + 1)[:-1]
+    sigmas = shift * s / (1 + (shift - 1) * s)
+    return sigmas, sigmas * TRAIN_STEPS
+
+
+def parse_steps(text) -> tuple[int, ...]:
+    """'1000, 750, 500, 250' -> (1000, 750, 500, 250), or a named error."""
+    if isinstance(text, (list, tuple)):
+        items = list(text)
+    else:
+        items = [p for p in str(text).replace(";", ",").replace(" ", ",").split(",") if p.strip()]
+    try:
+        steps = tuple(int(float(p)) if float(p).is_integer() else float(p) for p in items)
+    except ValueError:
+        raise InputError("denoising_steps", f"{text!r} is not a list of numbers; write e.g. 1000, 750, 500, 250") from None
+    if not steps:
+        raise InputError("denoising_steps", "is empty; write the model's timesteps, e.g. 1000, 750, 500, 250")
+    return steps
+
+
+@dataclass(frozen=True)
+class CausalSchedule:
+    """What the Streaming AR Sampler needs to run a few-step causal Wan model (Self-Forcing's defaults)."""
+    node_title: ClassVar[str] = "Causal Schedule (ARCacheCausalSchedule)"   # what users connect
+    chunk_frames: int = 3                 # latent frames per chunk (num_frame_per_block)
+    denoising_steps: tuple = (1000, 750, 500, 250)
+    warp: bool = True                     # map the steps through the shifted grid (warp_denoising_step)
+    shift: float = 5.0                    # timestep_shift
+    context_noise: float = 0.0            # timestep of the pass that writes a finished chunk's K/V
+    attention_frames: int = 0             # latent frames a chunk attends to (sink + window, itself included); 0: all
+    sink_frames: int = 0                  # the first latent frames, kept in every window
+    switch: str = "recache"               # on a prompt change: recompute the kept K/V under the new prompt, or keep them
+    fps: int = 16                         # frame rate of the written video
+
+    def __post_init__(self):
+        steps = parse_steps(self.denoising_steps)
+        object.__setattr__(self, "denoising_steps", steps)
+        if self.chunk_frames < 1:
+            raise InputError("chunk_frames", f"{self.chunk_frames}: a chunk has at least 1 latent frame")
+        if any(b >= a for a, b in zip(steps, steps[1:])):
+            raise InputError("denoising_steps", f"{', '.join(map(str, steps))}: must be strictly decreasing (noise "
+                             "first, e.g. 1000, 750, 500, 250)")
+        top = TRAIN_STEPS
+        if self.warp and any(not float(s).is_integer() or not 1 <= s <= top for s in steps):
+            raise InputError("denoising_steps", f"{', '.join(map(str, steps))}: with warp on, each step is a whole "
+                             f"number in 1..{top} (an index into the shifted grid)")
+        if not self.warp and any(not 0 < s <= top for s in steps):
+            raise InputError("denoising_steps", f"{', '.join(map(str, steps))}: each is a model timestep in (0, {top}]")
+        if not 0 <= self.context_noise <= top:
+            raise InputError("context_noise", f"{self.context_noise}: a timestep in 0..{top} (0 upstream)")
+        if self.switch not in SWITCH_MODES:
+            raise InputError("switch", f"{self.switch!r}: choose one of {', '.join(SWITCH_MODES)}")
+        if self.shift <= 0:
+            raise InputError("shift", f"{self.shift}: must be > 0 (5 for Self-Forcing)")
+        b = self.chunk_frames
+        if self.attention_frames and self.attention_frames < self.sink_frames + b:
+            raise InputError("attention_frames", f"{self.attention_frames} must hold the sink ({self.sink_frames}) and "
+                             f"the chunk being made ({b}): at least {self.sink_frames + b}")
+        if self.sink_frames and not self.attention_frames:
+            raise InputError("sink_frames", f"{self.sink_frames}: a sink belongs to a rolling window; set "
+                             "attention_frames (e.g. 12 with sink 3, LongLive) or the sink to 0")
+
+    @property
+    def timesteps(self) -> list[float]:
+        """The model timesteps of one chunk's steps (float32 values, as upstream feeds them)."""
+        if not self.warp:
+            return [float(torch.tensor(float(s))) for s in self.denoising_steps]
+        _, grid = flow_grid(self.shift)
+        grid = torch.cat([grid, torch.zeros(1)])
+        return [float(grid[TRAIN_STEPS - int(s)]) for s in self.denoising_steps]
+
+    def sigma(self, t: float) -> torch.Tensor:
+        """The float32 sigma upstream uses at timestep t: the grid point nearest to it."""
+        sigmas, grid = flow_grid(self.shift)
+        return sigmas[torch.argmin((grid - torch.tensor(t, dtype=torch.float32)).abs())]
+
+    @property
+    def steps(self) -> int:
+        return len(self.denoising_steps)
+
+    @property
+    def rolling(self) -> bool:
+        return bool(self.attention_frames)
+
+    def window(self) -> tuple[Optional[int], int]:
+        """(keep, sink) in latent frames for the K/V store: a frame sees the sink and the `keep`
+        frames before it; (None, 0) for the full history."""
+        if not self.attention_frames:
+            return None, 0
+        return self.attention_frames - self.sink_frames - 1, self.sink_frames
+
+    def check_length(self, generated: int, total: int) -> None:
+        """Named errors for a video the schedule cannot cut: generated latent frames in whole chunks,
+        a window that the video never fills."""
+        b = self.chunk_frames
+        if generated % b:
+            lo, hi = generated - generated % b, generated + b - generated % b
+            raise InputError("length", f"gives {generated} latent frames to generate, not a multiple of the schedule's "
+                             f"chunk_frames={b}: choose a length giving {max(lo, b)} or {hi} latent frames "
+                             f"({_pixels(max(lo, b))} or {_pixels(hi)} frames; each latent frame is 4 video frames)")
+        if self.attention_frames and self.attention_frames > total:
+            raise InputError("attention_frames", f"{self.attention_frames} latent frames is more than the whole video "
+                             f"({total}); use 0 (all of it) or a smaller window")
+        if self.sink_frames and self.sink_frames >= total:
+            raise InputError("sink_frames", f"{self.sink_frames} latent frames is the whole video ({total}) or more")
+
+
+def _pixels(latents: int) -> int:
+    return 4 * (latents - 1) + 1

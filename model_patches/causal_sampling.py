@@ -1,0 +1,279 @@
+"""Few-step causal Wan (Self-Forcing, CausVid, Causal Forcing, LongLive 1.0, Krea Realtime), chunk by chunk.
+
+The schedule is cache_core.causal_schedule's: each chunk of `chunk_frames` latent frames walks
+the model's short timestep list (x0 predicted, re-noised to the next timestep), then one pass
+over the clean chunk at `context_noise` writes the K/V that later chunks attend to. The model is
+ComfyUI's own WanModel, run through the Wan chunk adapter (model_patches/wan.py) with its
+self-attention going to the one K/V store (cache_core/kv_store.py): one store per run, one branch
+per guidance branch (cfg > 1: the negative prompt keeps its own K/V), a rolling window behind a
+sink when the schedule bounds attention, RoPE at the chunk's absolute frame position (K/V are
+stored rotated, as upstream does).
+
+Upstream's loop (guandeh17/Self-Forcing @33593df, pipeline/causal_inference.py:134-244): noise
+for every generated frame drawn first as [B, F, C, H, W]; prefix chunks (i2v, continuation) run
+once at timestep 0 into the K/V; per chunk and step a per-frame timestep [B, F], x0 = x - sigma
+flow in float64, re-noising (1 - sigma) x0 + sigma eps with eps drawn as [F, C, H, W] after every
+step but the last; the clean chunk at context_noise; nothing drawn for it. LongLive's prompt
+switch (NVlabs/LongLive v1.0, pipeline/interactive_causal_inference.py:34-96): the kept chunks'
+K/V recomputed under the new prompt at context_noise, attending to the sink and to each other.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_management
+
+from ..cache_core.causal_schedule import CausalSchedule
+from ..cache_core.errors import InputError
+from ..cache_core.kv_store import ChunkLayout, KVStore
+from . import wan
+from .video_run import VideoRun, check_image, check_prefix_latent
+
+COND, UNCOND = 0, 1                       # K/V store branches: the guidance passes
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    index: int                            # generated chunk number (0 = first emitted)
+
+
+def text_states(conditioning, name: str, width: int) -> torch.Tensor:
+    """The text encoder states [1, L, width] of a CONDITIONING, or a named error."""
+    try:
+        states = conditioning[0][0]
+    except (TypeError, IndexError, KeyError):
+        raise InputError(name, "is not a CONDITIONING") from None
+    if not torch.is_tensor(states) or states.ndim != 3 or states.shape[-1] != width:
+        shape = tuple(states.shape) if torch.is_tensor(states) else type(states).__name__
+        raise InputError(name, f"holds text states {shape}; this Wan model takes [1, tokens, {width}]: encode the "
+                         "prompt with CLIPTextEncode and the umt5-xxl text encoder loaded as type wan")
+    return states[:1]
+
+
+class FrameAttention:
+    """Self-attention of one pass over latent frames [f0, f1): each frame writes its K/V into its slot
+    of the store (the store holds frames: a window and a sink count frames, as upstream's token
+    buffer does), then the pass attends to everything held from `first` up to its last frame (the
+    sink, the window, and all of its own frames: no mask among them)."""
+
+    def __init__(self, store: KVStore, branch: int, frames: range, first: int):
+        self.store, self.branch, self.frames, self.first = store, branch, frames, first
+        self.key_len = None
+
+    def __call__(self, layer: int, q, k, v, heads: int, attend):
+        n = self.store.layout.chunk_tokens[0]
+        for i, f in enumerate(self.frames):
+            self.store.write(self.branch, layer, f, k[:, i * n:(i + 1) * n], v[:, i * n:(i + 1) * n])
+        k, v = self.store.visible(self.branch, layer, self.frames[-1], self.first)
+        if layer == 0:
+            self.key_len = k.shape[1]
+        return attend(q, k, v)
+
+
+class CausalRun(VideoRun):
+    """A few-step causal Wan video (see the module docstring); each chunk is emitted the moment its
+    last step is done, before its K/V pass."""
+
+    schedule = CausalSchedule
+
+    @staticmethod
+    def validate(width, height, length, schedule, vae, start_image, prefix_latent, end_image, family) -> None:
+        if (length - 1) % 4:
+            raise InputError("length", f"{length}: Wan videos have 4k+1 frames (e.g. 81, 129)")
+        if end_image is not None:
+            raise InputError("end_image", "is not supported with causal Wan models (they generate forward only); "
+                             "disconnect it")
+        if start_image is not None:
+            if vae is None:
+                raise InputError("start_image", "needs a vae: connect the Wan VAE")
+            check_image("start_image", start_image)
+            if prefix_latent is not None:
+                raise InputError("start_image", "and prefix_latent: give one (image-to-video) or the other "
+                                 "(video continuation)")
+        check_prefix_latent(prefix_latent, width, height, family)
+        prefix = 1 if start_image is not None else 0 if prefix_latent is None else prefix_latent.shape[2]
+        total = (length - 1) // 4 + 1 + (prefix if prefix_latent is not None else 0)
+        schedule.check_length(total - prefix, total)
+
+    def __init__(self, model, req, family, dm, on_window=None, sink=None, t_start=None):
+        super().__init__(model, req, family, dm, on_window, sink, t_start)
+        self.refuse_foreign_wrappers()
+        sch: CausalSchedule = req.schedule
+        width = dm.text_embedding[0].weight.shape[1]
+        self.texts = [text_states(p, "positive" if i == 0 else "prompt_schedule", width)
+                      for i, p in enumerate(req.positives)]
+        self.slot_texts = [] if req.steering is None else [text_states(p, "live", width) for p in req.steering.slots]
+        self.negative = text_states(req.negative, "negative", width) if req.cfg != 1.0 else None
+        stride = family.spatial_stride
+        self.lat_h, self.lat_w = req.height // stride, req.width // stride
+        self.prefix = None                                  # raw latents the video starts from
+        if req.start_image is not None:
+            self.prefix = self.encode_image(req.start_image)
+        elif req.prefix_latent is not None:
+            self.prefix = req.prefix_latent.float()
+        P = 0 if self.prefix is None else int(self.prefix.shape[2])
+        generated = (req.length - 1) // 4 + 1 - (1 if req.start_image is not None else 0)
+        b = sch.chunk_frames
+        # the prefix in chunks too: a remainder first (one image frame = upstream's independent first frame)
+        self.prefix_chunks = ([P % b] if P % b else []) + [b] * (P // b)
+        self.chunk_frames = self.prefix_chunks + [b] * (generated // b)
+        self.P, self.T = P, P + generated
+        self.plans = [ChunkPlan(i) for i in range(generated // b)]
+        self.branches = (COND,) if req.cfg == 1.0 else (COND, UNCOND)
+        self.calls_per_segment = [len(self.prefix_chunks) + len(self.plans) * (sch.steps + 1) - 1]
+        self.anchor_latent = self.anchor_image_latent()
+        sch.check_length(generated, self.T)
+        if not wan.causal_origin(model.model):
+            logging.warning("ARCache: the Causal Schedule runs this Wan model chunk by chunk, but nothing in how it was "
+                            "loaded says it was trained that way (a Self-Forcing / LongLive file through Causal Wan "
+                            "Loader, or core's causal_ar metadata); a bidirectional Wan makes noise-like chunks")
+
+    def report_fields(self) -> dict:
+        sch = self.req.schedule
+        return dict(model="causal Wan", causal_weights=wan.causal_origin(self.model.model) or "unknown",
+                    chunk_frames=sch.chunk_frames, timesteps=sch.timesteps, recache_passes=0,
+                    attention_frames=sch.attention_frames or "all", sink_frames=sch.sink_frames)
+
+    def _generate(self, report, on_call) -> torch.Tensor:
+        return self.outer_wrapped(self._sample, report, on_call)
+
+    # -- one model call -----------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor, t: float, frames: range, text, branch: int, head: bool = True):
+        """The model on latent frames `frames` (model space, [1, C, n, h, w]) at timestep t, their K/V
+        written into the store's branch: the flow prediction (None without the head)."""
+        adapter, dtype = self.adapter, self.dtype
+        n = len(frames)
+        keep, sink = self.req.schedule.window()
+        first = 0 if sink or keep is None else max(0, frames[-1] - keep)
+        attention = FrameAttention(self.store, branch, frames, first)
+        timestep = torch.full((1, n), float(t), device=x.device, dtype=torch.float32)
+        call = adapter.embed(x.to(dtype), timestep, text.to(x.device, dtype), self.options)
+        call.extra["frame_offset"] = frames[0]
+        h = adapter.run_blocks(call, slice(0, 1), (0, n), call.tokens, attention)
+        f = self.flops.chunk_causal((call.tokens.shape[1],), [0], {0: attention.key_len}, frames=n)
+        self.data["transformer_flops"] += f
+        self.data["transformer_flops_vanilla"] += f
+        if not head:
+            return None
+        return adapter.finish(call, adapter.head(call, h)).float()
+
+    def _pass(self, x, t, frames: range, text_of, head=True):
+        """Frames `frames` at timestep t in every guidance branch (one model call): the guided flow."""
+        flows = {branch: self._forward(x, t, frames, text_of(branch), branch, head) for branch in self.branches}
+        self.data["model_calls"] += 1
+        if not head:
+            return None
+        if len(flows) == 1:
+            return flows[COND]
+        return flows[UNCOND] + self.req.cfg * (flows[COND] - flows[UNCOND])
+
+    def _recache(self, x_model, upto: int, text_of) -> None:
+        """LongLive's re-cache at a prompt switch before frame `upto`: the K/V of the frames held (those
+        after the sink, once the window has dropped a frame behind it) recomputed at context_noise under
+        the new prompt, in one pass where they attend to the sink and to each other."""
+        pinned = set(self.store.sink_chunks(COND))       # a pinned sink keeps its K/V (LongLive's global sink)
+        held = [f for f in self.store.chunks(COND) if f not in pinned and f < upto]
+        if not held:
+            return
+        frames = range(held[0], held[-1] + 1)
+        self._pass(x_model[:, :, frames.start:frames.stop], self.req.schedule.context_noise, frames, text_of,
+                   head=False)
+        self.data["recache_passes"] += 1
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def _sample(self, report, on_call) -> torch.Tensor:
+        req, sch = self.req, self.req.schedule
+        self.data = data = report.data
+        fmt = self.model.model.latent_format
+        dm = self.dm
+        tpf = self.family.tokens_per_frame(self.lat_h, self.lat_w)
+        self.layout = ChunkLayout((tpf,) * self.T)            # the store holds frames
+        b = sch.chunk_frames
+        mem = 16 * b * tpf * (dm.dim + dm.ffn_dim) * (2 if len(self.branches) > 1 else 1)
+        comfy.model_management.load_models_gpu([self.model], memory_required=mem)
+        device = self.model.load_device
+        self.dtype = self.model.model.manual_cast_dtype or self.model.model.get_dtype()
+        self.adapter = self.family.chunk_adapter(self.model.model.diffusion_model)
+        self.flops = self.adapter.flops
+        self.options = self.model.model_options["transformer_options"]
+        keep, sink = sch.window()
+        self.store = store = KVStore(self.layout, num_layers=self.adapter.num_layers, keep=keep, sink=sink,
+                                     reserve=self.T if keep is None else min(self.T, keep + 1 + sink))
+        C, P, T = fmt.latent_channels, self.P, self.T
+        gen = torch.Generator().manual_seed(req.seed)
+        # upstream's order: all noise first, frame-major [B, F, C, H, W]; then re-noising draws per step
+        noise = torch.randn((1, T - P, C, self.lat_h, self.lat_w), generator=gen).movedim(1, 2)
+        x = torch.zeros((1, C, T, self.lat_h, self.lat_w), device=device)
+        texts = {COND: None, UNCOND: None if self.negative is None else self.negative}
+        kv_prompt = None                               # the prompt the held K/V were written under
+
+        def text_of(branch):
+            return texts[branch]
+
+        if P:
+            prefix = fmt.process_in(self.prefix).to(device)
+            x[:, :, :P] = prefix
+            if req.start_image is None:
+                self.show_head(self.prefix.cpu(), shown=False)
+            else:
+                self.show_head(self.prefix.cpu(), shown=True)
+            texts[COND] = self.texts[0]
+            kv_prompt = req.positives[0]
+            f0 = 0
+            for n in self.prefix_chunks:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                self._pass(x[:, :, f0:f0 + n], 0.0, range(f0, f0 + n), text_of, head=False)
+                f0 += n
+        timesteps = sch.timesteps
+        sigmas = [sch.sigma(t) for t in timesteps]
+        call = data["model_calls"]
+        end = T
+        for k, plan in enumerate(self.plans):
+            g = len(self.prefix_chunks) + k
+            f0 = sum(self.chunk_frames[:g])
+            frames = slice(f0, f0 + b)
+            prompt = req.positives[min(k, len(req.positives) - 1)]
+            text = self.texts[min(k, len(self.texts) - 1)]
+            if req.steering is not None:
+                req.steering.at_boundary(call, k)
+                if req.steering.active is not None:
+                    prompt, text = req.steering.slots[req.steering.active], self.slot_texts[req.steering.active]
+            texts[COND] = text
+            if kv_prompt is not None and prompt is not kv_prompt and sch.switch == "recache":
+                self._recache(x, f0, text_of)
+            kv_prompt = prompt
+            xt = noise[:, :, f0 - P:f0 - P + b].to(device)
+            for i, t in enumerate(timesteps):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                flow = self._pass(xt, t, range(f0, f0 + b), text_of)
+                x0 = (xt.double() - sigmas[i].double() * flow.double()).float()
+                call = data["model_calls"]
+                if on_call is not None:
+                    on_call(call - 1, x0, xt)
+                if i + 1 < len(timesteps):
+                    eps = torch.randn((b, C, self.lat_h, self.lat_w), generator=gen).movedim(0, 1)[None].to(device)
+                    xt = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
+            self.check_finite(x0, k)
+            if self.anchoring:
+                x0 = fmt.process_in(self.anchored(fmt.process_out(x0), k, self.anchor_latent)).to(x0.dtype)
+            x[:, :, frames] = x0
+            self.emit(fmt.process_out(x0).cpu(), data, k, data["model_calls"])
+            self.piece_done(k)
+            if k + 1 == len(self.plans):
+                break                         # nothing attends to the last chunk: no K/V pass (upstream runs one)
+            if self.finish_here(data["model_calls"], k):
+                end = f0 + b
+                break
+            self._pass(x0, sch.context_noise, range(f0, f0 + b), text_of, head=False)
+            call = data["model_calls"]
+        video = fmt.process_out(x[:, :, :end].float()).cpu()
+        if P:
+            video[:, :, :P] = self.prefix.cpu()
+        data["pixel_frames"] = self.family.pixel_frames(int(video.shape[2]))
+        data["kv_cache_frames"] = store.chunks(COND)
+        data["kv_bytes_peak"] = store.peak_bytes
+        data["kv_cache_bytes"] = store.bytes_allocated()
+        return video

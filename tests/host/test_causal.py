@@ -1,0 +1,140 @@
+"""Few-step causal Wan (Self-Forcing class) in a real ComfyUI: the published layouts load through the
+pack's loaders (and a repackage through UNETLoader) and run with the Causal Schedule; LongLive's
+LoRA; storyboard and live prompt switches with re-cache, replayed bit for bit; the frames stream;
+bad input gets named errors."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import torch
+
+from tools.comfy_server import ComfyError, Events, http
+from tools.graphs import causal_graph
+
+SF, COMFY, LL_BASE = "tiny_self_forcing_layout.pt", "tiny_causal_wan_comfy_layout.safetensors", "tiny_longlive_base_layout.pt"
+LORA, VAE = "tiny_longlive_lora_layout.pt", "tiny_wan21_vae.safetensors"
+LONGLIVE = dict(attention_frames=6, sink_frames=3)
+
+
+def graph(**kw):
+    return causal_graph(save_prefix=f"latents/{uuid.uuid4().hex[:8]}", **kw)
+
+
+def run(comfy, **kw):
+    g, sid = graph(**kw)
+    entry = comfy.run(g.prompt)
+    save = next(k for k, v in g.prompt.items() if v["class_type"] == "SaveLatent")
+    return comfy.saved_latent(entry, save), json.loads(entry["outputs"][sid]["text"][0])
+
+
+def refused(comfy, **kw) -> str:
+    g, _ = graph(**kw)
+    with pytest.raises(ComfyError) as e:
+        comfy.run(g.prompt)
+    return str(e.value)
+
+
+def test_each_published_layout_runs_and_the_same_weights_give_the_same_video(comfy):
+    sf, report = run(comfy, ckpt=SF)                                    # Self-Forcing .pt: generator_ema
+    repack, report2 = run(comfy, ckpt=COMFY)                            # the same weights, core's causal_ar file
+    plain, report3 = run(comfy, ckpt=COMFY, loader="UNETLoader")        # 0.3.75's UNETLoader, no causal mark
+    assert sf.shape == (1, 16, 9, 8, 8)
+    assert torch.equal(sf, repack) and torch.equal(sf, plain)
+    assert "generator_ema" in report["causal_weights"] and "causal_ar" in report2["causal_weights"]
+    assert report3["causal_weights"] == "unknown"
+    assert report["windows"] == 3 and report["model_calls"] == 3 * 4 + 2
+    assert report["timesteps"] == pytest.approx([1000.0, 937.5, 833.3333, 625.0], abs=1e-3)
+    generator, _ = run(comfy, ckpt=SF, weights="generator")
+    assert float((generator - sf).abs().max()) > 1e-3
+
+
+def test_longlive_lora_on_its_base(comfy):
+    base, _ = run(comfy, ckpt=LL_BASE, length=45, schedule=LONGLIVE)
+    off, _ = run(comfy, ckpt=LL_BASE, length=45, schedule=LONGLIVE, lora=(LORA, 0.0))
+    on, report = run(comfy, ckpt=LL_BASE, length=45, schedule=LONGLIVE, lora=(LORA, 1.0))
+    assert torch.equal(base, off)
+    assert float((on - base).abs().max()) > 1e-3
+    assert report["attention_frames"] == 6 and len(report["kv_cache_frames"]) == 6     # the window, bounded
+
+
+def test_storyboard_switch_recaches_and_changes_only_what_follows(comfy):
+    one, _ = run(comfy, prompts=(0.0,), schedule=LONGLIVE, length=45)
+    two, report = run(comfy, prompts=(0.0, 2.0), schedule=LONGLIVE, length=45)
+    kept, report_keep = run(comfy, prompts=(0.0, 2.0), schedule=dict(LONGLIVE, switch="keep"), length=45)
+    assert report["recache_passes"] == 1 and report_keep["recache_passes"] == 0
+    assert torch.equal(one[:, :, :3], two[:, :, :3]) and torch.equal(two[:, :, :3], kept[:, :, :3])
+    assert float((two[:, :, 3:] - one[:, :, 3:]).abs().max()) > 1e-3
+    assert float((two[:, :, 3:] - kept[:, :, 3:]).abs().max()) > 1e-4
+
+
+def _live(g, sid, **live_inputs):
+    conds = {f"prompt_{i + 1}": g.out(g.add("ARCacheEmptyConditioning", value=v)) for i, v in enumerate((0.0, 2.0))}
+    g.prompt[sid]["inputs"]["live"] = g.out(g.add("ARCacheLiveView", prompts=g.out(g.add("ARCachePromptSchedule", **conds)),
+                                                  **dict(dict(view_size=4096), **live_inputs)))
+
+
+def test_live_switch_changes_the_following_chunks_and_replays_bit_for_bit(comfy):
+    length = 4 * 60 + 1 - 4 * 1      # 60 latent frames: 20 chunks
+    g, sid = graph(length=length, vae=VAE, schedule=LONGLIVE)
+    _live(g, sid)
+    with Events(comfy) as ev:
+        pid = comfy.queue(g.prompt)
+        start = ev.wait_for("arcache.live.start")[0]
+        ev.wait_for("arcache.live.frames")
+        status, body = http(comfy.url + "/arcache/steer", "POST",
+                            json.dumps({"run": start["run"], "token": start["token"], "slot": 1}).encode(),
+                            {"Content-Type": "application/json"})
+        assert status == 200, body
+        entry = comfy.wait(pid)
+    save = next(k for k, v in g.prompt.items() if v["class_type"] == "SaveLatent")
+    steered, report = comfy.saved_latent(entry, save), json.loads(entry["outputs"][sid]["text"][0])
+    assert len(report["switches"]) == 1 and report["recache_passes"] == 1
+    piece = report["switches"][0]["piece"]
+    assert 0 < piece < 20
+    g2, sid2 = graph(length=length, vae=VAE, schedule=LONGLIVE)
+    _live(g2, sid2, replay=json.dumps(report["switches"]))
+    entry2 = comfy.run(g2.prompt)
+    save2 = next(k for k, v in g2.prompt.items() if v["class_type"] == "SaveLatent")
+    assert torch.equal(comfy.saved_latent(entry2, save2), steered)
+    plain, _ = run(comfy, length=length, vae=VAE, schedule=LONGLIVE)
+    assert torch.equal(plain[:, :, :3 * piece], steered[:, :, :3 * piece])       # chunks before the switch
+    assert float((plain[:, :, 3 * piece:] - steered[:, :, 3 * piece:]).abs().max()) > 1e-3
+    frames = sum(m["count"] for m in ev.of("arcache.live.frames"))
+    assert frames == 4 * 59 + 1 == sum(e[2] for e in report["emissions"])       # every frame streamed
+    assert len(report["emissions"]) >= 20 and report["ttff_calls"] == 4             # the first chunk's last step
+
+
+def test_cfg_runs_a_negative_pass_with_its_own_kv(comfy):
+    one, r1 = run(comfy, cfg=1.0, negative=1.0)
+    three, r3 = run(comfy, cfg=3.0, negative=1.0)
+    assert float((three - one).abs().max()) > 1e-3
+    assert r3["kv_bytes_peak"] == 2 * r1["kv_bytes_peak"]
+    assert r3["transformer_flops"] == pytest.approx(2 * r1["transformer_flops"], rel=1e-9)
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(length=29), ["length", "not a multiple", "chunk_frames=3"]),
+    (dict(schedule=dict(denoising_steps="1000, 750, 750")), ["denoising_steps", "strictly decreasing"]),
+    (dict(schedule=dict(denoising_steps="1000, 750, x")), ["denoising_steps", "not a list of numbers"]),
+    (dict(schedule=dict(attention_frames=60)), ["attention_frames", "more than the whole video"]),
+    (dict(schedule=dict(attention_frames=4, sink_frames=3)), ["attention_frames", "at least 6"]),
+    (dict(schedule=dict(sink_frames=3)), ["sink_frames", "rolling window"]),
+    (dict(ckpt=LL_BASE, lora=("tiny_longlive_lora_layout.pt", 1.0), weights="generator_ema"), ["weights", "no generator_ema"]),
+    (dict(cache=dict(class_type="ARCacheFlowCache", rel_l1_thresh=0.1, warmup_steps=1)),
+     ["FlowCache", "nothing to skip", "attention_frames"]),
+    (dict(ckpt=COMFY, loader="UNETLoader", cache=dict(class_type="ARCacheFlowCache", rel_l1_thresh=0.1, warmup_steps=1)),
+     ["FlowCache", "nothing to skip"]),           # a plain Wan: the cache is accepted, the causal run refuses it
+])
+def test_bad_input_gets_a_named_error(comfy, kw, words):
+    text = refused(comfy, **kw)
+    for w in words:
+        assert w in text, (w, text)
+
+
+def test_a_failed_run_leaves_the_next_one_clean(comfy):
+    clean, _ = run(comfy, seed=5)
+    refused(comfy, seed=5, schedule=dict(attention_frames=60))
+    again, _ = run(comfy, seed=5)
+    assert torch.equal(clean, again)
