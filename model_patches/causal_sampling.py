@@ -124,6 +124,7 @@ class CausalRun(VideoRun):
         self.plans = [ChunkPlan(i) for i in range(generated // b)]
         self.branches = (COND,) if req.cfg == 1.0 else (COND, UNCOND)
         self.calls_per_segment = [len(self.prefix_chunks) + len(self.plans) * (sch.steps + 1) - 1]
+        self.steps = sch.steps                              # the schedule's step list, not the sampler's steps
         self.anchor_latent = self.anchor_image_latent()
         sch.check_length(generated, self.T)
         if not wan.causal_origin(model.model):
@@ -160,9 +161,10 @@ class CausalRun(VideoRun):
             return None
         return adapter.finish(call, adapter.head(call, h)).float()
 
-    def _pass(self, x, t, frames: range, text_of, head=True):
-        """Frames `frames` at timestep t in every guidance branch (one model call): the guided flow."""
-        flows = {branch: self._forward(x, t, frames, text_of(branch), branch, head) for branch in self.branches}
+    def _pass(self, x, t, frames: range, texts: dict, head=True):
+        """Frames `frames` at timestep t in every guidance branch, each with its text (one model call):
+        the guided flow."""
+        flows = {branch: self._forward(x, t, frames, texts[branch], branch, head) for branch in self.branches}
         self.data["model_calls"] += 1
         if not head:
             return None
@@ -170,7 +172,7 @@ class CausalRun(VideoRun):
             return flows[COND]
         return flows[UNCOND] + self.req.cfg * (flows[COND] - flows[UNCOND])
 
-    def _recache(self, x_model, upto: int, text_of) -> None:
+    def _recache(self, x_model, upto: int, texts: dict, device) -> None:
         """LongLive's re-cache at a prompt switch before frame `upto`: the K/V of the frames held (those
         after the sink, once the window has dropped a frame behind it) recomputed at context_noise under
         the new prompt, in one pass where they attend to the sink and to each other."""
@@ -179,7 +181,7 @@ class CausalRun(VideoRun):
         if not held:
             return
         frames = range(held[0], held[-1] + 1)
-        self._pass(x_model[:, :, frames.start:frames.stop], self.req.schedule.context_noise, frames, text_of,
+        self._pass(x_model[:, :, frames.start:frames.stop].to(device), self.req.schedule.context_noise, frames, texts,
                    head=False)
         self.data["recache_passes"] += 1
 
@@ -206,30 +208,20 @@ class CausalRun(VideoRun):
         gen = torch.Generator().manual_seed(req.seed)
         # upstream's order: all noise first, frame-major [B, F, C, H, W]; then re-noising draws per step
         noise = torch.randn((1, T - P, C, self.lat_h, self.lat_w), generator=gen).movedim(1, 2)
-        x = torch.zeros((1, C, T, self.lat_h, self.lat_w), device=device)
-        texts = {COND: None, UNCOND: None if self.negative is None else self.negative}
+        x = torch.zeros((1, C, T, self.lat_h, self.lat_w))     # the video, model space, in CPU memory
+        texts = {COND: self.texts[0], UNCOND: self.negative}   # per guidance branch, for the next pass
         kv_prompt = None                               # the prompt the held K/V were written under
-
-        def text_of(branch):
-            return texts[branch]
-
         if P:
-            prefix = fmt.process_in(self.prefix).to(device)
-            x[:, :, :P] = prefix
-            if req.start_image is None:
-                self.show_head(self.prefix.cpu(), shown=False)
-            else:
-                self.show_head(self.prefix.cpu(), shown=True)
-            texts[COND] = self.texts[0]
+            x[:, :, :P] = fmt.process_in(self.prefix)
+            self.show_head(self.prefix.cpu(), shown=req.start_image is not None)
             kv_prompt = req.positives[0]
             f0 = 0
             for n in self.prefix_chunks:
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                self._pass(x[:, :, f0:f0 + n], 0.0, range(f0, f0 + n), text_of, head=False)
+                self._pass(x[:, :, f0:f0 + n].to(device), 0.0, range(f0, f0 + n), texts, head=False)
                 f0 += n
         timesteps = sch.timesteps
         sigmas = [sch.sigma(t) for t in timesteps]
-        call = data["model_calls"]
         end = T
         for k, plan in enumerate(self.plans):
             g = len(self.prefix_chunks) + k
@@ -238,28 +230,27 @@ class CausalRun(VideoRun):
             prompt = req.positives[min(k, len(req.positives) - 1)]
             text = self.texts[min(k, len(self.texts) - 1)]
             if req.steering is not None:
-                req.steering.at_boundary(call, k)
+                req.steering.at_boundary(data["model_calls"], k)
                 if req.steering.active is not None:
                     prompt, text = req.steering.slots[req.steering.active], self.slot_texts[req.steering.active]
             texts[COND] = text
             if kv_prompt is not None and prompt is not kv_prompt and sch.switch == "recache":
-                self._recache(x, f0, text_of)
+                self._recache(x, f0, texts, device)
             kv_prompt = prompt
             xt = noise[:, :, f0 - P:f0 - P + b].to(device)
             for i, t in enumerate(timesteps):
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                flow = self._pass(xt, t, range(f0, f0 + b), text_of)
+                flow = self._pass(xt, t, range(f0, f0 + b), texts)
                 x0 = (xt.double() - sigmas[i].double() * flow.double()).float()
-                call = data["model_calls"]
-                if on_call is not None:
-                    on_call(call - 1, x0, xt)
+                if on_call is not None:        # progress counts the planned calls (a re-cache pass is extra)
+                    on_call(len(self.prefix_chunks) + k * (sch.steps + 1) + i, x0, xt)
                 if i + 1 < len(timesteps):
                     eps = torch.randn((b, C, self.lat_h, self.lat_w), generator=gen).movedim(0, 1)[None].to(device)
                     xt = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
             self.check_finite(x0, k)
             if self.anchoring:
                 x0 = fmt.process_in(self.anchored(fmt.process_out(x0), k, self.anchor_latent)).to(x0.dtype)
-            x[:, :, frames] = x0
+            x[:, :, frames] = x0.cpu()
             self.emit(fmt.process_out(x0).cpu(), data, k, data["model_calls"])
             self.piece_done(k)
             if k + 1 == len(self.plans):
@@ -267,8 +258,7 @@ class CausalRun(VideoRun):
             if self.finish_here(data["model_calls"], k):
                 end = f0 + b
                 break
-            self._pass(x0, sch.context_noise, range(f0, f0 + b), text_of, head=False)
-            call = data["model_calls"]
+            self._pass(x0, sch.context_noise, range(f0, f0 + b), texts, head=False)
         video = fmt.process_out(x[:, :, :end].float()).cpu()
         if P:
             video[:, :, :P] = self.prefix.cpu()

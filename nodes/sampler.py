@@ -120,26 +120,27 @@ class StreamingSamplerNode(io.ComfyNode):
                 "Generates a long video piece by piece: SkyReels-V2-DF by diffusion forcing (every frame "
                 "has its own noise level, each window continues from the last frames of the previous "
                 "one), MAGI-1 chunk by chunk (up to 4 chunks of 24 frames denoised at staggered noise "
-                "levels, finished chunks kept in a K/V cache). One progress bar over the whole video; "
+                "levels, finished chunks kept in a K/V cache), few-step causal Wan models (Self-Forcing, "
+                "LongLive) with a Causal Schedule, chunk after chunk in 3-4 steps each. One progress bar over the whole video; "
                 "every frame is handed over the moment it is final (an async block at its last step, a "
                 "MAGI-1 chunk), decoded with the vae into exactly the frames VAEDecode gives, written to an "
                 "mp4 you can play while it grows, and shown in a Live View. Connect a FlowCache or MotionCache node before it (SkyReels-V2-DF) "
                 "to skip redundant work."),
             inputs=[
-                io.Model.Input("model", tooltip="A SkyReels-V2-DF model (Wan 2.1 t2v layout) from UNETLoader, optionally through a cache node, or a MAGI-1 model from MAGI-1 Model Loader."),
+                io.Model.Input("model", tooltip="A SkyReels-V2-DF model (Wan 2.1 t2v layout) from UNETLoader, optionally through a cache node; a MAGI-1 model from MAGI-1 Model Loader; or a few-step causal Wan (Self-Forcing, LongLive) from Causal Wan Loader."),
                 io.Conditioning.Input("positive", tooltip="Text conditioning: CLIPTextEncode with the umt5 'wan' text encoder (SkyReels-V2-DF), MAGI-1 Text Encode (MAGI-1)."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning; unused when cfg is 1, and by MAGI-1 (it uses its learned null caption)."),
                 io.Int.Input("width", default=960, min=16, max=4096, step=16, tooltip="Video width in pixels (multiple of 16)."),
                 io.Int.Input("height", default=544, min=16, max=4096, step=16, tooltip="Video height in pixels (multiple of 16)."),
                 io.Int.Input("length", default=257, min=1, max=100001, step=4,
-                             tooltip="Pixel frames to generate. SkyReels-V2-DF: 4k+1; 97 + 80k fill whole windows (257 = 3, 737 = 9); when extending a video, (length-1)/4+1 latent frames are appended, 4 pixel frames each. MAGI-1: rounded up to whole chunks of 24 frames (241 -> 240)."),
+                             tooltip="Pixel frames to generate. SkyReels-V2-DF: 4k+1; 97 + 80k fill whole windows (257 = 3, 737 = 9); when extending a video, (length-1)/4+1 latent frames are appended, 4 pixel frames each. MAGI-1: rounded up to whole chunks of 24 frames (241 -> 240). Causal Wan: 4k+1 with (length-1)/4+1 latent frames a multiple of the chunk (81 = 7 chunks of 3; with a start image one less)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed; window i uses seed + i."),
-                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Denoising steps every frame walks (SkyReels-V2-DF: 30 upstream; MAGI-1: a multiple of 4 and of the window size, 16 for distilled, 64 for base models)."),
+                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Denoising steps every frame walks (SkyReels-V2-DF: 30 upstream; MAGI-1: a multiple of 4 and of the window size, 16 for distilled, 64 for base models). Causal Wan: unused, the Causal Schedule's step list counts."),
                 io.Float.Input("cfg", default=6.0, min=1.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale (SkyReels-V2-DF: 6 upstream, 1 skips the negative pass). MAGI-1 base models: the text guidance scale (7.5 upstream); distilled models ignore it."),
-                ARSchedule.Input("schedule", optional=True, tooltip="Diffusion Forcing Schedule (SkyReels-V2-DF) or MAGI-1 Schedule; upstream's defaults when empty."),
-                ARPrompts.Input("prompt_schedule", optional=True, tooltip="Per-window prompts (storyboard); overrides positive."),
+                               tooltip="Classifier-free guidance scale (SkyReels-V2-DF: 6 upstream, 1 skips the negative pass). MAGI-1 base models: the text guidance scale (7.5 upstream); distilled models ignore it. Causal Wan: 1 upstream (distilled); > 1 runs the negative prompt with its own K/V."),
+                ARSchedule.Input("schedule", optional=True, tooltip="Diffusion Forcing Schedule (SkyReels-V2-DF), MAGI-1 Schedule or Causal Schedule (few-step causal Wan; also what makes a plain Wan run causally); upstream's defaults when empty."),
+                ARPrompts.Input("prompt_schedule", optional=True, tooltip="Per-window prompts (storyboard; per chunk for MAGI-1 and causal Wan); overrides positive."),
                 io.Vae.Input("vae", optional=True, tooltip="The model's VAE (Wan 2.1 VAE, or MAGI-1 VAE Loader): needed for start/end images, pixel re-encoded history, streaming to file and the Live View's frames (MAGI-1: also its preview, a decoded frame per chunk)."),
                 io.Image.Input("start_image", optional=True, tooltip="First frame (image-to-video). Needs the vae."),
                 io.Latent.Input("prefix_latent", optional=True, tooltip="A video's latents to continue (video extension; MAGI-1 v2v: whole 6-latent chunks go into the K/V cache, the rest is written over the first chunk's frames); the output includes them."),

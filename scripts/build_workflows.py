@@ -25,6 +25,8 @@ WAN_VAE = "wan_2.1_vae.safetensors"
 MAGI_DIT = "4.5B_distill/inference_weight.distill/model.safetensors.index.json"
 MAGI_VAE = "vae/diffusion_pytorch_model.safetensors"
 T5XXL = "t5xxl_fp16.safetensors"
+SELF_FORCING = "self_forcing_dmd.pt"
+LONGLIVE_BASE, LONGLIVE_LORA = "longlive_base.pt", "longlive_lora.pt"
 NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
             "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
@@ -102,6 +104,33 @@ def live(clip_encoder: str, texts: list[str], clip_extra: dict | None = None) ->
     return nodes
 
 
+def causal_nodes(ckpt: str, *, length: int, schedule: dict | None = None, lora: str | None = None,
+                 extra_inputs: dict | None = None) -> dict:
+    """A few-step causal Wan workflow: Causal Wan Loader [-> LoRA] -> sampler with a Causal Schedule, 832x480."""
+    model_from = "lora" if lora else "causal"
+    nodes = {
+        "causal": ("ARCacheCausalWanLoader", dict(ckpt_name=ckpt, weights="auto", weight_dtype="default"), {}),
+        "clip": ("CLIPLoader", dict(clip_name=UMT5, type="wan", device="default"), {}),
+        "pos": ("CLIPTextEncode", dict(text="A red kite dances over a green hill under a clear blue sky, "
+                                       "camera slowly tracking, cinematic, detailed."), {"clip": ("clip", 0)}),
+        "neg": ("CLIPTextEncode", dict(text=NEGATIVE), {"clip": ("clip", 0)}),
+        "vae": ("VAELoader", dict(vae_name=WAN_VAE), {}),
+        "schedule": ("ARCacheCausalSchedule", dict(schedule or {}), {}),
+        "sampler": ("ARCacheStreamingSampler",
+                    dict(width=832, height=480, length=length, seed=42, steps=4, cfg=1.0, save_video=False,
+                         filename_prefix="ARCache/causal_wan"),
+                    {"model": (model_from, 0), "positive": ("pos", 0), "negative": ("neg", 0),
+                     "schedule": ("schedule", 0), "vae": ("vae", 0), **(extra_inputs or {})}),
+        "decode": ("VAEDecode", {}, {"samples": ("sampler", 0), "vae": ("vae", 0)}),
+        "video": ("CreateVideo", dict(fps=16.0), {"images": ("decode", 0)}),
+        "save": ("SaveVideo", dict(filename_prefix="video/ARCache_causal_wan", format="auto", codec="auto"),
+                 {"video": ("video", 0)}),
+    }
+    if lora:
+        nodes["lora"] = ("ARCacheCausalWanLora", dict(lora_name=lora, strength=1.0), {"model": ("causal", 0)})
+    return nodes
+
+
 STEER_TEXTS = ["The red kite climbs into golden sunset clouds above the hill, cinematic, detailed.",
                "A thunderstorm rolls in over the hill, rain and lightning around the red kite, cinematic."]
 
@@ -146,6 +175,12 @@ def workflows(info: dict) -> dict[str, dict]:
         df_live = sampler_nodes("flowcache", length=1457, async_mode=True, extra_inputs={"live": ("live", 0)})
         df_live["sampler"][1].update(save_video=True, filename_prefix="ARCache/skyreels_df_live")
         out["skyreels_df_t2v_live"] = {**unet13, **flowcache("unet"), **df_live, **live("CLIPTextEncode", STEER_TEXTS)}
+    if "ARCacheCausalSchedule" in info:
+        out["causal_wan_t2v"] = causal_nodes(SELF_FORCING, length=81)          # Self-Forcing's 81 frames, 7 chunks
+        longlive = causal_nodes(LONGLIVE_BASE, length=957, lora=LONGLIVE_LORA, extra_inputs={"live": ("live", 0)},
+                                schedule=dict(attention_frames=12, sink_frames=3, switch="recache"))
+        longlive["sampler"][1].update(save_video=True, filename_prefix="ARCache/longlive_live")
+        out["longlive_t2v_live"] = {**longlive, **live("CLIPTextEncode", STEER_TEXTS)}   # 80 chunks, a minute
     if "ARCacheMotionCache" in info:
         out["skyreels_df_t2v_motioncache"] = {**unet13, **motioncache("unet"),
                                               **sampler_nodes("motioncache", length=737, async_mode=True), **heatmap()}

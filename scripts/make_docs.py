@@ -74,7 +74,8 @@ def live_view_shot(server: ComfyServer, fe: Frontend, path: Path) -> None:
 
 
 SHOTS = ("skyreels_df_t2v_flowcache", "skyreels_df_t2v_motioncache", "skyreels_df_i2v_flowcache",
-         "skyreels_df_extend_video", "magi1_t2v", "skyreels_df_t2v_live", "magi1_t2v_live")
+         "skyreels_df_extend_video", "magi1_t2v", "skyreels_df_t2v_live", "magi1_t2v_live", "causal_wan_t2v",
+         "longlive_t2v_live")
 FIT = """() => {
     let x0 = 1e9, y0 = 1e9, x1 = -1e9, y1 = -1e9;
     for (const n of app.graph._nodes) {

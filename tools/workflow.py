@@ -260,7 +260,8 @@ def validate(workflow: dict, object_info: dict, allow_missing_files: bool = Fals
 def retarget(prompt: dict, unet: str, vae: str, width=64, height=64, length=33, steps=2,
              window_frames=21, overlap_frames=9, seed: int | None = None,
              magi_model: str = "tiny_magi1_4.5b_layout/inference_weight/model.safetensors.index.json",
-             magi_vae: str = "tiny_magi1_vae.safetensors") -> dict:
+             magi_vae: str = "tiny_magi1_vae.safetensors", causal_model: str = "tiny_self_forcing_layout.pt",
+             causal_base: str = "tiny_longlive_base_layout.pt", causal_lora: str = "tiny_longlive_lora_layout.pt") -> dict:
     """Point an API prompt at small local models and shrink the video, for tests and the demo.
 
     MAGI-1 graphs get the tiny MAGI-1 files and the tests' tiny T5 (testkit) for T5-XXL, and
@@ -278,6 +279,12 @@ def retarget(prompt: dict, unet: str, vae: str, width=64, height=64, length=33, 
             inp["model_name"] = magi_model
         elif kind == "ARCacheMagiVAELoader":
             inp["vae_name"] = magi_vae
+        elif kind == "ARCacheCausalWanLoader":             # a LoRA's base gets the tiny base of that layout
+            inp["ckpt_name"] = causal_base if "longlive" in inp["ckpt_name"] else causal_model
+        elif kind == "ARCacheCausalWanLora":
+            inp["lora_name"] = causal_lora
+        elif kind == "ARCacheCausalSchedule":             # a window that fits the shrunk video (9 latent frames)
+            inp.update(attention_frames=min(inp["attention_frames"], 6), sink_frames=min(inp["sink_frames"], 3))
         elif kind == "CLIPLoader" and nid in magi_clips:   # no tiny T5-XXL can go through CLIPLoader
             prompt[nid] = {"class_type": "TestkitTinyT5Loader", "inputs": {"seed": 0}}
         elif kind == "ARCacheMagiSchedule":

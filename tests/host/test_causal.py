@@ -138,3 +138,32 @@ def test_a_failed_run_leaves_the_next_one_clean(comfy):
     refused(comfy, seed=5, schedule=dict(attention_frames=60))
     again, _ = run(comfy, seed=5)
     assert torch.equal(clean, again)
+
+
+def test_start_image_is_the_first_chunk_and_conditions_the_rest(comfy):
+    """Image-to-video: the image's latent frame is a 1-frame chunk written into the K/V at timestep 0
+    (Self-Forcing's independent first frame), kept as the video's first frame; 37 frames = 1 + 3 chunks."""
+    def with_image(color):
+        g, sid = graph(length=37, vae=VAE, seed=3)
+        img = g.out(g.add("EmptyImage", width=64, height=64, batch_size=1, color=color))
+        g.prompt[sid]["inputs"]["start_image"] = img
+        g.add("SaveLatent", samples=g.out(g.add("VAEEncode", pixels=img, vae=g.prompt[sid]["inputs"]["vae"])),
+              filename_prefix=f"latents/{uuid.uuid4().hex[:8]}", node_id="enc_save")
+        entry = comfy.run(g.prompt)
+        save = next(k for k, v in g.prompt.items() if v["class_type"] == "SaveLatent" and k != "enc_save")
+        return comfy.saved_latent(entry, save), comfy.saved_latent(entry, "enc_save"), \
+            json.loads(entry["outputs"][sid]["text"][0])
+    video, image, report = with_image(0x3366CC)
+    other, _, _ = with_image(0xCC6633)
+    assert video.shape[2] == 10 and report["windows"] == 3
+    torch.testing.assert_close(video[:, :, :1], image[:, :, :1])
+    assert float((video[:, :, 1:] - other[:, :, 1:]).abs().max()) > 1e-3       # the image conditions the chunks
+    assert report["model_calls"] == 1 + 3 * 4 + 2
+
+
+def test_an_interrupted_run_leaves_the_next_one_clean(comfy):
+    clean, _ = run(comfy, seed=8, length=4 * 299 + 1)        # 300 latent frames: 100 chunks
+    g, _ = graph(seed=8, length=4 * 299 + 1)
+    assert "interrupt" in comfy.run_interrupted(g.prompt, after_s=1.0)
+    again, _ = run(comfy, seed=8, length=4 * 299 + 1)
+    assert torch.equal(clean, again)

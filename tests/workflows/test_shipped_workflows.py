@@ -18,7 +18,8 @@ from tools.workflow import referenced_files, retarget, to_api, validate
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
 REAL_FILES = {"UNETLoader.unet_name", "CLIPLoader.clip_name", "VAELoader.vae_name", "LoadImage.image",
               "LoadVideo.file", "ARCacheMagiModelLoader.model_name", "ARCacheMagiVAELoader.vae_name",
-              "ARCacheMagiTextEncode.special_tokens"}
+              "ARCacheMagiTextEncode.special_tokens", "ARCacheCausalWanLoader.ckpt_name",
+              "ARCacheCausalWanLora.lora_name"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def inputs(comfy):
 def test_workflows_exist():
     names = {p.stem for p in WORKFLOWS}
     assert {"skyreels_df_t2v_long_async", "skyreels_df_i2v", "skyreels_df_extend_video", "magi1_t2v", "magi1_i2v",
-            "magi1_v2v"} <= names
+            "magi1_v2v", "causal_wan_t2v", "longlive_t2v_live"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
