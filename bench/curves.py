@@ -190,7 +190,6 @@ def headline(rows: list[dict], floor_db: float, reference: str = "same") -> list
             out.append({"method": method, "steps": steps, "floor_db": floor_db, "reference": reference,
                         "threshold": best and (best["threshold"] if best["method"] == method else 0.0),
                         "wall_speedup": best and 1 / best["wall_ratio"], "wall_stalled": bool(best and best.get("wall_stalled")),
-                        "wall_stalled": bool(best and best.get("wall_stalled")),
                         "wall_speedup_spread": best and best.get("wall_ratio_spread") and
                         sorted(1 / w for w in best["wall_ratio_spread"]),
                         "flop_speedup": best and 1 / best["flops_ratio"],

@@ -37,7 +37,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
-from .chunk_step import COMPUTE, ChunkPolicy, ChunkStep, ChunkView, Decision
+from .chunk_step import COMPUTE, ChunkPolicy, ChunkStep, ChunkView
 from .errors import InputError
 from .flops import FlopModel
 from .kv_store import ChunkLayout, CompressConfig, KVStore

@@ -30,7 +30,7 @@ from ..cache_core.causal_schedule import CausalSchedule
 from ..cache_core.errors import InputError
 from ..cache_core.kv_store import ChunkLayout, KVStore
 from . import wan
-from .video_run import VideoRun, check_image, check_prefix_latent
+from .video_run import VideoRun, check_start
 
 COND, UNCOND = 0, 1                       # K/V store branches: the guidance passes
 
@@ -86,14 +86,8 @@ class CausalRun(VideoRun):
         if end_image is not None:
             raise InputError("end_image", "is not supported with causal Wan models (they generate forward only); "
                              "disconnect it")
-        if start_image is not None:
-            if vae is None:
-                raise InputError("start_image", "needs a vae: connect the Wan VAE")
-            check_image("start_image", start_image)
-            if prefix_latent is not None:
-                raise InputError("start_image", "and prefix_latent: give one (image-to-video) or the other "
-                                 "(video continuation)")
-        check_prefix_latent(prefix_latent, width, height, family)
+        check_start(family, vae, width, height, {"start_image": start_image}, prefix_latent,
+                    "connect the model's Wan VAE to the sampler's vae input")
         prefix = 1 if start_image is not None else 0 if prefix_latent is None else prefix_latent.shape[2]
         total = (length - 1) // 4 + 1 + (prefix if prefix_latent is not None else 0)
         schedule.check_length(total - prefix, total)

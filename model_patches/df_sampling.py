@@ -26,7 +26,7 @@ from ..cache_core.frame_solver import make_solver
 from ..cache_core.record import RECORD_KEY, StepRecord
 from .steering import SteeredGuider
 from .vae_stream import decode_whole
-from .video_run import VideoRun, check_image, check_prefix_latent, encode_frames
+from .video_run import VideoRun, check_start, encode_frames
 
 
 @dataclass
@@ -177,17 +177,11 @@ class DFRun(VideoRun):
         """What can be checked before the model runs (so a bad input costs nothing)."""
         if (length - 1) % 4:
             raise InputError("length", f"{length}: must be of the form 4k+1 pixel frames (e.g. 97, 257, 737)")
-        for name, image in (("start_image", start_image), ("end_image", end_image)):
-            if image is not None and vae is None:
-                raise InputError(name, "needs a vae: connect the Wan 2.1 VAE to the sampler's vae input")
-            check_image(name, image)
+        check_start(family, vae, width, height, {"start_image": start_image, "end_image": end_image}, prefix_latent,
+                    "connect the Wan 2.1 VAE to the sampler's vae input")
         if schedule.prefix_mode == "reencode_pixels" and vae is None:
             raise InputError("schedule.prefix_mode", "reencode_pixels needs a vae: connect one, or use prefix_mode "
                              "latent")
-        if start_image is not None and prefix_latent is not None:
-            raise InputError("start_image", "and prefix_latent: give one (image-to-video) or the other (extension), "
-                             "not both")
-        check_prefix_latent(prefix_latent, width, height, family)
         if schedule.overlap_frames == 0 and prefix_latent is not None:
             raise InputError("prefix_latent", "needs schedule.overlap_frames > 0 to continue from it")
 

@@ -6,7 +6,6 @@ against the schema of the sizes read from the tensors; nothing is renamed.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 

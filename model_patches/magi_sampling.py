@@ -24,7 +24,7 @@ from ..cache_core.record import CACHE_RUN_KEY
 from .magi_cache import ALONE, HISTORY, TEXT
 from .magi_model import ChunkForward, kv_store
 from .magi_text import SPECIAL_KEY, chunk_text
-from .video_run import VideoRun, check_image, check_prefix_latent
+from .video_run import VideoRun, check_start
 
 
 @dataclass(frozen=True)
@@ -60,14 +60,8 @@ class MagiRun(VideoRun):
         if end_image is not None:
             raise InputError("end_image", "is not supported with MAGI-1 (it has no end-frame conditioning); "
                              "disconnect it")
-        if start_image is not None:
-            if vae is None:
-                raise InputError("start_image", "needs a vae: connect the MAGI-1 VAE (MAGI-1 VAE Loader)")
-            check_image("start_image", start_image)
-        if start_image is not None and prefix_latent is not None:
-            raise InputError("start_image", "and prefix_latent: give one (image-to-video) or the other "
-                             "(video-to-video)")
-        check_prefix_latent(prefix_latent, width, height, family)
+        check_start(family, vae, width, height, {"start_image": start_image}, prefix_latent,
+                    "connect the MAGI-1 VAE (MAGI-1 VAE Loader)")
 
     def __init__(self, model, req, family, dm, on_window=None, sink=None, t_start=None):
         super().__init__(model, req, family, dm, on_window, sink, t_start)

@@ -30,7 +30,7 @@ from ..cache_core.drift import DriftAnchor, DriftMeter, anchor_latent, latent_st
 from ..cache_core.errors import InputError, ModelFamilyError
 from ..cache_core.record import CACHE_WRAPPER_KEY
 from ..cache_core.run_report import RunReport
-from .vae_stream import PreviewStreamDecoder, decode_whole
+from .vae_stream import PreviewStreamDecoder
 
 
 @dataclass
@@ -71,6 +71,20 @@ def check_image(name: str, image) -> None:
         raise InputError(name, f"expected an IMAGE [batch, height, width, 3], got shape {tuple(image.shape)}")
     if image.shape[0] != 1:
         raise InputError(name, f"holds {image.shape[0]} images; give one (pick it with ImageFromBatch)")
+
+
+def check_start(family, vae, width: int, height: int, images: dict, prefix_latent, vae_hint: str) -> None:
+    """The checks every family makes of a request's images and prefix: an image needs the vae
+    (`vae_hint`: which one, where) and is one image; a start image and a video to continue exclude
+    each other; the prefix fits the video."""
+    for name, image in images.items():
+        if image is not None and vae is None:
+            raise InputError(name, f"needs a vae: {vae_hint}")
+        check_image(name, image)
+    if images.get("start_image") is not None and prefix_latent is not None:
+        raise InputError("start_image", "and prefix_latent: give one (image-to-video) or the other (a video to "
+                         "continue), not both")
+    check_prefix_latent(prefix_latent, width, height, family)
 
 
 def check_prefix_latent(latent, width: int, height: int, family) -> None:

@@ -21,7 +21,6 @@ import json
 import logging
 import secrets
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field

@@ -31,27 +31,42 @@ NEGATIVE = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风�
             "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
 
+KITE = "A red kite dances over a green hill under a clear blue sky, camera slowly tracking, cinematic, detailed."
+
+
+def wan_prompts() -> dict:
+    """The umt5 prompts and the Wan 2.1 VAE every Wan workflow feeds its sampler."""
+    return {
+        "clip": ("CLIPLoader", dict(clip_name=UMT5, type="wan", device="default"), {}),
+        "pos": ("CLIPTextEncode", dict(text=KITE), {"clip": ("clip", 0)}),
+        "neg": ("CLIPTextEncode", dict(text=NEGATIVE), {"clip": ("clip", 0)}),
+        "vae": ("VAELoader", dict(vae_name=WAN_VAE), {}),
+    }
+
+
+def decode_and_save(fps: float, save_prefix: str) -> dict:
+    """The sampler's LATENT decoded and saved as a video."""
+    return {
+        "decode": ("VAEDecode", {}, {"samples": ("sampler", 0), "vae": ("vae", 0)}),
+        "video": ("CreateVideo", dict(fps=fps), {"images": ("decode", 0)}),
+        "save": ("SaveVideo", dict(filename_prefix=save_prefix, format="auto", codec="auto"), {"video": ("video", 0)}),
+    }
+
+
 def sampler_nodes(model_from: str, *, length: int, async_mode: bool, extra_inputs: dict | None = None) -> dict:
     """The shared middle of every SkyReels-V2-DF workflow."""
     sch = dict(window_frames=97, overlap_frames=17, ar_step=5 if async_mode else 0,
                causal_block_size=5 if async_mode else 1, addnoise_condition=20, solver="unipc", shift=0.0,
                fps=24, prefix_mode="auto")
     return {
-        "clip": ("CLIPLoader", dict(clip_name=UMT5, type="wan", device="default"), {}),
-        "pos": ("CLIPTextEncode", dict(text="A red kite dances over a green hill under a clear blue sky, "
-                                       "camera slowly tracking, cinematic, detailed."), {"clip": ("clip", 0)}),
-        "neg": ("CLIPTextEncode", dict(text=NEGATIVE), {"clip": ("clip", 0)}),
-        "vae": ("VAELoader", dict(vae_name=WAN_VAE), {}),
+        **wan_prompts(),
         "schedule": ("ARCacheDFSchedule", sch, {}),
         "sampler": ("ARCacheStreamingSampler",
                     dict(width=960, height=544, length=length, seed=42, steps=30, cfg=6.0, save_video=False,
                          filename_prefix="ARCache/skyreels_df"),
                     {"model": (model_from, 0), "positive": ("pos", 0), "negative": ("neg", 0),
                      "schedule": ("schedule", 0), "vae": ("vae", 0), **(extra_inputs or {})}),
-        "decode": ("VAEDecode", {}, {"samples": ("sampler", 0), "vae": ("vae", 0)}),
-        "video": ("CreateVideo", dict(fps=24.0), {"images": ("decode", 0)}),
-        "save": ("SaveVideo", dict(filename_prefix="video/ARCache_skyreels_df", format="auto", codec="auto"),
-                 {"video": ("video", 0)}),
+        **decode_and_save(24.0, "video/ARCache_skyreels_df"),
     }
 
 
@@ -107,24 +122,16 @@ def live(clip_encoder: str, texts: list[str], clip_extra: dict | None = None) ->
 def causal_nodes(ckpt: str, *, length: int, schedule: dict | None = None, lora: str | None = None,
                  extra_inputs: dict | None = None) -> dict:
     """A few-step causal Wan workflow: Causal Wan Loader [-> LoRA] -> sampler with a Causal Schedule, 832x480."""
-    model_from = "lora" if lora else "causal"
     nodes = {
         "causal": ("ARCacheCausalWanLoader", dict(ckpt_name=ckpt, weights="auto", weight_dtype="default"), {}),
-        "clip": ("CLIPLoader", dict(clip_name=UMT5, type="wan", device="default"), {}),
-        "pos": ("CLIPTextEncode", dict(text="A red kite dances over a green hill under a clear blue sky, "
-                                       "camera slowly tracking, cinematic, detailed."), {"clip": ("clip", 0)}),
-        "neg": ("CLIPTextEncode", dict(text=NEGATIVE), {"clip": ("clip", 0)}),
-        "vae": ("VAELoader", dict(vae_name=WAN_VAE), {}),
+        **wan_prompts(),
         "schedule": ("ARCacheCausalSchedule", dict(schedule or {}), {}),
         "sampler": ("ARCacheStreamingSampler",
                     dict(width=832, height=480, length=length, seed=42, steps=4, cfg=1.0, save_video=False,
                          filename_prefix="ARCache/causal_wan"),
-                    {"model": (model_from, 0), "positive": ("pos", 0), "negative": ("neg", 0),
+                    {"model": ("lora" if lora else "causal", 0), "positive": ("pos", 0), "negative": ("neg", 0),
                      "schedule": ("schedule", 0), "vae": ("vae", 0), **(extra_inputs or {})}),
-        "decode": ("VAEDecode", {}, {"samples": ("sampler", 0), "vae": ("vae", 0)}),
-        "video": ("CreateVideo", dict(fps=16.0), {"images": ("decode", 0)}),
-        "save": ("SaveVideo", dict(filename_prefix="video/ARCache_causal_wan", format="auto", codec="auto"),
-                 {"video": ("video", 0)}),
+        **decode_and_save(16.0, "video/ARCache_causal_wan"),
     }
     if lora:
         nodes["lora"] = ("ARCacheCausalWanLora", dict(lora_name=lora, strength=1.0), {"model": ("causal", 0)})
