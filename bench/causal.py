@@ -10,8 +10,9 @@
 2. Measured: seconds per chunk over a long run, full history against the window (the window's
    cost per chunk stays flat, the full history's grows with the keys).
 3. Computed (no GPU here, said so): transformer FLOPs per video second and the real-time factor
-   on one H100 at 40% of the bf16 peak for Self-Forcing-1.3B and Krea-14B at 832x480, and K/V
-   memory per length: core's cache preallocated for the whole video against the rolling window.
+   on one H100 at 40% of the bf16 peak for Self-Forcing-1.3B and Krea-14B at 832x480 and LongLive
+   2.0 (5B) at 1280x704, and K/V memory per length: the whole video held (core preallocates it)
+   against the rolling window.
 
 Writes bench/results/causal.json and causal.md. Wall times on a shared 2-core machine: read the
 ratios within one round.
@@ -90,13 +91,27 @@ def computed() -> dict:
                          "pflop_per_video_second": flops / seconds / 1e15,
                          "realtime_factor_h100": flops / seconds / (H100_BF16 * MFU),
                          "fps_h100": 16 * (H100_BF16 * MFU) / (flops / seconds)})
+    shape_5b = fl.DiTShape(dim=3072, ffn_dim=14336, num_layers=30, in_dim=48, out_dim=48)
+    tpf = fl.tokens_per_frame(704, 1280, vae_stride=16)                   # 880 tokens a latent frame
+    for window in (None, 32):                                             # LongLive 2.0: 16 chunks of 8 (509 frames)
+        chunks, flops = 16, 0
+        for g in range(chunks):
+            keys = 8 * (g + 1) if window is None else min(window, 8 * (g + 1))
+            flops += 5 * shape_5b.chunk_causal((8 * tpf,), [0], {0: keys * tpf}, frames=8)
+        seconds = (4 * 8 * chunks - 3) / 24
+        rows.append({"model": "LongLive 2.0 5B, 1280x704, 24 fps", "attention": "all" if window is None else f"{window} frames",
+                     "pflop_per_video_second": flops / seconds / 1e15,
+                     "realtime_factor_h100": flops / seconds / (H100_BF16 * MFU),
+                     "fps_h100": 24 * (H100_BF16 * MFU) / (flops / seconds)})
     kv = []
-    for name, shape in (("1.3B", fl.DiTShape.wan_1_3b()), ("14B", fl.DiTShape.wan_14b())):
-        per_frame = 2 * shape.num_layers * fl.tokens_per_frame(480, 832) * shape.dim * 2     # K and V, bf16
+    for name, shape, tpf, fps, window in (("1.3B, 832x480", fl.DiTShape.wan_1_3b(), fl.tokens_per_frame(480, 832), 16, 12),
+                                          ("14B, 832x480", fl.DiTShape.wan_14b(), fl.tokens_per_frame(480, 832), 16, 12),
+                                          ("5B (LongLive 2.0), 1280x704", shape_5b, tpf, 24, 32)):
+        per_frame = 2 * shape.num_layers * tpf * shape.dim * 2                # K and V, bf16
         for seconds in (5, 60, 600):
-            frames = (16 * seconds - 1) // 4 + 1
-            kv.append({"model": name, "seconds": seconds, "core_prealloc_gb": frames * per_frame / 1e9,
-                       "window12_gb": min(frames, 12) * per_frame / 1e9})
+            frames = (fps * seconds - 1) // 4 + 1
+            kv.append({"model": name, "seconds": seconds, "window_frames": window,
+                       "core_prealloc_gb": frames * per_frame / 1e9, "window_gb": min(frames, window) * per_frame / 1e9})
     return {"realtime": rows, "kv_memory": kv}
 
 
@@ -140,14 +155,15 @@ def markdown(r: dict) -> str:
               "| attention | first 10 | last 10 | K/V peak MB |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['first10_s']:.3f} | {v['last10_s']:.3f} | {v['kv_peak_mb']:.1f} |"
               for k, v in r["per_chunk_60"].items()]
-    lines += ["", f"## Computed: one H100 at {MFU:.0%} of the bf16 peak, 832x480, a 15 s video (20 chunks of 3), 16 fps, uncached (no GPU here)", "",
+    lines += ["", f"## Computed: one H100 at {MFU:.0%} of the bf16 peak, uncached (no GPU here): Wan 2.1 at 832x480, a 15 s "
+              "video (20 chunks of 3), 16 fps; LongLive 2.0 at 1280x704, 509 frames (16 chunks of 8), 24 fps", "",
               "| model | attention | PFLOP per video second | real-time factor | frames/s |", "|---|---|---|---|---|"]
     lines += [f"| {x['model']} | {x['attention']} | {x['pflop_per_video_second']:.2f} | {x['realtime_factor_h100']:.2f} | "
               f"{x['fps_h100']:.1f} |" for x in r["realtime"]]
-    lines += ["", "## Computed: K/V memory (bf16, 832x480): core's cache for the whole video vs a 12-frame window", "",
-              "| model | video | core prealloc GB | window 12 GB |", "|---|---|---|---|"]
-    lines += [f"| {k['model']} | {k['seconds']} s | {k['core_prealloc_gb']:.1f} | {k['window12_gb']:.1f} |"
-              for k in r["kv_memory"]]
+    lines += ["", "## Computed: K/V memory (bf16): the whole video held (core preallocates it) vs a rolling window", "",
+              "| model | video | whole video GB | window | window GB |", "|---|---|---|---|---|"]
+    lines += [f"| {k['model']} | {k['seconds']} s | {k['core_prealloc_gb']:.1f} | {k['window_frames']} frames | "
+              f"{k['window_gb']:.1f} |" for k in r["kv_memory"]]
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,13 @@ attend to (its output is not used). Attention is chunk-causal: a chunk sees itse
 the chunks before it, all of them (full history) or a rolling window of the newest ones behind a
 sink of the first ones (LongLive, StreamDiffusionV2).
 
+LongLive 2.0 (NVlabs/LongLive @7860ad9, Wan2.2-TI2V-5B) walks each chunk with a fresh 4-step UniPC
+instead (`solver` unipc: FlowUniPCMultistepScheduler(shift=1).set_timesteps(steps, shift=5) per
+chunk, pipeline/causal_diffusion_inference.py:566-609 and 892-900: the sigmas of
+df_schedule.flow_template, integer timesteps 999, 937, 833, 624), and with an image holds the first
+chunk's frame 0 to it at timestep 0 (`first_frame` clamped, utils/i2v_conditioning.py) where
+Self-Forcing writes the image into the K/V first as a chunk of its own.
+
 The numbers are upstream's (guandeh17/Self-Forcing @33593df):
 - `utils/scheduler.py` FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True) with
   set_timesteps(1000, training=True): sigmas = shift s / (1 + (shift - 1) s) over
@@ -25,10 +32,13 @@ from typing import ClassVar, Optional
 
 import torch
 
+from .df_schedule import flow_template, template_timesteps
 from .errors import InputError
 
 TRAIN_STEPS = 1000
 SWITCH_MODES = ("recache", "keep")
+SOLVERS = ("renoise", "unipc")
+FIRST_FRAME_MODES = ("own_chunk", "clamped")
 
 
 def flow_grid(shift: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +76,8 @@ class CausalSchedule:
     sink_frames: int = 0                  # the first latent frames, kept in every window
     switch: str = "recache"               # on a prompt change: recompute the kept K/V under the new prompt, or keep them
     fps: int = 16                         # frame rate of the written video
+    solver: str = "renoise"               # renoise: the step list with fresh noise between steps; unipc: LongLive 2.0's
+    first_frame: str = "own_chunk"        # a start image: its own chunk in the K/V first, or clamped in the first chunk
 
     def __post_init__(self):
         steps = parse_steps(self.denoising_steps)
@@ -83,8 +95,10 @@ class CausalSchedule:
             raise InputError("denoising_steps", f"{', '.join(map(str, steps))}: each is a model timestep in (0, {top}]")
         if not 0 <= self.context_noise <= top:
             raise InputError("context_noise", f"{self.context_noise}: a timestep in 0..{top} (0 upstream)")
-        if self.switch not in SWITCH_MODES:
-            raise InputError("switch", f"{self.switch!r}: choose one of {', '.join(SWITCH_MODES)}")
+        for name, value, options in (("switch", self.switch, SWITCH_MODES), ("solver", self.solver, SOLVERS),
+                                     ("first_frame", self.first_frame, FIRST_FRAME_MODES)):
+            if value not in options:
+                raise InputError(name, f"{value!r}: choose one of {', '.join(options)}")
         if self.shift <= 0:
             raise InputError("shift", f"{self.shift}: must be > 0 (5 for Self-Forcing)")
         b = self.chunk_frames
@@ -95,9 +109,21 @@ class CausalSchedule:
             raise InputError("sink_frames", f"{self.sink_frames}: a sink belongs to a rolling window; set "
                              "attention_frames (e.g. 12 with sink 3, LongLive) or the sink to 0")
 
+    def plan(self, steps: int) -> tuple[list[float], list[torch.Tensor]]:
+        """(model timesteps, sigmas) of one chunk's steps: renoise walks the step list (sigma at the
+        grid point nearest each timestep, float32 as upstream); unipc `steps` UniPC steps on the
+        shifted template (float64 sigmas, then 0; integer timesteps)."""
+        if self.solver == "unipc":
+            if steps < 1:
+                raise InputError("steps", f"{steps}: UniPC needs at least 1 step per chunk (4 for LongLive 2.0)")
+            template = flow_template(steps, self.shift)
+            return [float(t) for t in template_timesteps(template)[:-1]], list(template)
+        timesteps = self.timesteps
+        return timesteps, [self.sigma(t) for t in timesteps] + [torch.tensor(0.0)]
+
     @property
     def timesteps(self) -> list[float]:
-        """The model timesteps of one chunk's steps (float32 values, as upstream feeds them)."""
+        """The model timesteps of the step list (float32 values, as upstream feeds them)."""
         if not self.warp:
             return [float(torch.tensor(float(s))) for s in self.denoising_steps]
         _, grid = flow_grid(self.shift)
@@ -108,10 +134,6 @@ class CausalSchedule:
         """The float32 sigma upstream uses at timestep t: the grid point nearest to it."""
         sigmas, grid = flow_grid(self.shift)
         return sigmas[torch.argmin((grid - torch.tensor(t, dtype=torch.float32)).abs())]
-
-    @property
-    def steps(self) -> int:
-        return len(self.denoising_steps)
 
     @property
     def rolling(self) -> bool:
@@ -138,6 +160,12 @@ class CausalSchedule:
                              f"({total}); use 0 (all of it) or a smaller window")
         if self.sink_frames and self.sink_frames >= total:
             raise InputError("sink_frames", f"{self.sink_frames} latent frames is the whole video ({total}) or more")
+
+
+# LongLive 2.0 on Wan2.2-TI2V-5B (configs/inference.yaml): chunks of 8, 4 UniPC steps at shift 5, a
+# 32-frame window behind an 8-frame sink, 24 fps, an image clamped into the first chunk; no re-cache
+LONGLIVE2 = CausalSchedule(chunk_frames=8, solver="unipc", shift=5.0, attention_frames=32, sink_frames=8, switch="keep",
+                           fps=24, first_frame="clamped")
 
 
 def _pixels(latents: int) -> int:

@@ -28,7 +28,8 @@ import comfy.utils
 import folder_paths
 
 from ..cache_core.errors import InputError, ModelFamilyError
-from . import wan
+from . import families, wan
+from .causal_sampling import CausalRun
 
 WEIGHT_CHOICES = ("auto", "generator_ema", "generator")
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")     # UNETLoader's
@@ -98,10 +99,6 @@ def load_causal_wan(ckpt_name: str, weights: str = "auto", weight_dtype: str = "
         some = ", ".join(sorted(sd)[:4])
         raise InputError("ckpt_name", f"{ckpt_name} is not a Wan transformer (no {missing[0]}; its keys start "
                          f"{some} ...): pick a Self-Forcing / LongLive / CausVid checkpoint or a Wan 2.1 repackage")
-    if sd["patch_embedding.weight"].shape[1] != 16:
-        raise InputError("ckpt_name", f"{ckpt_name} has {sd['patch_embedding.weight'].shape[1]}-channel latents: a "
-                         "Wan 2.2 TI2V-5B base (LongLive 2.0) is not supported yet (it samples with UniPC and multi-shot "
-                         "sinks); the Causal Schedule runs Wan 2.1 bases (1.3B, 14B)")
     options = {}
     if weight_dtype != "default":
         options["dtype"] = getattr(torch, weight_dtype.replace("_fast", ""))
@@ -109,13 +106,17 @@ def load_causal_wan(ckpt_name: str, weights: str = "auto", weight_dtype: str = "
     model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options, metadata=metadata)
     if model is None:
         raise InputError("ckpt_name", f"ComfyUI does not recognise {ckpt_name} as a diffusion model")
-    try:
-        wan.causal_wan_transformer(model)
-    except ModelFamilyError as e:
-        raise InputError("ckpt_name", f"{ckpt_name}: {e.problem}") from None
     layout = "core's causal_ar metadata" if causal_metadata(metadata) else \
         f"{os.path.splitext(ckpt_name)[1]} {picked} weights"
     setattr(model.model, wan.CAUSAL_MARK, f"Causal Wan Loader: {os.path.basename(ckpt_name)} ({layout})")
+    try:
+        family, _ = families.detect(model)
+    except ModelFamilyError:
+        family = None
+    if family is None or family.run is not CausalRun:
+        raise InputError("ckpt_name", f"{ckpt_name} is {wan.describe_model(model.model)}: the causal families are Wan "
+                         "2.1 text-to-video (16 latent channels: Self-Forcing, CausVid, Causal Forcing, LongLive 1.0, "
+                         "Krea) and Wan2.2-TI2V-5B (48: LongLive 2.0)")
     return model
 
 

@@ -28,6 +28,7 @@ import comfy.model_management
 
 from ..cache_core.causal_schedule import CausalSchedule
 from ..cache_core.errors import InputError
+from ..cache_core.frame_solver import UniPCFrameSolver
 from ..cache_core.kv_store import ChunkLayout, KVStore
 from . import wan
 from .video_run import VideoRun, check_start
@@ -88,9 +89,13 @@ class CausalRun(VideoRun):
                              "disconnect it")
         check_start(family, vae, width, height, {"start_image": start_image}, prefix_latent,
                     "connect the model's Wan VAE to the sampler's vae input")
-        prefix = 1 if start_image is not None else 0 if prefix_latent is None else prefix_latent.shape[2]
-        total = (length - 1) // 4 + 1 + (prefix if prefix_latent is not None else 0)
-        schedule.check_length(total - prefix, total)
+        frames = (length - 1) // 4 + 1
+        if prefix_latent is not None:
+            schedule.check_length(frames, frames + prefix_latent.shape[2])
+        elif start_image is not None and schedule.first_frame == "own_chunk":
+            schedule.check_length(frames - 1, frames)
+        else:
+            schedule.check_length(frames, frames)
 
     def __init__(self, model, req, family, dm, on_window=None, sink=None, t_start=None):
         super().__init__(model, req, family, dm, on_window, sink, t_start)
@@ -103,13 +108,17 @@ class CausalRun(VideoRun):
         self.negative = text_states(req.negative, "negative", width) if req.cfg != 1.0 else None
         stride = family.spatial_stride
         self.lat_h, self.lat_w = req.height // stride, req.width // stride
-        self.prefix = None                                  # raw latents the video starts from
-        if req.start_image is not None:
+        self.prefix = None                                  # raw latents written into the K/V before generating
+        self.image = None                                   # raw latent the first chunk's frame 0 is held to
+        generated = (req.length - 1) // 4 + 1
+        if req.start_image is not None and sch.first_frame == "clamped":
+            self.image = self.encode_image(req.start_image)
+        elif req.start_image is not None:
             self.prefix = self.encode_image(req.start_image)
+            generated -= 1
         elif req.prefix_latent is not None:
             self.prefix = req.prefix_latent.float()
         P = 0 if self.prefix is None else int(self.prefix.shape[2])
-        generated = (req.length - 1) // 4 + 1 - (1 if req.start_image is not None else 0)
         b = sch.chunk_frames
         # the prefix in chunks too: a remainder first (one image frame = upstream's independent first frame)
         self.prefix_chunks = ([P % b] if P % b else []) + [b] * (P // b)
@@ -117,8 +126,9 @@ class CausalRun(VideoRun):
         self.P, self.T = P, P + generated
         self.plans = [ChunkPlan(i) for i in range(generated // b)]
         self.branches = (COND,) if req.cfg == 1.0 else (COND, UNCOND)
-        self.calls_per_segment = [len(self.prefix_chunks) + len(self.plans) * (sch.steps + 1) - 1]
-        self.steps = sch.steps                              # the schedule's step list, not the sampler's steps
+        self.timesteps, self.sigmas = sch.plan(req.steps)   # renoise: the schedule's list; unipc: `steps` steps
+        self.steps = len(self.timesteps)
+        self.calls_per_segment = [len(self.prefix_chunks) + len(self.plans) * (self.steps + 1) - 1]
         self.anchor_latent = self.anchor_image_latent()
         sch.check_length(generated, self.T)
         if not wan.causal_origin(model.model):
@@ -129,22 +139,23 @@ class CausalRun(VideoRun):
     def report_fields(self) -> dict:
         sch = self.req.schedule
         return dict(model="causal Wan", causal_weights=wan.causal_origin(self.model.model) or "unknown",
-                    chunk_frames=sch.chunk_frames, timesteps=sch.timesteps, recache_passes=0,
+                    chunk_frames=sch.chunk_frames, solver=sch.solver, timesteps=self.timesteps, recache_passes=0,
                     attention_frames=sch.attention_frames or "all", sink_frames=sch.sink_frames)
 
     def _generate(self, report, on_call) -> torch.Tensor:
         return self.outer_wrapped(self._sample, report, on_call)
 
     # -- one model call -----------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor, t: float, frames: range, text, branch: int, head: bool = True):
-        """The model on latent frames `frames` (model space, [1, C, n, h, w]) at timestep t, their K/V
-        written into the store's branch: the flow prediction (None without the head)."""
+    def _forward(self, x: torch.Tensor, t, frames: range, text, branch: int, head: bool = True):
+        """The model on latent frames `frames` (model space, [1, C, n, h, w]) at timestep t (one for
+        all frames, or one per frame), their K/V written into the store's branch: the flow
+        prediction (None without the head)."""
         adapter, dtype = self.adapter, self.dtype
         n = len(frames)
         keep, sink = self.req.schedule.window()
         first = 0 if sink or keep is None else max(0, frames[-1] - keep)
         attention = FrameAttention(self.store, branch, frames, first)
-        timestep = torch.full((1, n), float(t), device=x.device, dtype=torch.float32)
+        timestep = torch.as_tensor(t, dtype=torch.float32).to(x.device).expand(1, n)
         call = adapter.embed(x.to(dtype), timestep, text.to(x.device, dtype), self.options)
         call.extra["frame_offset"] = frames[0]
         h = adapter.run_blocks(call, slice(0, 1), (0, n), call.tokens, attention)
@@ -214,8 +225,8 @@ class CausalRun(VideoRun):
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 self._pass(x[:, :, f0:f0 + n].to(device), 0.0, range(f0, f0 + n), texts, head=False)
                 f0 += n
-        timesteps = sch.timesteps
-        sigmas = [sch.sigma(t) for t in timesteps]
+        timesteps, sigmas = self.timesteps, self.sigmas
+        image = None if self.image is None else fmt.process_in(self.image).to(device)
         end = T
         for k, plan in enumerate(self.plans):
             g = len(self.prefix_chunks) + k
@@ -232,20 +243,31 @@ class CausalRun(VideoRun):
                 self._recache(x, f0, texts, device)
             kv_prompt = prompt
             xt = noise[:, :, f0 - P:f0 - P + b].to(device)
+            clamp = image is not None and k == 0       # LongLive 2.0's i2v: frame 0 held to the image at t = 0
+            solver = UniPCFrameSolver(sigmas, b) if sch.solver == "unipc" else None   # fresh per chunk
             for i, t in enumerate(timesteps):
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                flow = self._pass(xt, t, range(f0, f0 + b), texts)
+                if clamp:
+                    xt[:, :, :1] = image
+                flow = self._pass(xt, [0.0] + [t] * (b - 1) if clamp else t, range(f0, f0 + b), texts)
                 x0 = (xt.double() - sigmas[i].double() * flow.double()).float()
                 if on_call is not None:        # progress counts the planned calls (a re-cache pass is extra)
-                    on_call(len(self.prefix_chunks) + k * (sch.steps + 1) + i, x0, xt)
-                if i + 1 < len(timesteps):
+                    on_call(len(self.prefix_chunks) + k * (self.steps + 1) + i, x0, xt)
+                if solver is not None:         # the last step lands on sigma 0: x0
+                    xt = solver.step(xt, x0, [i] * b, [True] * b)
+                elif i + 1 < len(timesteps):
                     eps = torch.randn((b, C, self.lat_h, self.lat_w), generator=gen).movedim(0, 1)[None].to(device)
                     xt = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
+            if clamp:
+                x0[:, :, :1] = image
             self.check_finite(x0, k)
             if self.anchoring:
                 x0 = fmt.process_in(self.anchored(fmt.process_out(x0), k, self.anchor_latent)).to(x0.dtype)
             x[:, :, frames] = x0.cpu()
-            self.emit(fmt.process_out(x0).cpu(), data, k, data["model_calls"])
+            raw = fmt.process_out(x0).cpu()
+            if clamp:
+                raw[:, :, :1] = self.image.cpu()       # the given frame exactly (the LATENT has it so too)
+            self.emit(raw, data, k, data["model_calls"])
             self.piece_done(k)
             if k + 1 == len(self.plans):
                 break                         # nothing attends to the last chunk: no K/V pass (upstream runs one)
@@ -256,6 +278,8 @@ class CausalRun(VideoRun):
         video = fmt.process_out(x[:, :, :end].float()).cpu()
         if P:
             video[:, :, :P] = self.prefix.cpu()
+        if self.image is not None:                   # the given frame exactly, as a prefix is
+            video[:, :, :1] = self.image.cpu()
         data["pixel_frames"] = self.family.pixel_frames(int(video.shape[2]))
         data["kv_cache_frames"] = store.chunks(COND)
         data["kv_bytes_peak"] = store.peak_bytes

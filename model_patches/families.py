@@ -14,8 +14,9 @@ from typing import Callable, Optional
 
 import comfy.latent_formats
 import comfy.ldm.wan.vae
+import comfy.ldm.wan.vae2_2
 
-from ..cache_core import df_schedule
+from ..cache_core import causal_schedule, df_schedule
 from ..cache_core.chunk_executor import ChunkExecutor, check_attention
 from ..cache_core.errors import InputError, ModelFamilyError
 from ..cache_core.flowcache_policy import IDENTITY
@@ -54,6 +55,7 @@ class Family:
     causal_vae: bool = True          # 4k+1 pixel frames per k+1 latents (Wan); else 4k per k (MAGI-1)
     piece: str = "window"            # what users read for one emitted piece of its runs
     patch: int = 2                   # latent pixels per transformer token, each way
+    default_schedule: Optional[Callable] = None   # () -> the schedule when none is connected (None: the run's type's defaults)
 
     def token_grid(self, latent_h: int, latent_w: int) -> tuple[int, int]:
         """(token rows, token columns) of a latent frame (a partial patch is padded, as Wan does)."""
@@ -184,7 +186,27 @@ CAUSAL_WAN = Family(
     check_cache_spec=_causal_cache_refused, indicator_scale=_wan_indicator_scale, check_vae=_wan_check_vae,
     stream_decoder=_wan_stream_decoder, piece="chunk")
 
-FAMILIES: dict[str, Family] = {WAN21.name: WAN21, MAGI1.name: MAGI1, CAUSAL_WAN.name: CAUSAL_WAN}
+def _wan22_check_vae(vae) -> None:
+    fix = "load the Wan 2.2 VAE (wan2.2_vae.safetensors) with Load VAE (VAELoader)"
+    if not isinstance(getattr(vae, "first_stage_model", None), comfy.ldm.wan.vae2_2.WanVAE) or \
+            getattr(vae, "latent_channels", None) != 48:
+        raise InputError("vae", f"is not the Wan 2.2 VAE ({describe_vae(vae)}); LongLive 2.0 latents have 48 "
+                         f"channels: {fix}")
+
+
+CAUSAL_WAN22 = Family(
+    name="causal_wan22", title="causal Wan 2.2 TI2V-5B (LongLive 2.0)", latent_channels=48, spatial_stride=16,
+    temporal_stride=4, latent_format=comfy.latent_formats.Wan22, run=CausalRun,
+    transformer=wan.causal_wan22_transformer, chunk_adapter=wan.WanChunkAdapter, supports_chunks=wan.supports_chunks,
+    flops=wan.flop_shape, coefficients=lambda name, dm: wan.resolve_coefficients(name, dm.dim),
+    prepare_sampling=lambda model_patcher, schedule: {}, new_cache_run=_causal_cache_refused,
+    check_cache_spec=_causal_cache_refused, indicator_scale=_wan_indicator_scale, check_vae=_wan22_check_vae,
+    # Wan 2.2's VAE decodes its first latent frame apart (first_chunk): the stream re-decodes each
+    # piece with a few latents of context instead of carrying the cache (reported approximate)
+    stream_decoder=RedecodeStreamDecoder, piece="chunk", default_schedule=lambda: causal_schedule.LONGLIVE2)
+
+FAMILIES: dict[str, Family] = {WAN21.name: WAN21, MAGI1.name: MAGI1, CAUSAL_WAN.name: CAUSAL_WAN,
+                               CAUSAL_WAN22.name: CAUSAL_WAN22}
 
 
 def detect(model_patcher, schedule=None) -> tuple[Family, object]:

@@ -84,7 +84,7 @@ def wan_transformer(model_patcher) -> comfy.ldm.wan.model.WanModel:
     if causal_origin(base):
         raise ModelFamilyError(f"this is {describe_model(base)}, a causal Wan ({causal_origin(base)}): it takes the "
                                "Causal Schedule (ARCacheCausalSchedule), not diffusion forcing")
-    dm = causal_wan_transformer(model_patcher, serves)
+    dm = _wan_t2v(model_patcher, 16, serves)
     if type(dm) is not comfy.ldm.wan.model.WanModel:
         raise ModelFamilyError(f"this is {describe_model(base)}; {serves}")
     return dm
@@ -93,13 +93,28 @@ def wan_transformer(model_patcher) -> comfy.ldm.wan.model.WanModel:
 def causal_wan_transformer(model_patcher, serves: str | None = None) -> comfy.ldm.wan.model.WanModel:
     """The Wan 2.1 t2v transformer inside a MODEL for the causal schedule (a plain WanModel, or newer
     core's CausalWanModel, which has the same weights), or a clear error."""
-    base = model_patcher.model
-    dm = getattr(base, "diffusion_model", None)
     serves = serves or ("the Causal Schedule serves few-step causal Wan 2.1 models (Self-Forcing, CausVid, Causal "
                         "Forcing, LongLive 1.0, Krea Realtime): 16 latent channels, text-to-video layout; load one "
                         "with Causal Wan Loader (ARCacheCausalWanLoader) or UNETLoader")
+    return _wan_t2v(model_patcher, 16, serves)
+
+
+def causal_wan22_transformer(model_patcher) -> comfy.ldm.wan.model.WanModel:
+    """The Wan2.2-TI2V-5B transformer of a causal model (LongLive 2.0), or a clear error. Only a
+    model known to be causal: a plain Wan 2.2 5B is not run chunk by chunk behind the user's back."""
+    dm = _wan_t2v(model_patcher, 48, "LongLive 2.0 is a Wan2.2-TI2V-5B model with 48 latent channels")
+    if not causal_origin(model_patcher.model):
+        raise ModelFamilyError(f"this is {describe_model(model_patcher.model)}: a causal one (LongLive 2.0) "
+                               "loads with Causal Wan Loader (ARCacheCausalWanLoader); plain Wan 2.2 models "
+                               "are not served")
+    return dm
+
+
+def _wan_t2v(model_patcher, channels: int, serves: str) -> comfy.ldm.wan.model.WanModel:
+    base = model_patcher.model
+    dm = getattr(base, "diffusion_model", None)
     if (not isinstance(base, comfy.model_base.WAN21) or not isinstance(dm, comfy.ldm.wan.model.WanModel)
-            or getattr(dm, "model_type", "t2v") != "t2v" or base.latent_format.latent_channels != 16):
+            or getattr(dm, "model_type", "t2v") != "t2v" or base.latent_format.latent_channels != channels):
         raise ModelFamilyError(f"this is {describe_model(base)}; {serves}")
     return dm
 

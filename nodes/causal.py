@@ -3,7 +3,7 @@ from comfy_api.latest import io
 
 import folder_paths
 
-from ..cache_core.causal_schedule import SWITCH_MODES, CausalSchedule
+from ..cache_core.causal_schedule import FIRST_FRAME_MODES, SOLVERS, SWITCH_MODES, CausalSchedule
 from ..model_patches import causal_loader
 from .errors import named_errors
 from .schedules import ARSchedule
@@ -21,10 +21,12 @@ class CausalScheduleNode(io.ComfyNode):
                 "How the Streaming AR Sampler runs a few-step causal Wan model (Self-Forcing, CausVid, Causal "
                 "Forcing, LongLive 1.0, Krea Realtime): chunk after chunk, each chunk denoised in a few steps "
                 "(re-noised between them) and then written clean into a K/V cache that later chunks attend to. "
-                "Defaults are Self-Forcing's; LongLive 1.0: attention_frames 12, sink_frames 3. The sampler's "
-                "steps input is not used (the step list is here); cfg 1 runs no negative pass, cfg > 1 keeps "
-                "the negative prompt's own K/V. Only meaningful for causally trained weights: a plain Wan or "
-                "SkyReels model runs but makes noise-like chunks."),
+                "Defaults are Self-Forcing's; LongLive 1.0: attention_frames 12, sink_frames 3; LongLive 2.0 "
+                "(Wan2.2-TI2V-5B): chunk_frames 8, solver unipc with the sampler's steps 4, attention_frames 32, "
+                "sink_frames 8, first_frame clamped, switch keep, fps 24 (its defaults when no schedule is "
+                "connected). cfg 1 runs no negative pass, cfg > 1 keeps the negative prompt's own K/V. Only "
+                "meaningful for causally trained weights: a plain Wan or SkyReels model runs but makes "
+                "noise-like chunks."),
             inputs=[
                 io.Int.Input("chunk_frames", default=d.chunk_frames, min=1, max=64,
                              tooltip="Latent frames per chunk (num_frame_per_block): 3 for chunk-wise Self-Forcing / LongLive 1.0, 1 for frame-wise Causal Forcing. Must match how the checkpoint was trained."),
@@ -42,7 +44,11 @@ class CausalScheduleNode(io.ComfyNode):
                              tooltip="The video's first latent frames, kept in every window (an attention sink: 3 for LongLive 1.0). Needs attention_frames. A multiple of chunk_frames."),
                 io.Combo.Input("switch", options=list(SWITCH_MODES), default=d.switch,
                                tooltip="When the prompt changes between chunks (Prompt Schedule, Live View): recache recomputes the kept chunks' K/V under the new prompt, one extra pass (LongLive); keep goes on with the K/V written under the old one."),
-                io.Int.Input("fps", default=d.fps, min=1, max=120, tooltip="Frame rate of the saved video (16 for Wan 2.1 1.3B models)."),
+                io.Int.Input("fps", default=d.fps, min=1, max=120, tooltip="Frame rate of the saved video (16 for Wan 2.1 1.3B models, 24 for LongLive 2.0)."),
+                io.Combo.Input("solver", options=list(SOLVERS), default=d.solver,
+                               tooltip="renoise: walk denoising_steps, re-noising the predicted clean chunk to each next step (Self-Forcing, LongLive 1.0, CausVid). unipc: a fresh UniPC over the sampler's steps per chunk on the shifted grid (LongLive 2.0: 4 steps); denoising_steps and warp are then unused."),
+                io.Combo.Input("first_frame", options=list(FIRST_FRAME_MODES), default=d.first_frame,
+                               tooltip="With a start_image: own_chunk writes it into the K/V first as a 1-frame chunk (Self-Forcing's independent first frame); clamped holds frame 0 of the first chunk to it at timestep 0 while the chunk is denoised (LongLive 2.0)."),
             ],
             outputs=[ARSchedule.Output(tooltip="Causal schedule for the Streaming AR Sampler.")],
         )
@@ -50,9 +56,9 @@ class CausalScheduleNode(io.ComfyNode):
     @classmethod
     @named_errors("Causal Schedule")
     def execute(cls, chunk_frames, denoising_steps, warp, shift, context_noise, attention_frames, sink_frames,
-                switch, fps) -> io.NodeOutput:
+                switch, fps, solver="renoise", first_frame="own_chunk") -> io.NodeOutput:
         return io.NodeOutput(CausalSchedule(chunk_frames, denoising_steps, warp, shift, float(context_noise),
-                                            attention_frames, sink_frames, switch, fps))
+                                            attention_frames, sink_frames, switch, fps, solver, first_frame))
 
 
 class CausalWanLoaderNode(io.ComfyNode):
@@ -63,8 +69,9 @@ class CausalWanLoaderNode(io.ComfyNode):
             display_name="Causal Wan Loader (Self-Forcing / LongLive)",
             category="ARCache/loaders",
             description=(
-                "Loads a few-step causal Wan 2.1 checkpoint from models/diffusion_models in the layout it is "
-                "published in: Self-Forcing / LongLive / CausVid training files (.pt with generator or "
+                "Loads a few-step causal Wan checkpoint (Wan 2.1 bases; LongLive 2.0 on Wan2.2-TI2V-5B) from "
+                "models/diffusion_models in the layout it is published in: Self-Forcing / LongLive / CausVid "
+                "training files (.pt with generator or "
                 "generator_ema, 'model.' prefixed keys), ComfyUI repackages (.safetensors), core's causal_ar "
                 "files; through ComfyUI's own model loading. The model is marked causal, so the Streaming AR "
                 "Sampler runs it with the Causal Schedule."),

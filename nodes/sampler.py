@@ -37,7 +37,7 @@ def check_schedule(schedule, family: families.Family):
     """The family's schedule (its defaults when none is connected), or a named error."""
     kind = family.run.schedule
     if schedule is None:
-        return kind()
+        return family.default_schedule() if family.default_schedule else kind()
     if not isinstance(schedule, kind):
         raise InputError("schedule", f"is a {type(schedule).__name__}, but {family.title} models take the "
                          f"{kind.node_title}")
@@ -136,7 +136,7 @@ class StreamingSamplerNode(io.ComfyNode):
                              tooltip="Pixel frames to generate. SkyReels-V2-DF: 4k+1; 97 + 80k fill whole windows (257 = 3, 737 = 9); when extending a video, (length-1)/4+1 latent frames are appended, 4 pixel frames each. MAGI-1: rounded up to whole chunks of 24 frames (241 -> 240). Causal Wan: 4k+1 with (length-1)/4+1 latent frames a multiple of the chunk (81 = 7 chunks of 3; with a start image one less)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed; window i uses seed + i."),
-                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Denoising steps every frame walks (SkyReels-V2-DF: 30 upstream; MAGI-1: a multiple of 4 and of the window size, 16 for distilled, 64 for base models). Causal Wan: unused, the Causal Schedule's step list counts."),
+                io.Int.Input("steps", default=30, min=1, max=200, tooltip="Denoising steps every frame walks (SkyReels-V2-DF: 30 upstream; MAGI-1: a multiple of 4 and of the window size, 16 for distilled, 64 for base models). Causal Wan: the UniPC steps per chunk with the Causal Schedule's solver unipc (LongLive 2.0: 4); unused with renoise (its step list counts)."),
                 io.Float.Input("cfg", default=6.0, min=1.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (SkyReels-V2-DF: 6 upstream, 1 skips the negative pass). MAGI-1 base models: the text guidance scale (7.5 upstream); distilled models ignore it. Causal Wan: 1 upstream (distilled); > 1 runs the negative prompt with its own K/V."),
                 ARSchedule.Input("schedule", optional=True, tooltip="Diffusion Forcing Schedule (SkyReels-V2-DF), MAGI-1 Schedule or Causal Schedule (few-step causal Wan; also what makes a plain Wan run causally); upstream's defaults when empty."),

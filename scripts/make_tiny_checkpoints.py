@@ -17,6 +17,8 @@ demo run on these. ComfyUI's UNETLoader / VAELoader detect them exactly as the r
                                                           and critic, "model." prefixed Wan 2.1 keys
   diffusion_models/tiny_causal_wan_comfy_layout.safetensors  bare Wan 2.1 keys, core's causal_ar metadata
   diffusion_models/tiny_longlive_base_layout.pt           LongLive's base: generator only, "model." keys
+  diffusion_models/tiny_longlive2_5b_layout.pt            LongLive 2.0's merged generator on Wan2.2-TI2V-5B
+                                                          (48-channel latents), "model." keys
   loras/tiny_longlive_lora_layout.pt                      LongLive's LoRA: generator_lora (PEFT keys
                                                           base_model.model.blocks.N.<linear>.lora_A/B) + critic_lora
 
@@ -48,6 +50,7 @@ CAUSAL_FILES = {
     "self_forcing": "tiny_self_forcing_layout.pt",
     "causal_comfy": "tiny_causal_wan_comfy_layout.safetensors",
     "longlive_base": "tiny_longlive_base_layout.pt",
+    "longlive2": "tiny_longlive2_5b_layout.pt",
 }
 LORA_FILE = "tiny_longlive_lora_layout.pt"
 LORA_MODULES = tuple(f"{a}.{x}" for a in ("self_attn", "cross_attn") for x in "qkvo") + ("ffn.0", "ffn.2")
@@ -262,6 +265,8 @@ def write_causal(out_dir: str, seed: int = 0) -> dict[str, str]:
     save_file(random_tensors(shapes, seed + 11), paths["causal_comfy"],
               metadata={"config": json.dumps({"transformer": {"causal_ar": True}})})
     torch.save({"generator": model(random_tensors(shapes, seed + 13))}, paths["longlive_base"])
+    torch.save({"generator": model(random_tensors(wan21_dit_shapes(fps_keys=False, channels=48), seed + 16)),
+                "merged_lora": True}, paths["longlive2"])
     os.makedirs(os.path.join(out_dir, "loras"), exist_ok=True)
     paths["longlive_lora"] = os.path.join(out_dir, "loras", LORA_FILE)
     torch.save({"generator_lora": longlive_lora(shapes, seed + 14), "critic_lora": longlive_lora(shapes, seed + 15),

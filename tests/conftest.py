@@ -38,7 +38,7 @@ def comfy(tmp_path_factory, tiny_models) -> ComfyServer:
     server.add_model(tiny_models["1.3b"], "diffusion_models")
     server.add_model(tiny_models["14b"], "diffusion_models")
     server.add_model(tiny_models["vae"], "vae")
-    for name in ("self_forcing", "causal_comfy", "longlive_base"):
+    for name in ("self_forcing", "causal_comfy", "longlive_base", "longlive2"):
         server.add_model(tiny_models[name], "diffusion_models")
     server.add_model(tiny_models["longlive_lora"], "loras")
     server.add_model_tree(Path(tiny_models["magi_special_tokens"]).parent, "magi1")

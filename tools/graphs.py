@@ -110,14 +110,15 @@ def live_graph(unet: str, *, vae: str | None = None, width=64, height=64, length
 
 
 CAUSAL_SCHEDULE_DEFAULTS = dict(chunk_frames=3, denoising_steps="1000, 750, 500, 250", warp=True, shift=5.0,
-                                context_noise=0, attention_frames=0, sink_frames=0, switch="recache", fps=16)
+                                context_noise=0, attention_frames=0, sink_frames=0, switch="recache", fps=16,
+                                solver="renoise", first_frame="own_chunk")
 
 
 def causal_graph(ckpt: str = "tiny_self_forcing_layout.pt", *, loader: str = "ARCacheCausalWanLoader", weights="auto",
                  width=64, height=64, length=33, seed=0, cfg=1.0, schedule: dict | None = None,
                  lora: tuple | None = None, vae: str | None = None, prompts: tuple = (0.0,), negative=0.0,
                  save_prefix="latents/causal", sampler_extra: dict | None = None,
-                 cache: dict | None = None) -> tuple[Graph, str]:
+                 cache: dict | None = None, steps: int = 4, with_schedule: bool = True) -> tuple[Graph, str]:
     """A causal Wan loader -> [LoRA] -> ARCacheStreamingSampler (Causal Schedule) -> SaveLatent; prompts
     are ARCacheEmptyConditioning values, several make a per-chunk Prompt Schedule. Returns (graph, sampler id)."""
     g = Graph()
@@ -133,13 +134,14 @@ def causal_graph(ckpt: str = "tiny_self_forcing_layout.pt", *, loader: str = "AR
     conds = [g.add("ARCacheEmptyConditioning", value=v) for v in prompts]
     neg = g.add("ARCacheEmptyConditioning", value=negative)
     extra = dict(sampler_extra or {})
-    extra["schedule"] = g.out(g.add("ARCacheCausalSchedule", **dict(CAUSAL_SCHEDULE_DEFAULTS, **(schedule or {}))))
+    if with_schedule:
+        extra["schedule"] = g.out(g.add("ARCacheCausalSchedule", **dict(CAUSAL_SCHEDULE_DEFAULTS, **(schedule or {}))))
     if len(conds) > 1:
         extra["prompt_schedule"] = g.out(g.add("ARCachePromptSchedule", **{f"prompt_{i + 1}": g.out(c)
                                                                          for i, c in enumerate(conds[:4])}))
     if vae:
         extra["vae"] = g.out(g.add("VAELoader", vae_name=vae))
     sampler = g.add("ARCacheStreamingSampler", model=model, positive=g.out(conds[0]), negative=g.out(neg),
-                    width=width, height=height, length=length, seed=seed, steps=4, cfg=cfg, **extra)
+                    width=width, height=height, length=length, seed=seed, steps=steps, cfg=cfg, **extra)
     g.add("SaveLatent", samples=g.out(sampler), filename_prefix=save_prefix)
     return g, sampler

@@ -167,3 +167,25 @@ def test_an_interrupted_run_leaves_the_next_one_clean(comfy):
     assert "interrupt" in comfy.run_interrupted(g.prompt, after_s=1.0)
     again, _ = run(comfy, seed=8, length=4 * 299 + 1)
     assert torch.equal(clean, again)
+
+
+LL2 = "tiny_longlive2_5b_layout.pt"
+LL2_SCHEDULE = dict(chunk_frames=8, solver="unipc", shift=5.0, attention_frames=32, sink_frames=8, switch="keep", fps=24,
+                    first_frame="clamped")
+
+
+def test_longlive2_on_wan22_5b_runs_with_its_defaults(comfy):
+    """LongLive 2.0's merged generator (Wan2.2-TI2V-5B layout, 48-channel latents) through the loader:
+    without a schedule the sampler uses LongLive 2.0's (chunks of 8, 4 UniPC steps, a 32-frame window
+    behind an 8-frame sink), the same video as that schedule given explicitly; 40 latent frames."""
+    length = 4 * 39 + 1
+    default, report = run(comfy, ckpt=LL2, length=length, with_schedule=False)
+    given, _ = run(comfy, ckpt=LL2, length=length, schedule=LL2_SCHEDULE)
+    assert default.shape == (1, 48, 40, 4, 4)
+    assert torch.equal(default, given)
+    assert report["solver"] == "unipc" and report["timesteps"] == [999, 937, 833, 624]
+    assert report["windows"] == 5 and len(report["kv_cache_frames"]) == 32
+    text = refused(comfy, ckpt=LL2, length=length, vae=VAE, with_schedule=False)
+    assert "vae" in text and "Wan 2.2 VAE" in text
+    text = refused(comfy, ckpt=LL2, length=4 * 15 + 1, with_schedule=False)      # 16 latent frames < the window
+    assert "attention_frames" in text and "more than the whole video" in text

@@ -20,6 +20,7 @@ draw their noise from one seeded generator in upstream's order.
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from tools.inprocess import load_comfy, pack
 load_comfy(cpu=True)
 import comfy.latent_formats  # noqa: E402
 import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
 from toy_world.model import HEAD_DIM, load_toy_wan, rope_tables, timestep_embedding, apply_rope  # noqa: E402
 
 cs = pack("cache_core.causal_schedule")
@@ -77,11 +79,12 @@ class Upstream:
         return F.scaled_dot_product_attention(split(q), split(keys), split(vals)).transpose(1, 2).flatten(2)
 
     @torch.no_grad()
-    def __call__(self, x, t: float, context, start_frame: int, recompute_protect=False):
+    def __call__(self, x, t, context, start_frame: int, recompute_protect=False):
         toy = self.toy
         B, _, f, h, w = x.shape
         tok, grid = toy._patchify(x)
-        e = toy.time_embedding(timestep_embedding(torch.full((f,), float(t)), toy.cfg.freq_dim)).view(1, f, -1)
+        t = torch.full((f,), float(t)) if isinstance(t, (int, float)) else torch.tensor(t, dtype=torch.float32)
+        e = toy.time_embedding(timestep_embedding(t, toy.cfg.freq_dim)).view(1, f, -1)
         e0 = toy.time_projection(e).unflatten(2, (6, toy.cfg.dim))
         cos, sin = rope_tables(start_frame + f, grid[1], grid[2], HEAD_DIM, x.device)
         cos, sin = cos[start_frame * FS:], sin[start_frame * FS:]
@@ -184,7 +187,7 @@ def pack_video(model, sched, prompts, n_gen, seed, prefix_raw=None, cfg=1.0, neg
 
 
 def assert_rel(mine, theirs, tol=1e-5):
-    err = float((mine - theirs).norm() / theirs.norm())
+    err = float((mine - theirs).detach().norm() / theirs.detach().norm())
     assert err <= tol, f"relative error {err:.3g} > {tol}"
 
 
@@ -253,3 +256,98 @@ def test_cfg_keeps_each_branch_own_kv_and_equals_upstream(models):
     one, report1 = pack_video(model, sched, prompt, n_gen=6, seed=4, cfg=1.0)
     assert float((one - mine).abs().max()) > 1e-3
     assert report["kv_bytes_peak"] == 2 * report1["kv_bytes_peak"]        # a K/V store per branch
+
+
+# --- LongLive 2.0: a fresh UniPC per chunk (diffusers' scheduler as the independent solver) -------------
+
+def longlive2_video(toy, sched, text, n_frames, seed, steps=4, image=None, channels=16):
+    """NVlabs/LongLive @7860ad9 pipeline/causal_diffusion_inference.py:366-765 re-stated: noise for the
+    whole video first ([B, F, C, H, W]); per chunk a fresh FlowUniPC (diffusers' UniPCMultistepScheduler
+    with flow sigmas, the same solver: tests/unit/test_unipc_upstream.py) over `steps` steps at the
+    schedule's shift, the model fed the scheduler's integer timesteps per frame; with an image, frame 0
+    of the first chunk set to it at timestep 0 before every call and after every step
+    (utils/i2v_conditioning.py); then the clean chunk at timestep 0. No re-compute protection (2.0's
+    single-GPU cache has none)."""
+    from diffusers import UniPCMultistepScheduler
+    b = sched.chunk_frames
+    model = Upstream(toy, n_frames, sched.attention_frames or -1, sched.sink_frames)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((1, n_frames, channels, H, W), generator=gen)
+    out = torch.zeros(1, channels, n_frames, H, W)
+    for k in range(n_frames // b):
+        start = k * b
+        x = noise[:, start:start + b].movedim(1, 2).clone()
+        solver = UniPCMultistepScheduler(num_train_timesteps=1000, solver_order=2, solver_type="bh2", predict_x0=True,
+                                         lower_order_final=True, prediction_type="flow_prediction",
+                                         use_flow_sigmas=True, flow_shift=sched.shift, final_sigmas_type="zero")
+        solver.set_timesteps(steps)
+        # Wan's FlowUniPC grid (wan_5b/utils/fm_solvers_unipc.py:162-229: linspace(float32 0.999, 0)[:-1]
+        # shifted, then 0; sigmas float32, timesteps x1000 truncated to int64) put into diffusers'
+        # scheduler, whose own flow grid starts at 1 (the stepping code is the same method)
+        base = np.linspace(float(np.float32(0.999)), 0.0, steps + 1)[:-1]
+        sig = sched.shift * base / (1 + (sched.shift - 1) * base)
+        solver.sigmas = torch.tensor(np.append(sig, 0.0), dtype=torch.float32)
+        solver.timesteps = torch.from_numpy((sig * 1000).astype(np.int64))
+        fed = solver.timesteps.tolist()
+        clamp = image is not None and k == 0
+        for t in solver.timesteps:
+            ts = [float(t)] * b
+            if clamp:
+                x[:, :, 0], ts[0] = image[:, :, 0], 0.0
+            v = model(x, ts, text, start)
+            x = solver.step(v, t, x, return_dict=False)[0]
+            if clamp:
+                x[:, :, 0] = image[:, :, 0]
+        out[:, :, start:start + b] = x
+        model(x, 0.0, text, start)
+    return out, fed
+
+
+@pytest.fixture(scope="module")
+def models_5b(tiny_models):
+    loader = pack("model_patches.causal_loader")
+    import folder_paths
+    folder_paths.add_model_folder_path("diffusion_models", str(tiny_models["longlive2"].parent))
+    comfy_model = loader.load_causal_wan(tiny_models["longlive2"].name)
+    sd = {k[len("model."):]: v for k, v in torch.load(tiny_models["longlive2"], weights_only=True)["generator"].items()}
+    from toy_world.model import ToyWan, ToyWanConfig
+    toy = ToyWan(ToyWanConfig.from_state_dict(sd))
+    toy.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return comfy_model, toy.eval()
+
+
+def test_longlive2_on_wan22_5b_equals_its_unipc_loop(models_5b):
+    """LongLive 2.0 (Wan2.2-TI2V-5B, 48-channel latents): chunks of 2 here, 4 UniPC steps, a 6-frame
+    window behind a 2-frame sink; the pack's run equals the re-stated loop."""
+    model, toy = models_5b
+    sched = cs.CausalSchedule(chunk_frames=2, solver="unipc", attention_frames=6, sink_frames=2, switch="keep", fps=24)
+    prompt = texts(1)
+    conds = [[prompt[0], {}]]
+    req = video_run.VideoRequest(width=W * 16, height=H * 16, length=4 * 11 + 1, seed=3, steps=4, cfg=1.0,
+                                 schedule=sched, positives=[conds], negative=conds)
+    raw, report = families.new_video_run(model, req).run()
+    mine = comfy.latent_formats.Wan22().process_in(raw)
+    theirs, timesteps = longlive2_video(toy, sched, prompt[0], 12, seed=3, channels=48)
+    assert mine.shape == (1, 48, 12, H, W)
+    assert report["timesteps"] == timesteps == [999, 937, 833, 624]
+    assert_rel(mine, theirs)
+
+
+def test_clamped_first_frame_equals_longlive2_i2v(models, tiny_models):
+    """LongLive 2.0's image-to-video (first_frame clamped) on the 16-channel tiny Wan (the tiny Wan 2.2
+    VAE does not exist: ComfyUI builds it at full size): frame 0 of the first chunk is the image."""
+    model, toy = models
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(tiny_models["vae"])))
+    image = torch.rand(1, W * 8, H * 8, 3, generator=torch.Generator().manual_seed(1))
+    sched = cs.CausalSchedule(chunk_frames=2, solver="unipc", first_frame="clamped")
+    prompt = texts(1)
+    conds = [[prompt[0], {}]]
+    req = video_run.VideoRequest(width=W * 8, height=H * 8, length=4 * 7 + 1, seed=6, steps=4, cfg=1.0, schedule=sched,
+                                 positives=[conds], negative=conds, vae=vae, start_image=image)
+    raw, report = families.new_video_run(model, req).run()
+    fmt = comfy.latent_formats.Wan21()
+    image_latent = vae.encode(image)[:, :, :1].float()
+    theirs, _ = longlive2_video(toy, sched, prompt[0], 8, seed=6, image=fmt.process_in(image_latent))
+    assert torch.equal(raw[:, :, :1], image_latent)
+    assert_rel(fmt.process_in(raw)[:, :, 1:], theirs[:, :, 1:])
+    assert report["model_calls"] == 4 * 4 + 3          # no separate pass for the image
