@@ -78,6 +78,7 @@ class CausalSchedule:
     fps: int = 16                         # frame rate of the written video
     solver: str = "renoise"               # renoise: the step list with fresh noise between steps; unipc: LongLive 2.0's
     first_frame: str = "own_chunk"        # a start image: its own chunk in the K/V first, or clamped in the first chunk
+    unipc_steps: int = 4                  # UniPC steps per chunk (solver unipc)
 
     def __post_init__(self):
         steps = parse_steps(self.denoising_steps)
@@ -102,6 +103,13 @@ class CausalSchedule:
         if self.shift <= 0:
             raise InputError("shift", f"{self.shift}: must be > 0 (5 for Self-Forcing)")
         b = self.chunk_frames
+        for name in ("attention_frames", "sink_frames"):
+            if getattr(self, name) < 0:
+                raise InputError(name, f"{getattr(self, name)}: latent frames, 0 or more")
+        if self.fps < 1:
+            raise InputError("fps", f"{self.fps}: at least 1")
+        if self.unipc_steps < 1:
+            raise InputError("unipc_steps", f"{self.unipc_steps}: UniPC needs at least 1 step per chunk (4 for LongLive 2.0)")
         if self.attention_frames and self.attention_frames < self.sink_frames + b:
             raise InputError("attention_frames", f"{self.attention_frames} must hold the sink ({self.sink_frames}) and "
                              f"the chunk being made ({b}): at least {self.sink_frames + b}")
@@ -109,14 +117,12 @@ class CausalSchedule:
             raise InputError("sink_frames", f"{self.sink_frames}: a sink belongs to a rolling window; set "
                              "attention_frames (e.g. 12 with sink 3, LongLive) or the sink to 0")
 
-    def plan(self, steps: int) -> tuple[list[float], list[torch.Tensor]]:
+    def plan(self) -> tuple[list[float], list[torch.Tensor]]:
         """(model timesteps, sigmas) of one chunk's steps: renoise walks the step list (sigma at the
-        grid point nearest each timestep, float32 as upstream); unipc `steps` UniPC steps on the
+        grid point nearest each timestep, float32 as upstream); unipc `unipc_steps` UniPC steps on the
         shifted template (float64 sigmas, then 0; integer timesteps)."""
         if self.solver == "unipc":
-            if steps < 1:
-                raise InputError("steps", f"{steps}: UniPC needs at least 1 step per chunk (4 for LongLive 2.0)")
-            template = flow_template(steps, self.shift)
+            template = flow_template(self.unipc_steps, self.shift)
             return [float(t) for t in template_timesteps(template)[:-1]], list(template)
         timesteps = self.timesteps
         return timesteps, [self.sigma(t) for t in timesteps] + [torch.tensor(0.0)]
@@ -135,10 +141,6 @@ class CausalSchedule:
         sigmas, grid = flow_grid(self.shift)
         return sigmas[torch.argmin((grid - torch.tensor(t, dtype=torch.float32)).abs())]
 
-    @property
-    def rolling(self) -> bool:
-        return bool(self.attention_frames)
-
     def window(self) -> tuple[Optional[int], int]:
         """(keep, sink) in latent frames for the K/V store: a frame sees the sink and the `keep`
         frames before it; (None, 0) for the full history."""
@@ -146,26 +148,24 @@ class CausalSchedule:
             return None, 0
         return self.attention_frames - self.sink_frames - 1, self.sink_frames
 
-    def check_length(self, generated: int, total: int) -> None:
-        """Named errors for a video the schedule cannot cut: generated latent frames in whole chunks,
-        a window that the video never fills."""
+    def check_length(self, generated: int, given: int = 0) -> None:
+        """A named error unless the latent frames to generate come in whole chunks (at least one);
+        `given`: latent frames of the requested length that are given, not generated (a start image
+        written into the K/V first), for the lengths the message suggests. A window or sink longer than
+        the video is no error: nothing is evicted, which is the full history (as upstream runs it)."""
         b = self.chunk_frames
-        if generated % b:
-            lo, hi = generated - generated % b, generated + b - generated % b
-            raise InputError("length", f"gives {generated} latent frames to generate, not a multiple of the schedule's "
-                             f"chunk_frames={b}: choose a length giving {max(lo, b)} or {hi} latent frames "
-                             f"({_pixels(max(lo, b))} or {_pixels(hi)} frames; each latent frame is 4 video frames)")
-        if self.attention_frames and self.attention_frames > total:
-            raise InputError("attention_frames", f"{self.attention_frames} latent frames is more than the whole video "
-                             f"({total}); use 0 (all of it) or a smaller window")
-        if self.sink_frames and self.sink_frames >= total:
-            raise InputError("sink_frames", f"{self.sink_frames} latent frames is the whole video ({total}) or more")
+        if generated % b or generated < b:
+            lo = max(generated - generated % b, b)
+            hi = max(generated + b - generated % b, lo + b)
+            raise InputError("length", f"gives {generated} latent frames to generate, not a positive multiple of the "
+                             f"schedule's chunk_frames={b}: choose a length giving {lo} or {hi} ({_pixels(lo + given)} "
+                             f"or {_pixels(hi + given)} frames; each latent frame is 4 video frames)")
 
 
 # LongLive 2.0 on Wan2.2-TI2V-5B (configs/inference.yaml): chunks of 8, 4 UniPC steps at shift 5, a
 # 32-frame window behind an 8-frame sink, 24 fps, an image clamped into the first chunk; no re-cache
 LONGLIVE2 = CausalSchedule(chunk_frames=8, solver="unipc", shift=5.0, attention_frames=32, sink_frames=8, switch="keep",
-                           fps=24, first_frame="clamped")
+                           fps=24, first_frame="clamped", unipc_steps=4)
 
 
 def _pixels(latents: int) -> int:

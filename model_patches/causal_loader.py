@@ -38,15 +38,23 @@ _PEFT_PREFIX = "base_model.model."
 _REQUIRED = ("patch_embedding.weight", "head.modulation", "blocks.0.self_attn.q.weight")
 
 
-def _read(path: str) -> tuple[dict, dict | None]:
-    """(top-level dict, safetensors metadata or None); a .pt is memory-mapped where it can be (a
-    training file holds the critic and optimizer states too, several times the generator)."""
-    if path.lower().endswith((".safetensors", ".sft")):
-        return comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+def _read(path: str, name: str, what: str) -> tuple[dict, dict | None]:
+    """(top-level dict, safetensors metadata or None), or a named error; a .pt is memory-mapped where it
+    can be (a training file holds the critic and optimizer states too, several times the generator)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True), None
-    except RuntimeError:      # not in the zip format mmap needs
-        return torch.load(path, map_location="cpu", weights_only=True), None
+        if path.lower().endswith((".safetensors", ".sft")):
+            top, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+        else:
+            try:
+                top, metadata = torch.load(path, map_location="cpu", weights_only=True, mmap=True), None
+            except RuntimeError:      # not in the zip format mmap needs
+                top, metadata = torch.load(path, map_location="cpu", weights_only=True), None
+    except Exception as e:            # truncated, not a checkpoint, or pickled objects beyond tensors
+        raise InputError(what, f"{name} cannot be read as a checkpoint ({type(e).__name__}: {str(e)[:200]}): "
+                         "download it again, or convert it to .safetensors") from None
+    if not isinstance(top, dict):
+        raise InputError(what, f"{name} holds a {type(top).__name__}, not a state dict")
+    return top, metadata
 
 
 def pick_weights(top: dict, weights: str, file: str) -> tuple[dict, str]:
@@ -89,9 +97,7 @@ def load_causal_wan(ckpt_name: str, weights: str = "auto", weight_dtype: str = "
     path = folder_paths.get_full_path_or_raise("diffusion_models", ckpt_name)
     if weight_dtype not in WEIGHT_DTYPES:
         raise InputError("weight_dtype", f"{weight_dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
-    top, metadata = _read(path)
-    if not isinstance(top, dict):
-        raise InputError("ckpt_name", f"{ckpt_name} holds a {type(top).__name__}, not a state dict")
+    top, metadata = _read(path, ckpt_name, "ckpt_name")
     sd, picked = pick_weights(top, weights, ckpt_name)
     sd = strip_prefixes(sd)
     missing = [k for k in _REQUIRED if k not in sd]
@@ -138,16 +144,19 @@ def lora_to_core(sd: dict, model_sd_shapes: dict, lora_name: str) -> dict:
         module, _, part = name.partition(".lora_")
         if not part:
             continue
+        side = part.split(".")[0]                  # A or B; PEFT may keep the adapter's name: lora_A.default.weight
+        if side not in ("A", "B") or not part.endswith("weight") or v.ndim != 2:
+            raise InputError("lora_name", f"{lora_name}: {k} is not a plain LoRA matrix (DoRA magnitudes, biases and "
+                             "other adapter kinds are not supported)")
         weight = model_sd_shapes.get(f"diffusion_model.{module}.weight")
         if weight is None:
             raise InputError("lora_name", f"{lora_name}: {module} is not a weight of this model (a LoRA for another "
                              "base, or not a LongLive/PEFT LoRA)")
-        rank_first = part.startswith("A")
-        want = (v.shape[0], weight[1]) if rank_first else (weight[0], v.shape[1])
+        want = (v.shape[0], weight[1]) if side == "A" else (weight[0], v.shape[1])
         if tuple(v.shape) != want:
             raise InputError("lora_name", f"{lora_name}: {module} is {weight[0]}x{weight[1]} in this model, the LoRA's "
-                             f"lora_{part.split('.')[0]} is {tuple(v.shape)}: a LoRA for another base model")
-        out[f"diffusion_model.{module}.lora_{part}"] = v
+                             f"lora_{side} is {tuple(v.shape)}: a LoRA for another base model")
+        out[f"diffusion_model.{module}.lora_{side}.weight"] = v
         seen += 1
     if not seen:
         raise InputError("lora_name", f"{lora_name} holds no lora_A/lora_B weights (keys start "
@@ -157,13 +166,13 @@ def lora_to_core(sd: dict, model_sd_shapes: dict, lora_name: str) -> dict:
 
 def apply_lora(model, lora_name: str, strength: float):
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
-    sd = comfy.utils.load_torch_file(path, safe_load=True)
+    sd, _ = _read(path, lora_name, "lora_name")
     shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
     core = lora_to_core(sd, shapes, lora_name)
     patched, _ = comfy.sd.load_lora_for_models(model, None, core, strength, 0)
-    loaded = len([k for k in core if k.endswith("lora_A.weight")])
-    changed = len(patched.patches) - len(model.patches)
-    if changed != loaded:
-        raise InputError("lora_name", f"{lora_name}: ComfyUI applied {changed} of its {loaded} LoRA layers; the rest "
-                         "did not map onto this model")
+    layers = {k[:-len(".lora_A.weight")] + ".weight" for k in core if k.endswith(".lora_A.weight")}
+    missing = [k for k in layers if len(patched.patches.get(k, ())) <= len(model.patches.get(k, ()))]
+    if missing:
+        raise InputError("lora_name", f"{lora_name}: ComfyUI applied {len(layers) - len(missing)} of its {len(layers)} "
+                         f"LoRA layers (not {missing[0]}); the rest did not map onto this model")
     return patched

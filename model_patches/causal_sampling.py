@@ -89,13 +89,15 @@ class CausalRun(VideoRun):
                              "disconnect it")
         check_start(family, vae, width, height, {"start_image": start_image}, prefix_latent,
                     "connect the model's Wan VAE to the sampler's vae input")
+        schedule.check_length(*CausalRun.frames_to_generate(length, schedule, start_image is not None))
+
+    @staticmethod
+    def frames_to_generate(length: int, schedule, start_image: bool) -> tuple[int, int]:
+        """(latent frames to generate, latent frames of `length` that are given): a start image written
+        into the K/V first is the video's first latent frame; a clamped one is frame 0 of the first
+        chunk; a video to continue comes on top of `length`."""
         frames = (length - 1) // 4 + 1
-        if prefix_latent is not None:
-            schedule.check_length(frames, frames + prefix_latent.shape[2])
-        elif start_image is not None and schedule.first_frame == "own_chunk":
-            schedule.check_length(frames - 1, frames)
-        else:
-            schedule.check_length(frames, frames)
+        return (frames - 1, 1) if start_image and schedule.first_frame == "own_chunk" else (frames, 0)
 
     def __init__(self, model, req, family, dm, on_window=None, sink=None, t_start=None):
         super().__init__(model, req, family, dm, on_window, sink, t_start)
@@ -110,31 +112,40 @@ class CausalRun(VideoRun):
         self.lat_h, self.lat_w = req.height // stride, req.width // stride
         self.prefix = None                                  # raw latents written into the K/V before generating
         self.image = None                                   # raw latent the first chunk's frame 0 is held to
-        generated = (req.length - 1) // 4 + 1
+        generated, _ = self.frames_to_generate(req.length, sch, req.start_image is not None)
+        sch.check_length(generated)
         if req.start_image is not None and sch.first_frame == "clamped":
             self.image = self.encode_image(req.start_image)
         elif req.start_image is not None:
             self.prefix = self.encode_image(req.start_image)
-            generated -= 1
         elif req.prefix_latent is not None:
             self.prefix = req.prefix_latent.float()
         P = 0 if self.prefix is None else int(self.prefix.shape[2])
         b = sch.chunk_frames
         # the prefix in chunks too: a remainder first (one image frame = upstream's independent first frame)
         self.prefix_chunks = ([P % b] if P % b else []) + [b] * (P // b)
-        self.chunk_frames = self.prefix_chunks + [b] * (generated // b)
         self.P, self.T = P, P + generated
         self.plans = [ChunkPlan(i) for i in range(generated // b)]
         self.branches = (COND,) if req.cfg == 1.0 else (COND, UNCOND)
-        self.timesteps, self.sigmas = sch.plan(req.steps)   # renoise: the schedule's list; unipc: `steps` steps
+        self.keep, self.sink_frames = sch.window()          # the K/V store's bound, in latent frames
+        self.timesteps, self.sigmas = sch.plan()
         self.steps = len(self.timesteps)
-        self.calls_per_segment = [len(self.prefix_chunks) + len(self.plans) * (self.steps + 1) - 1]
+        self.calls_per_segment = [self.call_index(len(self.plans), -1)]
         self.anchor_latent = self.anchor_image_latent()
-        sch.check_length(generated, self.T)
+        if sch.switch == "recache" and not sch.attention_frames and (len(req.positives) > 1 or req.steering):
+            logging.warning("ARCache: a prompt switch with re-cache and no window recomputes every frame made so far "
+                            "in one pass (memory grows with the video); set the Causal Schedule's attention_frames "
+                            "(LongLive: 12) or switch keep")
         if not wan.causal_origin(model.model):
             logging.warning("ARCache: the Causal Schedule runs this Wan model chunk by chunk, but nothing in how it was "
                             "loaded says it was trained that way (a Self-Forcing / LongLive file through Causal Wan "
                             "Loader, or core's causal_ar metadata); a bidirectional Wan makes noise-like chunks")
+
+    def call_index(self, chunk: int, step: int) -> int:
+        """The planned model call of a generated chunk's step (-1: its K/V pass before it): the prefix's
+        passes, then per chunk its steps and a K/V pass (none after the last chunk). Progress counts
+        these; a re-cache pass is extra."""
+        return len(self.prefix_chunks) + chunk * (self.steps + 1) + step
 
     def report_fields(self) -> dict:
         sch = self.req.schedule
@@ -152,8 +163,7 @@ class CausalRun(VideoRun):
         prediction (None without the head)."""
         adapter, dtype = self.adapter, self.dtype
         n = len(frames)
-        keep, sink = self.req.schedule.window()
-        first = 0 if sink or keep is None else max(0, frames[-1] - keep)
+        first = 0 if self.sink_frames or self.keep is None else max(0, frames[-1] - self.keep)
         attention = FrameAttention(self.store, branch, frames, first)
         timestep = torch.as_tensor(t, dtype=torch.float32).to(x.device).expand(1, n)
         call = adapter.embed(x.to(dtype), timestep, text.to(x.device, dtype), self.options)
@@ -166,10 +176,11 @@ class CausalRun(VideoRun):
             return None
         return adapter.finish(call, adapter.head(call, h)).float()
 
-    def _pass(self, x, t, frames: range, texts: dict, head=True):
-        """Frames `frames` at timestep t in every guidance branch, each with its text (one model call):
-        the guided flow."""
-        flows = {branch: self._forward(x, t, frames, texts[branch], branch, head) for branch in self.branches}
+    def _pass(self, x, t, frames: range, texts: dict, head=True, branches=None):
+        """Frames `frames` at timestep t in every guidance branch (or `branches`), each with its text
+        (one model call): the guided flow."""
+        flows = {branch: self._forward(x, t, frames, texts[branch], branch, head)
+                 for branch in branches or self.branches}
         self.data["model_calls"] += 1
         if not head:
             return None
@@ -185,9 +196,9 @@ class CausalRun(VideoRun):
         held = [f for f in self.store.chunks(COND) if f not in pinned and f < upto]
         if not held:
             return
-        frames = range(held[0], held[-1] + 1)
+        frames = range(held[0], held[-1] + 1)         # the negative's prompt did not change: its K/V stay
         self._pass(x_model[:, :, frames.start:frames.stop].to(device), self.req.schedule.context_noise, frames, texts,
-                   head=False)
+                   head=False, branches=(COND,))
         self.data["recache_passes"] += 1
 
     # -- the run ------------------------------------------------------------------------------------------
@@ -206,9 +217,9 @@ class CausalRun(VideoRun):
         self.adapter = self.family.chunk_adapter(self.model.model.diffusion_model)
         self.flops = self.adapter.flops
         self.options = self.model.model_options["transformer_options"]
-        keep, sink = sch.window()
-        self.store = store = KVStore(self.layout, num_layers=self.adapter.num_layers, keep=keep, sink=sink,
-                                     reserve=self.T if keep is None else min(self.T, keep + 1 + sink))
+        self.store = store = KVStore(self.layout, num_layers=self.adapter.num_layers, keep=self.keep,
+                                     sink=self.sink_frames, reserve=self.T if self.keep is None else
+                                     min(self.T, self.keep + 1 + self.sink_frames))
         C, P, T = fmt.latent_channels, self.P, self.T
         gen = torch.Generator().manual_seed(req.seed)
         # upstream's order: all noise first, frame-major [B, F, C, H, W]; then re-noising draws per step
@@ -229,9 +240,7 @@ class CausalRun(VideoRun):
         image = None if self.image is None else fmt.process_in(self.image).to(device)
         end = T
         for k, plan in enumerate(self.plans):
-            g = len(self.prefix_chunks) + k
-            f0 = sum(self.chunk_frames[:g])
-            frames = slice(f0, f0 + b)
+            f0 = P + k * b
             prompt = req.positives[min(k, len(req.positives) - 1)]
             text = self.texts[min(k, len(self.texts) - 1)]
             if req.steering is not None:
@@ -252,18 +261,18 @@ class CausalRun(VideoRun):
                 flow = self._pass(xt, [0.0] + [t] * (b - 1) if clamp else t, range(f0, f0 + b), texts)
                 x0 = (xt.double() - sigmas[i].double() * flow.double()).float()
                 if on_call is not None:        # progress counts the planned calls (a re-cache pass is extra)
-                    on_call(len(self.prefix_chunks) + k * (self.steps + 1) + i, x0, xt)
+                    on_call(self.call_index(k, i), x0, xt)
                 if solver is not None:         # the last step lands on sigma 0: x0
                     xt = solver.step(xt, x0, [i] * b, [True] * b)
                 elif i + 1 < len(timesteps):
                     eps = torch.randn((b, C, self.lat_h, self.lat_w), generator=gen).movedim(0, 1)[None].to(device)
                     xt = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
-            if clamp:
-                x0[:, :, :1] = image
             self.check_finite(x0, k)
             if self.anchoring:
                 x0 = fmt.process_in(self.anchored(fmt.process_out(x0), k, self.anchor_latent)).to(x0.dtype)
-            x[:, :, frames] = x0.cpu()
+            if clamp:                                  # after the anchor: the given frame stays as given
+                x0[:, :, :1] = image
+            x[:, :, f0:f0 + b] = x0.cpu()
             raw = fmt.process_out(x0).cpu()
             if clamp:
                 raw[:, :, :1] = self.image.cpu()       # the given frame exactly (the LATENT has it so too)
@@ -281,7 +290,7 @@ class CausalRun(VideoRun):
         if self.image is not None:                   # the given frame exactly, as a prefix is
             video[:, :, :1] = self.image.cpu()
         data["pixel_frames"] = self.family.pixel_frames(int(video.shape[2]))
-        data["kv_cache_frames"] = store.chunks(COND)
+        data["kv_frames_held"] = len(store.chunks(COND))
         data["kv_bytes_peak"] = store.peak_bytes
         data["kv_cache_bytes"] = store.bytes_allocated()
         return video

@@ -8,6 +8,7 @@ file (or folder) in model_patches/ plus one entry in FAMILIES.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -194,16 +195,13 @@ def _wan22_check_vae(vae) -> None:
                          f"channels: {fix}")
 
 
-CAUSAL_WAN22 = Family(
-    name="causal_wan22", title="causal Wan 2.2 TI2V-5B (LongLive 2.0)", latent_channels=48, spatial_stride=16,
-    temporal_stride=4, latent_format=comfy.latent_formats.Wan22, run=CausalRun,
-    transformer=wan.causal_wan22_transformer, chunk_adapter=wan.WanChunkAdapter, supports_chunks=wan.supports_chunks,
-    flops=wan.flop_shape, coefficients=lambda name, dm: wan.resolve_coefficients(name, dm.dim),
-    prepare_sampling=lambda model_patcher, schedule: {}, new_cache_run=_causal_cache_refused,
-    check_cache_spec=_causal_cache_refused, indicator_scale=_wan_indicator_scale, check_vae=_wan22_check_vae,
+CAUSAL_WAN22 = dataclasses.replace(
+    CAUSAL_WAN, name="causal_wan22", title="causal Wan 2.2 TI2V-5B (LongLive 2.0)", latent_channels=48,
+    spatial_stride=16, latent_format=comfy.latent_formats.Wan22, transformer=wan.causal_wan22_transformer,
+    check_vae=_wan22_check_vae, default_schedule=lambda: causal_schedule.LONGLIVE2,
     # Wan 2.2's VAE decodes its first latent frame apart (first_chunk): the stream re-decodes each
     # piece with a few latents of context instead of carrying the cache (reported approximate)
-    stream_decoder=RedecodeStreamDecoder, piece="chunk", default_schedule=lambda: causal_schedule.LONGLIVE2)
+    stream_decoder=RedecodeStreamDecoder)
 
 FAMILIES: dict[str, Family] = {WAN21.name: WAN21, MAGI1.name: MAGI1, CAUSAL_WAN.name: CAUSAL_WAN,
                                CAUSAL_WAN22.name: CAUSAL_WAN22}

@@ -22,7 +22,7 @@ class CausalScheduleNode(io.ComfyNode):
                 "Forcing, LongLive 1.0, Krea Realtime): chunk after chunk, each chunk denoised in a few steps "
                 "(re-noised between them) and then written clean into a K/V cache that later chunks attend to. "
                 "Defaults are Self-Forcing's; LongLive 1.0: attention_frames 12, sink_frames 3; LongLive 2.0 "
-                "(Wan2.2-TI2V-5B): chunk_frames 8, solver unipc with the sampler's steps 4, attention_frames 32, "
+                "(Wan2.2-TI2V-5B): chunk_frames 8, solver unipc with 4 steps, attention_frames 32, "
                 "sink_frames 8, first_frame clamped, switch keep, fps 24 (its defaults when no schedule is "
                 "connected). cfg 1 runs no negative pass, cfg > 1 keeps the negative prompt's own K/V. Only "
                 "meaningful for causally trained weights: a plain Wan or SkyReels model runs but makes "
@@ -39,14 +39,16 @@ class CausalScheduleNode(io.ComfyNode):
                 io.Int.Input("context_noise", default=int(d.context_noise), min=0, max=1000,
                              tooltip="Timestep of the pass that writes a finished chunk's K/V from its clean latents (0 upstream)."),
                 io.Int.Input("attention_frames", default=d.attention_frames, min=0, max=100000,
-                             tooltip="Latent frames a chunk attends to, itself and the sink included: a rolling K/V window that keeps memory flat for any length (12 for LongLive 1.0). 0 = the whole history (Self-Forcing; memory grows with the video). A multiple of chunk_frames."),
+                             tooltip="Latent frames a chunk attends to, itself and the sink included: a rolling K/V window that keeps memory flat for any length (12 for LongLive 1.0, 32 for 2.0). 0 = the whole history (Self-Forcing; memory grows with the video). A video shorter than the window keeps all of it."),
                 io.Int.Input("sink_frames", default=d.sink_frames, min=0, max=100000,
-                             tooltip="The video's first latent frames, kept in every window (an attention sink: 3 for LongLive 1.0). Needs attention_frames. A multiple of chunk_frames."),
+                             tooltip="The video's first latent frames, kept in every window (an attention sink: 3 for LongLive 1.0, 8 for 2.0). Needs attention_frames."),
                 io.Combo.Input("switch", options=list(SWITCH_MODES), default=d.switch,
                                tooltip="When the prompt changes between chunks (Prompt Schedule, Live View): recache recomputes the kept chunks' K/V under the new prompt, one extra pass (LongLive); keep goes on with the K/V written under the old one."),
                 io.Int.Input("fps", default=d.fps, min=1, max=120, tooltip="Frame rate of the saved video (16 for Wan 2.1 1.3B models, 24 for LongLive 2.0)."),
                 io.Combo.Input("solver", options=list(SOLVERS), default=d.solver,
-                               tooltip="renoise: walk denoising_steps, re-noising the predicted clean chunk to each next step (Self-Forcing, LongLive 1.0, CausVid). unipc: a fresh UniPC over the sampler's steps per chunk on the shifted grid (LongLive 2.0: 4 steps); denoising_steps and warp are then unused."),
+                               tooltip="renoise: walk denoising_steps, re-noising the predicted clean chunk to each next step (Self-Forcing, LongLive 1.0, CausVid). unipc: a fresh UniPC of unipc_steps steps per chunk on the shifted grid (LongLive 2.0: 4); denoising_steps and warp are then unused."),
+                io.Int.Input("unipc_steps", default=d.unipc_steps, min=1, max=100,
+                             tooltip="UniPC steps per chunk with solver unipc (4 for LongLive 2.0)."),
                 io.Combo.Input("first_frame", options=list(FIRST_FRAME_MODES), default=d.first_frame,
                                tooltip="With a start_image: own_chunk writes it into the K/V first as a 1-frame chunk (Self-Forcing's independent first frame); clamped holds frame 0 of the first chunk to it at timestep 0 while the chunk is denoised (LongLive 2.0)."),
             ],
@@ -56,9 +58,10 @@ class CausalScheduleNode(io.ComfyNode):
     @classmethod
     @named_errors("Causal Schedule")
     def execute(cls, chunk_frames, denoising_steps, warp, shift, context_noise, attention_frames, sink_frames,
-                switch, fps, solver="renoise", first_frame="own_chunk") -> io.NodeOutput:
+                switch, fps, solver="renoise", unipc_steps=4, first_frame="own_chunk") -> io.NodeOutput:
         return io.NodeOutput(CausalSchedule(chunk_frames, denoising_steps, warp, shift, float(context_noise),
-                                            attention_frames, sink_frames, switch, fps, solver, first_frame))
+                                            attention_frames, sink_frames, switch, fps, solver, first_frame,
+                                            unipc_steps))
 
 
 class CausalWanLoaderNode(io.ComfyNode):

@@ -135,6 +135,7 @@ def causal_nodes(ckpt: str, *, length: int, schedule: dict | None = None, lora: 
     }
     if lora:
         nodes["lora"] = ("ARCacheCausalWanLora", dict(lora_name=lora, strength=1.0), {"model": ("causal", 0)})
+        nodes["causal"][1]["weights"] = "generator"       # LongLive loads its base's generator (use_ema false)
     return nodes
 
 

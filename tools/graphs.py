@@ -111,7 +111,7 @@ def live_graph(unet: str, *, vae: str | None = None, width=64, height=64, length
 
 CAUSAL_SCHEDULE_DEFAULTS = dict(chunk_frames=3, denoising_steps="1000, 750, 500, 250", warp=True, shift=5.0,
                                 context_noise=0, attention_frames=0, sink_frames=0, switch="recache", fps=16,
-                                solver="renoise", first_frame="own_chunk")
+                                solver="renoise", first_frame="own_chunk", unipc_steps=4)
 
 
 def causal_graph(ckpt: str = "tiny_self_forcing_layout.pt", *, loader: str = "ARCacheCausalWanLoader", weights="auto",

@@ -56,7 +56,7 @@ def test_longlive_lora_on_its_base(comfy):
     on, report = run(comfy, ckpt=LL_BASE, length=45, schedule=LONGLIVE, lora=(LORA, 1.0))
     assert torch.equal(base, off)
     assert float((on - base).abs().max()) > 1e-3
-    assert report["attention_frames"] == 6 and len(report["kv_cache_frames"]) == 6     # the window, bounded
+    assert report["attention_frames"] == 6 and report["kv_frames_held"] == 6     # the window, bounded
 
 
 def test_storyboard_switch_recaches_and_changes_only_what_follows(comfy):
@@ -115,10 +115,9 @@ def test_cfg_runs_a_negative_pass_with_its_own_kv(comfy):
 
 
 @pytest.mark.parametrize("kw,words", [
-    (dict(length=29), ["length", "not a multiple", "chunk_frames=3"]),
+    (dict(length=29), ["length", "not a positive multiple", "chunk_frames=3", "21 or 33 frames"]),
     (dict(schedule=dict(denoising_steps="1000, 750, 750")), ["denoising_steps", "strictly decreasing"]),
     (dict(schedule=dict(denoising_steps="1000, 750, x")), ["denoising_steps", "not a list of numbers"]),
-    (dict(schedule=dict(attention_frames=60)), ["attention_frames", "more than the whole video"]),
     (dict(schedule=dict(attention_frames=4, sink_frames=3)), ["attention_frames", "at least 6"]),
     (dict(schedule=dict(sink_frames=3)), ["sink_frames", "rolling window"]),
     (dict(ckpt=LL_BASE, lora=("tiny_longlive_lora_layout.pt", 1.0), weights="generator_ema"), ["weights", "no generator_ema"]),
@@ -135,7 +134,7 @@ def test_bad_input_gets_a_named_error(comfy, kw, words):
 
 def test_a_failed_run_leaves_the_next_one_clean(comfy):
     clean, _ = run(comfy, seed=5)
-    refused(comfy, seed=5, schedule=dict(attention_frames=60))
+    refused(comfy, seed=5, length=29)
     again, _ = run(comfy, seed=5)
     assert torch.equal(clean, again)
 
@@ -171,21 +170,32 @@ def test_an_interrupted_run_leaves_the_next_one_clean(comfy):
 
 LL2 = "tiny_longlive2_5b_layout.pt"
 LL2_SCHEDULE = dict(chunk_frames=8, solver="unipc", shift=5.0, attention_frames=32, sink_frames=8, switch="keep", fps=24,
-                    first_frame="clamped")
+                    first_frame="clamped", unipc_steps=4)
 
 
 def test_longlive2_on_wan22_5b_runs_with_its_defaults(comfy):
     """LongLive 2.0's merged generator (Wan2.2-TI2V-5B layout, 48-channel latents) through the loader:
     without a schedule the sampler uses LongLive 2.0's (chunks of 8, 4 UniPC steps, a 32-frame window
-    behind an 8-frame sink), the same video as that schedule given explicitly; 40 latent frames."""
+    behind an 8-frame sink), the same video as that schedule given explicitly; 40 latent frames. A
+    video shorter than the window runs with its full history."""
     length = 4 * 39 + 1
-    default, report = run(comfy, ckpt=LL2, length=length, with_schedule=False)
+    default, report = run(comfy, ckpt=LL2, length=length, with_schedule=False, steps=30)   # the sampler's steps: unused
     given, _ = run(comfy, ckpt=LL2, length=length, schedule=LL2_SCHEDULE)
     assert default.shape == (1, 48, 40, 4, 4)
     assert torch.equal(default, given)
     assert report["solver"] == "unipc" and report["timesteps"] == [999, 937, 833, 624]
-    assert report["windows"] == 5 and len(report["kv_cache_frames"]) == 32
+    assert report["windows"] == 5 and report["kv_frames_held"] == 32
     text = refused(comfy, ckpt=LL2, length=length, vae=VAE, with_schedule=False)
     assert "vae" in text and "Wan 2.2 VAE" in text
-    text = refused(comfy, ckpt=LL2, length=4 * 15 + 1, with_schedule=False)      # 16 latent frames < the window
-    assert "attention_frames" in text and "more than the whole video" in text
+    short, report = run(comfy, ckpt=LL2, length=4 * 15 + 1, with_schedule=False)   # 16 latent frames < the window:
+    assert short.shape[2] == 16 and report["kv_frames_held"] == 16                 # the full history, no error
+
+
+def test_an_image_to_video_length_error_suggests_lengths_that_work(comfy):
+    """81 frames with a start image written into the K/V first leave 20 latent frames to generate: the
+    message suggests the lengths that give whole chunks with the image's frame counted (73, 85)."""
+    g, sid = graph(length=81, vae=VAE)
+    g.prompt[sid]["inputs"]["start_image"] = g.out(g.add("EmptyImage", width=64, height=64, batch_size=1, color=0))
+    with pytest.raises(ComfyError) as e:
+        comfy.run(g.prompt)
+    assert "73 or 85 frames" in str(e.value)

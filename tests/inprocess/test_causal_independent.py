@@ -202,7 +202,7 @@ def test_t2v_equals_upstream_loop(models, attention_frames, sink_frames):
     assert_rel(mine, theirs)
     assert report["model_calls"] == 6 * 4 + 5          # 4 steps a chunk, a K/V pass after all but the last
     if attention_frames:                               # the window dropped chunks: memory is the window's
-        assert len(report["kv_cache_frames"]) == attention_frames
+        assert report["kv_frames_held"] == attention_frames
 
 
 def test_the_window_changes_the_video(models):

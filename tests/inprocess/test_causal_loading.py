@@ -128,3 +128,36 @@ def test_an_unmarked_model_runs_with_a_warning(files, caplog):
         _, report = _run(model, cs.CausalSchedule(), 2)
     assert report["causal_weights"] == "unknown"
     assert "nothing in how it was loaded says it was trained that way" in caplog.text
+
+
+def test_lora_keys_with_the_adapter_name_apply_and_a_second_lora_stacks(files, tmp_path):
+    """PEFT's own state_dict keeps the adapter's name (lora_A.default.weight): the same LoRA. Applying
+    a LoRA on top of one already applied stacks on the same layers (no false error)."""
+    lora = torch.load(files["longlive_lora"], weights_only=True)["generator_lora"]
+    named = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v for k, v in lora.items()}
+    torch.save({"generator_lora": named}, tmp_path / "named.pt")
+    torch.save({"generator_lora": {**lora, "base_model.model.blocks.0.ffn.0.lora_magnitude_vector": torch.ones(512)}},
+               tmp_path / "dora.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    base = loader.load_causal_wan(files["longlive_base"].name)
+    plain = loader.apply_lora(base, files["longlive_lora"].name, 1.0)
+    renamed = loader.apply_lora(base, "named.pt", 1.0)
+    key = "diffusion_model.blocks.1.ffn.2.weight"
+    assert len(renamed.patches[key]) == len(plain.patches[key]) == 1
+    twice = loader.apply_lora(plain, "named.pt", 1.0)
+    assert len(twice.patches[key]) == 2
+    with pytest.raises(errors.InputError, match="not a plain LoRA matrix"):
+        loader.apply_lora(base, "dora.pt", 1.0)
+    with pytest.raises(errors.InputError, match="cannot be read as a checkpoint"):
+        loader.apply_lora(base, "junk.pt", 1.0)
+
+
+def test_schedule_values_out_of_range_are_named_errors():
+    for kw, name in ((dict(sink_frames=-1, attention_frames=6), "sink_frames"), (dict(attention_frames=-3), "attention_frames"),
+                     (dict(fps=0), "fps"), (dict(unipc_steps=0), "unipc_steps"), (dict(chunk_frames=0), "chunk_frames"),
+                     (dict(denoising_steps="1000, 750, 750"), "denoising_steps"), (dict(solver="heun"), "solver"),
+                     (dict(warp=True, denoising_steps="1000.5"), "denoising_steps"), (dict(shift=0), "shift")):
+        with pytest.raises(errors.InputError) as e:
+            cs.CausalSchedule(**kw)
+        assert e.value.args[0].startswith(name) or name in str(e.value), (kw, str(e.value))
