@@ -34,6 +34,9 @@ Measured, every time CUDA-synchronised (the median of a few calls after a warm-u
   Per call: `store.bytes_allocated()`, `store.peak_bytes`, torch.cuda.memory_allocated /
   max_memory_allocated above the model + inputs.
 - Memory for every case (store bytes, store peak, CUDA peak above the model and inputs).
+- causal: the few-step causal Wan run end to end at 1.3B dimensions and 480x832 (Self-Forcing's
+  schedule, full history and LongLive's window + sink, two lengths): TTFF, frames/s, K/V and CUDA
+  peaks (the window's must not grow with the length).
 - stream: the live stream's decode, a Wan 2.1 VAE at full width (dim 96, random weights) through
   the pack's stream decoder one async block at a time against ComfyUI's whole decode of the same
   latents (max difference, share of identical uint8 pixels: the CPU tests prove them bit for bit),
@@ -825,6 +828,48 @@ def bench_stream(b: Bench, lat_hw, reps: int, t_call_s) -> dict:
     return out
 
 
+def bench_causal(b: Bench, dims: dict, lat_hw, chunks: tuple) -> dict:
+    """Few-step causal Wan at 1.3B dimensions (random weights; 480x832 at full size): the pack's causal
+    run end to end through ComfyUI's model loading (a random state dict in the Wan 2.1 layout), with
+    Self-Forcing's schedule (4 steps, chunks of 3) over the full history and with LongLive's 12-frame
+    window + 3-frame sink: TTFF, sustained frames/s, real-time factor, the K/V store's peak and the
+    CUDA peak, at two lengths (the window's memory must not grow with the length)."""
+    torch = b.torch
+    import comfy.sd
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_tiny_checkpoints import random_tensors, wan21_dit_shapes
+    cs = importlib.import_module("arcache_pack.cache_core.causal_schedule")
+    video_run = importlib.import_module("arcache_pack.model_patches.video_run")
+    shapes = wan21_dit_shapes(dim=dims["dim"], ffn_dim=dims["ffn_dim"], num_layers=dims["num_layers"], fps_keys=False)
+    sd = {k: v.to(b.dtype) for k, v in random_tensors(shapes, seed=3).items()}
+    mp = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": b.dtype})
+    del sd
+    setattr(mp.model, "arcache_causal", "bench: random weights")
+    h, w = 8 * lat_hw[0], 8 * lat_hw[1]
+    ctx = torch.zeros(1, 512, 4096)
+    out = {"pixel_hw": [h, w], "runs": []}
+    for name, sched in (("full history", cs.CausalSchedule()), ("window 12 + sink 3", cs.CausalSchedule(
+            attention_frames=12, sink_frames=3))):
+        for n in chunks:
+            if not b.budget.allows(30.0):
+                out["runs"].append({"attention": name, "chunks": n, "skipped": "time budget"})
+                continue
+            req = video_run.VideoRequest(width=w, height=h, length=4 * (3 * n - 1) + 1, seed=0, steps=4, cfg=1.0,
+                                         schedule=sched, positives=[[[ctx, {}]]], negative=[[ctx, {}]])
+            m0 = b.mem_base()
+            t0 = time.perf_counter()
+            _, rep = b.families.new_video_run(mp, req).run()
+            wall = time.perf_counter() - t0
+            out["runs"].append({"attention": name, "chunks": n, "wall_s": wall, "ttff_s": rep["ttff_s"],
+                                "sustained_fps": rep["sustained_fps"], "realtime_factor": rep["realtime_factor"],
+                                "kv_bytes_peak": rep["kv_bytes_peak"], "model_calls": rep["model_calls"],
+                                "transformer_flops": rep["transformer_flops"], **b.mem_since(m0)})
+            b.log(f"causal {name}, {n} chunks: {wall:.2f}s, TTFF {rep['ttff_s']:.3f}s, "
+                  f"{rep['sustained_fps']} fps, K/V peak {rep['kv_bytes_peak'] / GiB:.2f} GiB")
+    del mp
+    return out
+
+
 def plan_large(b: Bench, dims: dict, lat_hw, t_per_flop: float, free_bytes, weight_bytes):
     """Largest (frames, batch) whose K/V + activations fit, and whose minimum run fits the time."""
     cands = [(25, 2), (25, 1), (20, 1), (15, 1), (10, 1)] if not b.args.tiny else [(25, 2)]
@@ -1055,6 +1100,12 @@ def main(argv=None) -> int:
     stream_where = results["models"].setdefault("stream", {"_tag": "stream"})
     b.stage(stream_where, "stream", bench_stream, b, lat, max(1, min(args.reps, 3)),
             (small.get("uncached") or {}).get("median_s"))
+    b.write()
+
+    # ---- few-step causal Wan at 1.3B dimensions, 480x832 (random weights) -------------------------
+    causal_where = results["models"].setdefault("causal", {"_tag": "causal"})
+    b.stage(causal_where, "causal", bench_causal, b, sizes["1.3B"], TINY_LATENT_HW if args.tiny else (60, 104),
+            (2, 4) if args.tiny else (8, 32))
     b.write()
 
     # ---- MAGI-1 at 4.5B dimensions (random weights) ------------------------------------------------
