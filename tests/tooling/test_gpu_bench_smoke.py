@@ -119,3 +119,16 @@ def test_stream_stage(result):
     assert positive(s["stream_s_per_latent_frame"]) and positive(s["whole_decode_s"])
     shipped = s["shipped_async_computed"]
     assert shipped["ttff_s"] > shipped["block_period_s"] > 0 and 0 < shipped["decode_share"] < 1
+
+
+def test_causal_stage(result):
+    """The causal run end to end at the device: both attention settings at two lengths, the window's
+    K/V peak the same at both lengths and below the full history's at the longer one."""
+    runs = {(r["attention"], r["chunks"]): r for r in result["models"]["causal"]["causal"]["runs"]}
+    assert len(runs) == 4 and not any("skipped" in r for r in runs.values())
+    for r in runs.values():
+        assert positive(r["ttff_s"]) and positive(r["sustained_fps"]) and positive(r["kv_bytes_peak"])
+        assert r["model_calls"] == 5 * r["chunks"] - 1
+    window = [runs[("window 12 + sink 3", n)]["kv_bytes_peak"] for n in (2, 4)]
+    full = [runs[("full history", n)]["kv_bytes_peak"] for n in (2, 4)]
+    assert full[1] == 2 * full[0] and window[0] <= window[1] <= full[1]
