@@ -30,6 +30,7 @@ from ..cache_core.causal_schedule import CausalSchedule
 from ..cache_core.errors import InputError
 from ..cache_core.frame_solver import UniPCFrameSolver
 from ..cache_core.kv_store import ChunkLayout, KVStore
+from ..cache_core.seq_parallel import NO_SP, SP_KEY, SPAttention
 from . import wan
 from .video_run import VideoRun, check_start
 
@@ -168,13 +169,23 @@ class CausalRun(VideoRun):
         timestep = torch.as_tensor(t, dtype=torch.float32).to(x.device).expand(1, n)
         call = adapter.embed(x.to(dtype), timestep, text.to(x.device, dtype), self.options)
         call.extra["frame_offset"] = frames[0]
-        h = adapter.run_blocks(call, slice(0, 1), (0, n), call.tokens, attention)
+        sp, mine, sizes = self.sp, None, None
+        if sp.active:                                 # this rank's contiguous share of the tokens (Ulysses)
+            total = call.tokens.shape[1]
+            sizes, part = sp.splits(total), sp.local(total)
+            mine = torch.arange(part.start, part.stop, device=call.tokens.device)
+            attention = SPAttention(sp, attention, sizes)
+        h = adapter.run_blocks(call, slice(0, 1), (0, n), call.tokens if mine is None else call.tokens[:, mine],
+                               attention, tokens=mine)
         f = self.flops.chunk_causal((call.tokens.shape[1],), [0], {0: attention.key_len}, frames=n)
         self.data["transformer_flops"] += f
         self.data["transformer_flops_vanilla"] += f
         if not head:
             return None
-        return adapter.finish(call, adapter.head(call, h)).float()
+        out = adapter.head(call, h, tokens=mine)
+        if mine is not None:
+            out = sp.gather_rows(out, sizes)
+        return adapter.finish(call, out).float()
 
     def _pass(self, x, t, frames: range, texts: dict, head=True, branches=None):
         """Frames `frames` at timestep t in every guidance branch (or `branches`), each with its text
@@ -217,6 +228,8 @@ class CausalRun(VideoRun):
         self.adapter = self.family.chunk_adapter(self.model.model.diffusion_model)
         self.flops = self.adapter.flops
         self.options = self.model.model_options["transformer_options"]
+        self.sp = self.options.get(SP_KEY, NO_SP)      # sequence parallel across ranks (torchrun), or one process
+        self.sp.check(self.adapter.dm.num_heads, tpf * min(b, *(self.prefix_chunks or [b])))
         self.store = store = KVStore(self.layout, num_layers=self.adapter.num_layers, keep=self.keep,
                                      sink=self.sink_frames, reserve=self.T if self.keep is None else
                                      min(self.T, self.keep + 1 + self.sink_frames))
@@ -248,6 +261,8 @@ class CausalRun(VideoRun):
                 if req.steering.active is not None:
                     prompt, text = req.steering.slots[req.steering.active], self.slot_texts[req.steering.active]
             texts[COND] = text
+            steered = -1 if req.steering is None or req.steering.active is None else req.steering.active
+            self.sp.agree([k, data["model_calls"], steered], f"the start of chunk {k}")   # never a hang
             if kv_prompt is not None and prompt is not kv_prompt and sch.switch == "recache":
                 self._recache(x, f0, texts, device)
             kv_prompt = prompt
@@ -293,4 +308,7 @@ class CausalRun(VideoRun):
         data["kv_frames_held"] = len(store.chunks(COND))
         data["kv_bytes_peak"] = store.peak_bytes
         data["kv_cache_bytes"] = store.bytes_allocated()
+        if self.sp.active:
+            data["sequence_parallel"] = self.sp.summary(data, ("model_calls", "recache_passes", "pixel_frames"),
+                                                        {"kv_bytes_peak": store.peak_bytes})
         return video

@@ -266,8 +266,15 @@ class _SelfAttentionHook:
         if kwargs.get("skip_reshape", False) or kwargs.get("mask") is not None:
             raise RuntimeError("chunked Wan: unexpected self-attention layout (skip_reshape/mask)")
         heads = kwargs["heads"] if "heads" in kwargs else args[0]
-        return self.attention(self.layer, q, k, v, heads,
-                              lambda q_, k_, v_: self._attend(func, q_, k_, v_, args, kwargs))
+
+        def attend(q_, k_, v_, heads=heads):       # a sequence-parallel attention attends with its share of heads
+            a, kw = args, kwargs
+            if "heads" in kwargs:
+                kw = dict(kwargs, heads=heads)
+            else:
+                a = (heads, *args[1:])
+            return self._attend(func, q_, k_, v_, a, kw)
+        return self.attention(self.layer, q, k, v, heads, attend)
 
 
 def _linear_fp32(layer, x: torch.Tensor) -> torch.Tensor:
@@ -385,8 +392,12 @@ class WanChunkAdapter:
                            "transformer_options": opts})["img"]
         return h
 
-    def head(self, call: ChunkCall, h: torch.Tensor) -> torch.Tensor:
-        return self.dm.head(h, call.extra["e"])
+    def head(self, call: ChunkCall, h: torch.Tensor, tokens=None) -> torch.Tensor:
+        """The head on all tokens, or on the subset `tokens` (its time embedding gathered per token)."""
+        e = call.extra["e"]
+        if tokens is not None:
+            e = e.repeat_interleave(call.tokens_per_frame, dim=1)[:, tokens]
+        return self.dm.head(h, e)
 
     def finish(self, call: ChunkCall, out: torch.Tensor) -> torch.Tensor:
         f, (h, w) = call.frames, call.extra["hw"]

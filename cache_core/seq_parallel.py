@@ -1,0 +1,152 @@
+"""Sequence parallelism (DeepSpeed-Ulysses) on torch.distributed: one video's tokens across ranks.
+
+Plain torch, no ComfyUI. Each rank runs the blocks on a contiguous shard of a chunk's tokens
+(uneven shards allowed: the first n % world ranks take one token more, as MAGI-1 upstream splits
+them); self-attention re-lays its q/k/v with one all-to-all from "my tokens, all heads" to "all
+tokens, my heads", attends, and lays the output back. The K/V store therefore holds every token
+for this rank's heads only (head-sharded: what compression scores and selects per head needs no
+communication), and nothing in kv_store.py knows about ranks. Everything else (latents, noise,
+schedules, decisions) is replicated: computed identically on every rank.
+
+The transport is torch.distributed's own `all_to_all_single` with split sizes (NCCL on GPUs, gloo
+on CPU); an uneven `all_gather` is not supported by gloo, so rows are gathered padded to the
+largest shard and trimmed (the math is never padded). `NO_SP` (world 1) makes every operation the
+identity, so the single-process path is untouched. Design: shared/specs/multigpu.md section 4.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .errors import InputError
+
+SP_KEY = "arcache_sp"      # transformer_options key of a run's SeqParallel (absent: one process)
+
+
+class SeqParallel:
+    """A process group for one video's tokens (None: a single process, every method the identity)."""
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+        self.group = group
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.bytes_sent = 0          # all-to-all and gather payload this rank sent (the report adds them up)
+
+    def __deepcopy__(self, memo):      # a handle on the ranks' communicator: model option clones share it
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def splits(self, n: int) -> list[int]:
+        """Tokens per rank of an n-token set: contiguous, the first n % world ranks one more."""
+        return [n // self.world + (r < n % self.world) for r in range(self.world)]
+
+    def local(self, n: int) -> slice:
+        sizes = self.splits(n)
+        start = sum(sizes[:self.rank])
+        return slice(start, start + sizes[self.rank])
+
+    def check(self, heads: int, tokens: int, what: str = "the model") -> None:
+        """Named errors before any work: heads must divide, every rank needs a token."""
+        if heads % self.world:
+            raise InputError("world_size", f"{self.world} ranks do not divide the {heads} attention heads of {what}: "
+                             f"use a world size that divides {heads}")
+        if tokens < self.world:
+            raise InputError("world_size", f"{self.world} ranks for a chunk of {tokens} tokens: at most {tokens} ranks")
+
+    def seq_to_heads(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """[B, n_r, H, D] (this rank's tokens, all heads) -> [B, n, H/world, D] (all tokens, this rank's heads)."""
+        if not self.active:
+            return x
+        import torch.distributed as dist
+        B, nr, H, D = x.shape
+        h = H // self.world
+        send = x.reshape(B, nr, self.world, h, D).permute(2, 1, 0, 3, 4).reshape(self.world * nr, B, h, D)
+        recv = x.new_empty(sum(sizes), B, h, D)
+        dist.all_to_all_single(recv, send.contiguous(), output_split_sizes=sizes, input_split_sizes=[nr] * self.world,
+                               group=self.group)
+        self.bytes_sent += send.numel() * send.element_size() * (self.world - 1) // self.world
+        return recv.permute(1, 0, 2, 3)
+
+    def heads_to_seq(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """[B, n, h, D] (all tokens, this rank's heads) -> [B, n_r, h * world, D] (this rank's tokens)."""
+        if not self.active:
+            return x
+        import torch.distributed as dist
+        B, n, h, D = x.shape
+        nr = sizes[self.rank]
+        recv = x.new_empty(self.world * nr, B, h, D)
+        send = x.permute(1, 0, 2, 3).contiguous()
+        dist.all_to_all_single(recv, send, output_split_sizes=[nr] * self.world, input_split_sizes=sizes,
+                               group=self.group)
+        self.bytes_sent += send.numel() * send.element_size() * (self.world - 1) // self.world
+        return recv.reshape(self.world, nr, B, h, D).permute(2, 1, 0, 3, 4).reshape(B, nr, self.world * h, D)
+
+    def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """[B, n_r, C] of every rank -> [B, n, C] on every rank (padded to the largest shard, trimmed)."""
+        if not self.active:
+            return x
+        import torch.distributed as dist
+        most = max(sizes)
+        pad = x.new_zeros(x.shape[0], most, *x.shape[2:])
+        pad[:, :x.shape[1]] = x
+        parts = [torch.empty_like(pad) for _ in range(self.world)]
+        dist.all_gather(parts, pad.contiguous(), group=self.group)
+        self.bytes_sent += pad.numel() * pad.element_size() * (self.world - 1)
+        return torch.cat([p[:, :s] for p, s in zip(parts, sizes)], dim=1)
+
+    def agree(self, values: list[int], what: str) -> None:
+        """Every rank must hold the same integers here (a decision fingerprint): a rank that diverged
+        stops every rank with a message naming it, instead of hanging in a later collective."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+        mine = torch.tensor([int(v) for v in values], dtype=torch.int64)
+        lo, hi = mine.clone(), mine.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.group)
+        if not torch.equal(lo, hi):
+            raise RuntimeError(f"sequence parallel: the ranks diverged at {what} (rank {self.rank} has "
+                               f"{mine.tolist()}, the ranks span {lo.tolist()}..{hi.tolist()})")
+
+
+    def summary(self, data: dict, same: tuple, per_rank: dict) -> dict:
+        """The run report's view across ranks: the `same` fields checked equal on every rank, each
+        per-rank number as max and sum, the bytes every rank sent added up."""
+        import torch.distributed as dist
+        self.agree([int(data.get(k) or 0) for k in same], "the end of the run (" + ", ".join(same) + ")")
+        out = {"world": self.world, "rank": self.rank}
+        numbers = {**per_rank, "comm_bytes_sent": self.bytes_sent}
+        for name, value in numbers.items():
+            total, most = torch.tensor([int(value)]), torch.tensor([int(value)])
+            dist.all_reduce(total, group=self.group)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.group)
+            out[name] = {"this_rank": int(value), "max": int(most), "sum": int(total)}
+        return out
+
+
+NO_SP = SeqParallel()
+
+
+class SPAttention:
+    """Ulysses around a K/V-store attention (the chunk executor's KVAttention, the causal run's
+    FrameAttention): q/k/v of this rank's tokens go to all tokens of this rank's heads, the inner
+    attention writes and reads the head-sharded store as if it were alone, the output comes back."""
+
+    def __init__(self, sp: SeqParallel, inner, sizes: list[int]):
+        self.sp, self.inner, self.sizes = sp, inner, sizes
+
+    @property
+    def key_len(self) -> Optional[int]:
+        return self.inner.key_len
+
+    def __call__(self, layer: int, q, k, v, heads: int, attend):
+        B, nr, HD = q.shape
+        D, h = HD // heads, heads // self.sp.world
+        q, k, v = (self.sp.seq_to_heads(t.reshape(B, nr, heads, D), self.sizes).flatten(2) for t in (q, k, v))
+        out = self.inner(layer, q, k, v, h, lambda q_, k_, v_: attend(q_, k_, v_, heads=h))
+        return self.sp.heads_to_seq(out.reshape(B, -1, h, D), self.sizes).flatten(2)
