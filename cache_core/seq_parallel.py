@@ -24,6 +24,22 @@ from .errors import InputError
 SP_KEY = "arcache_sp"      # transformer_options key of a run's SeqParallel (absent: one process)
 
 
+def _collective(fn):
+    """A collective that fails (a peer raised, ran out of memory, was killed, or timed out) raises an
+    error that says so and names this rank, on every rank that was waiting in it."""
+    def run(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except RuntimeError as e:
+            if str(e).startswith("sequence parallel:"):
+                raise
+            raise RuntimeError(f"sequence parallel: rank {self.rank} of {self.world} stopped in {fn.__name__}: another "
+                               f"rank stopped (it raised, ran out of memory or was killed) or the ranks timed out "
+                               f"({type(e).__name__}: {str(e)[:300]})") from None
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
 class SeqParallel:
     """A process group for one video's tokens (None: a single process, every method the identity)."""
 
@@ -58,6 +74,7 @@ class SeqParallel:
         if tokens < self.world:
             raise InputError("world_size", f"{self.world} ranks for a chunk of {tokens} tokens: at most {tokens} ranks")
 
+    @_collective
     def seq_to_heads(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """[B, n_r, H, D] (this rank's tokens, all heads) -> [B, n, H/world, D] (all tokens, this rank's heads)."""
         if not self.active:
@@ -72,6 +89,7 @@ class SeqParallel:
         self.bytes_sent += send.numel() * send.element_size() * (self.world - 1) // self.world
         return recv.permute(1, 0, 2, 3)
 
+    @_collective
     def heads_to_seq(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """[B, n, h, D] (all tokens, this rank's heads) -> [B, n_r, h * world, D] (this rank's tokens)."""
         if not self.active:
@@ -86,6 +104,7 @@ class SeqParallel:
         self.bytes_sent += send.numel() * send.element_size() * (self.world - 1) // self.world
         return recv.reshape(self.world, nr, B, h, D).permute(2, 1, 0, 3, 4).reshape(B, nr, self.world * h, D)
 
+    @_collective
     def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """[B, n_r, C] of every rank -> [B, n, C] on every rank (padded to the largest shard, trimmed)."""
         if not self.active:
@@ -99,6 +118,7 @@ class SeqParallel:
         self.bytes_sent += pad.numel() * pad.element_size() * (self.world - 1)
         return torch.cat([p[:, :s] for p, s in zip(parts, sizes)], dim=1)
 
+    @_collective
     def agree(self, values: list[int], what: str) -> None:
         """Every rank must hold the same integers here (a decision fingerprint): a rank that diverged
         stops every rank with a message naming it, instead of hanging in a later collective."""
@@ -114,6 +134,7 @@ class SeqParallel:
                                f"{mine.tolist()}, the ranks span {lo.tolist()}..{hi.tolist()})")
 
 
+    @_collective
     def summary(self, data: dict, same: tuple, per_rank: dict) -> dict:
         """The run report's view across ranks: the `same` fields checked equal on every rank, each
         per-rank number as max and sum, the bytes every rank sent added up."""

@@ -20,6 +20,7 @@ K/V recomputed under the new prompt at context_noise, attending to the sink and 
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -288,6 +289,8 @@ class CausalRun(VideoRun):
             if clamp:                                  # after the anchor: the given frame stays as given
                 x0[:, :, :1] = image
             x[:, :, f0:f0 + b] = x0.cpu()
+            if self.sp.active:      # every rank must have made this chunk bit for bit: else fail, not drift
+                self.sp.agree([k, zlib.crc32(x[:, :, f0:f0 + b].numpy().tobytes())], f"the end of chunk {k}")
             raw = fmt.process_out(x0).cpu()
             if clamp:
                 raw[:, :, :1] = self.image.cpu()       # the given frame exactly (the LATENT has it so too)

@@ -41,6 +41,7 @@ def parse_args(argv=None):
     ap.add_argument("--cond-value", type=float, default=0.0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--timeout-s", type=float, default=120.0, help="a collective waiting longer fails every rank")
+    ap.add_argument("--progress", default=None, help="a file rank 0 appends 'chunk k/n' to as chunks finish")
     return ap.parse_args(argv)
 
 
@@ -55,16 +56,19 @@ def run_rank(rank: int, world: int, init: str, args) -> None:
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
                             timeout=timedelta(seconds=args.timeout_s))
     try:
-        video, report = generate(args, world)
+        video, report = generate(args, world, rank)
         if rank == 0:
             from safetensors.torch import save_file
             save_file({"samples": video.contiguous()}, args.out)
             Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1))
+    except BaseException as e:            # each rank says why it stopped, beside the output
+        Path(f"{args.out}.rank{rank}.err").write_text(f"{type(e).__name__}: {e}")
+        raise
     finally:
         dist.destroy_process_group()
 
 
-def generate(args, world: int):
+def generate(args, world: int, rank: int = 0, seed_offset: int = 0):
     import torch
     import torch.distributed as dist
     from tools.inprocess import load_comfy, pack
@@ -86,9 +90,27 @@ def generate(args, world: int):
         torch.full((1, 512, 4096), args.cond_value)
     sched = cs.CausalSchedule(chunk_frames=args.chunk_frames, attention_frames=args.attention_frames,
                               sink_frames=args.sink_frames)
-    req = video_run.VideoRequest(width=args.width, height=args.height, length=args.length, seed=args.seed, steps=4,
+    req = video_run.VideoRequest(width=args.width, height=args.height, length=args.length, seed=args.seed + seed_offset,
+                                 steps=4,
                                  cfg=args.cfg, schedule=sched, positives=[[[cond, {}]]], negative=[[cond * 0, {}]])
-    return families.new_video_run(model, req).run()
+    def note(plan, n, last_latent, path=getattr(args, "progress", None)):
+        with open(path, "a") as f:
+            f.write(f"chunk {plan.index + 1}/{n}\n")
+    on_window = note if getattr(args, "progress", None) and rank == 0 else None
+    return families.new_video_run(model, req, on_window=on_window).run()
+
+
+def probe_divergence(rank: int, world: int, init: str, args) -> None:
+    """A rank that computes something else (here: another seed) must stop every rank with a named
+    error (tests/inprocess/test_seq_parallel.py)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        generate(args, world, rank, seed_offset=rank)
+    except RuntimeError as e:
+        Path(f"{args.out}.rank{rank}.err").write_text(str(e))
+    finally:
+        dist.destroy_process_group()
 
 
 def probe_primitives(rank: int, world: int, init: str, out: str) -> None:

@@ -7,7 +7,6 @@ sequence of prompts on a server of its own (a fresh log) and looks for those lin
 """
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
@@ -37,12 +36,10 @@ def fresh_comfy(tmp_path_factory, tiny_models):
     server.stop()
 
 
-def timed_run(comfy, seed, **kw) -> float:
+def run(comfy, seed, **kw) -> None:
     g, _ = streaming_graph(UNET, length=33, steps=3, cfg=2.0, seed=seed, schedule=SMALL,
                            save_prefix=f"latents/{uuid.uuid4().hex[:8]}", **kw)
-    t0 = time.perf_counter()
     comfy.run(g.prompt)
-    return time.perf_counter() - t0
 
 
 def leak_lines(comfy) -> list[str]:
@@ -52,17 +49,15 @@ def leak_lines(comfy) -> list[str]:
 
 def test_no_memory_leak_warning_after_cached_and_streaming_runs(fresh_comfy):
     comfy = fresh_comfy
-    timed_run(comfy, 0)                                     # warm-up: imports, first load
-    first = min(timed_run(comfy, 1), timed_run(comfy, 2))   # plain, same size as the last one
-    timed_run(comfy, 3, cache=FC)
-    timed_run(comfy, 4, vae=VAE, sampler_extra={"save_video": True, "filename_prefix": "ARCache/leak"})
-    timed_run(comfy, 5, cache=FC)
-    timed_run(comfy, 6, cache=FC, vae=VAE)
-    last = min(timed_run(comfy, 7), timed_run(comfy, 8))
+    for seed, kw in enumerate([{}, {}, dict(cache=FC),
+                               dict(vae=VAE, sampler_extra={"save_video": True, "filename_prefix": "ARCache/leak"}),
+                               dict(cache=FC), dict(cache=FC, vae=VAE), {}, {}]):
+        run(comfy, seed, **kw)
+    # ComfyUI logs each dead clone it finds ("Potential memory leak detected ..., doing a full garbage
+    # collect": the slowdown users would see on every later load), so the log is the measure; the
+    # wall-time comparison this test once made is for a benchmark, not a test on a shared machine
     leaks = leak_lines(comfy)
     assert not leaks, "ComfyUI saw dead model clones:\n" + "\n".join(leaks[:10])
-    # a full garbage collect on every load made tiny runs 3-4x slower; allow for a noisy machine
-    assert last < 3.0 * first, f"plain run took {last:.2f} s after cached runs, {first:.2f} s before"
 
 
 MAGI_CACHES = [None, dict(class_type="ARCacheFlowCache", rel_l1_thresh=0.3, warmup_steps=1, coefficients="none"),

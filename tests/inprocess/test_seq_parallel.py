@@ -27,7 +27,7 @@ def test_primitives_round_trip_uneven_token_counts(tmp_path):
 
 def _args(model: str, out: str, **kw):
     base = dict(model=model, width=64, height=64, length=4 * 11 + 1, seed=5, cfg=1.0, chunk_frames=3,
-                attention_frames=6, sink_frames=3, cond=None, cond_value=0.3, out=out, timeout_s=60.0)
+                attention_frames=6, sink_frames=3, cond=None, cond_value=0.3, out=out, timeout_s=60.0, progress=None)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -57,3 +57,37 @@ def test_world_sizes_that_do_not_divide_the_heads_are_refused():
         sp.check(2, 100)
     with pytest.raises(pack("cache_core.errors").InputError, match="at most 2 ranks"):
         sp.check(3, 2)
+
+
+def test_a_diverged_rank_stops_every_rank_with_a_named_error(tiny_models, tmp_path):
+    out = str(tmp_path / "video.safetensors")
+    mp.spawn(sp_run.probe_divergence, args=(2, f"file://{tmp_path / 'store'}", _args(str(tiny_models["self_forcing"]), out)),
+             nprocs=2, join=True)
+    for rank in range(2):
+        text = (tmp_path / f"video.safetensors.rank{rank}.err").read_text()
+        assert "sequence parallel: the ranks diverged at the end of chunk 0" in text, text
+
+
+def test_a_killed_rank_stops_the_others_within_the_timeout(tiny_models, tmp_path):
+    """Rank 1 is killed after the first chunk: rank 0, waiting in a collective, stops with an error that
+    says a rank stopped, well within the timeout, and nothing is written."""
+    import os
+    import signal
+    import time
+    out = str(tmp_path / "video.safetensors")
+    progress = tmp_path / "progress.txt"
+    args = _args(str(tiny_models["self_forcing"]), out, length=4 * 299 + 1, progress=str(progress), timeout_s=30.0)
+    ctx = mp.start_processes(sp_run.run_rank, args=(2, f"file://{tmp_path / 'store'}", args), nprocs=2, join=False,
+                             start_method="spawn")
+    t0 = time.monotonic()
+    while not (progress.exists() and progress.read_text()):
+        assert time.monotonic() - t0 < 120, "no chunk finished"
+        time.sleep(0.05)
+    os.kill(ctx.processes[1].pid, signal.SIGKILL)
+    t_kill = time.monotonic()
+    ctx.processes[0].join(timeout=60)
+    assert not ctx.processes[0].is_alive(), "rank 0 hangs"
+    assert time.monotonic() - t_kill < 35 and ctx.processes[0].exitcode != 0
+    text = (tmp_path / "video.safetensors.rank0.err").read_text()
+    assert "sequence parallel: rank 0 of 2 stopped" in text and "another rank stopped" in text, text
+    assert not os.path.exists(out)
