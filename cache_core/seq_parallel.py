@@ -15,6 +15,8 @@ identity, so the single-process path is untouched. Design: shared/specs/multigpu
 """
 from __future__ import annotations
 
+import json
+import zlib
 from typing import Optional
 
 import torch
@@ -133,6 +135,19 @@ class SeqParallel:
             raise RuntimeError(f"sequence parallel: the ranks diverged at {what} (rank {self.rank} has "
                                f"{mine.tolist()}, the ranks span {lo.tolist()}..{hi.tolist()})")
 
+
+    def agree_run(self, settings: dict, code: int) -> None:
+        """Before any work: every rank runs the same request and schedule (`settings`) with the same pack
+        code (`code`, a fingerprint of its sources), or every rank stops with a named error."""
+        if not self.active:
+            return
+        fingerprint = zlib.crc32(json.dumps(settings, sort_keys=True, default=str).encode())
+        try:
+            self.agree([fingerprint, code], "the start of the run")
+        except RuntimeError:
+            raise RuntimeError(f"sequence parallel: the ranks were started with different settings or pack versions "
+                               f"(rank {self.rank}: settings {fingerprint:08x}, pack code {code:08x}): start every "
+                               "rank from the same command and the same installation") from None
 
     @_collective
     def summary(self, data: dict, same: tuple, per_rank: dict) -> dict:

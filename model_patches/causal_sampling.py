@@ -33,7 +33,7 @@ from ..cache_core.frame_solver import UniPCFrameSolver
 from ..cache_core.kv_store import ChunkLayout, KVStore
 from ..cache_core.seq_parallel import NO_SP, SP_KEY, SPAttention
 from . import wan
-from .video_run import VideoRun, check_start
+from .video_run import VideoRun, check_start, pack_fingerprint
 
 COND, UNCOND = 0, 1                       # K/V store branches: the guidance passes
 
@@ -231,6 +231,14 @@ class CausalRun(VideoRun):
         self.options = self.model.model_options["transformer_options"]
         self.sp = self.options.get(SP_KEY, NO_SP)      # sequence parallel across ranks (torchrun), or one process
         self.sp.check(self.adapter.dm.num_heads, tpf * min(b, *(self.prefix_chunks or [b])))
+        if self.sp.active:
+            crc = lambda t: zlib.crc32(t.detach().cpu().float().numpy().tobytes())     # noqa: E731
+            self.sp.agree_run(dict(schedule=sch, width=req.width, height=req.height, length=req.length, seed=req.seed,
+                                   cfg=req.cfg, anchor=req.anchor, model=wan.flop_shape(self.adapter.dm),
+                                   prompts=[crc(t) for t in self.texts + self.slot_texts],
+                                   negative=None if self.negative is None else crc(self.negative),
+                                   given=[crc(t) for t in (self.prefix, self.image) if t is not None]),
+                              pack_fingerprint())
         self.store = store = KVStore(self.layout, num_layers=self.adapter.num_layers, keep=self.keep,
                                      sink=self.sink_frames, reserve=self.T if self.keep is None else
                                      min(self.T, self.keep + 1 + self.sink_frames))
@@ -289,7 +297,7 @@ class CausalRun(VideoRun):
             if clamp:                                  # after the anchor: the given frame stays as given
                 x0[:, :, :1] = image
             x[:, :, f0:f0 + b] = x0.cpu()
-            if self.sp.active:      # every rank must have made this chunk bit for bit: else fail, not drift
+            if self.sp.active:      # a guard: every rank must have made this chunk bit for bit (else fail, not drift)
                 self.sp.agree([k, zlib.crc32(x[:, :, f0:f0 + b].numpy().tobytes())], f"the end of chunk {k}")
             raw = fmt.process_out(x0).cpu()
             if clamp:

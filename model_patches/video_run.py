@@ -17,8 +17,11 @@ generates them. The base owns what does not depend on the family:
 """
 from __future__ import annotations
 
+import functools
 import time
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,6 +53,17 @@ class VideoRequest:
     end_image: torch.Tensor | None = None
     anchor: DriftAnchor | None = None           # the Drift Anchor node's settings (None: off)
     steering: object = None                     # a steering.Steering: prompt switches while it runs (None: off)
+
+
+@functools.lru_cache(maxsize=1)
+def pack_fingerprint() -> int:
+    """A checksum of the pack's engine sources (cache_core/, model_patches/): processes that must run the
+    same code (sequence-parallel ranks) compare it."""
+    root = Path(__file__).resolve().parents[1]
+    crc = 0
+    for path in sorted([*root.glob("cache_core/*.py"), *root.glob("model_patches/*.py")]):
+        crc = zlib.crc32(path.read_bytes(), zlib.crc32(path.name.encode(), crc))
+    return crc
 
 
 def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:

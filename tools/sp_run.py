@@ -61,6 +61,7 @@ def run_rank(rank: int, world: int, init: str, args) -> None:
             from safetensors.torch import save_file
             save_file({"samples": video.contiguous()}, args.out)
             Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1))
+        dist.barrier()           # leave together: a rank tearing gloo down while a peer still talks aborts
     except BaseException as e:            # each rank says why it stopped, beside the output
         Path(f"{args.out}.rank{rank}.err").write_text(f"{type(e).__name__}: {e}")
         raise
@@ -68,7 +69,7 @@ def run_rank(rank: int, world: int, init: str, args) -> None:
         dist.destroy_process_group()
 
 
-def generate(args, world: int, rank: int = 0, seed_offset: int = 0):
+def generate(args, world: int, rank: int = 0, cond_offset: float = 0.0):
     import torch
     import torch.distributed as dist
     from tools.inprocess import load_comfy, pack
@@ -87,11 +88,10 @@ def generate(args, world: int, rank: int = 0, seed_offset: int = 0):
         model = model.clone()
         model.model_options["transformer_options"][seq_parallel.SP_KEY] = seq_parallel.SeqParallel(dist.group.WORLD)
     cond = comfy.utils.load_torch_file(args.cond)["cond"] if args.cond else \
-        torch.full((1, 512, 4096), args.cond_value)
+        torch.full((1, 512, 4096), args.cond_value + cond_offset)
     sched = cs.CausalSchedule(chunk_frames=args.chunk_frames, attention_frames=args.attention_frames,
                               sink_frames=args.sink_frames)
-    req = video_run.VideoRequest(width=args.width, height=args.height, length=args.length, seed=args.seed + seed_offset,
-                                 steps=4,
+    req = video_run.VideoRequest(width=args.width, height=args.height, length=args.length, seed=args.seed, steps=4,
                                  cfg=args.cfg, schedule=sched, positives=[[[cond, {}]]], negative=[[cond * 0, {}]])
     def note(plan, n, last_latent, path=getattr(args, "progress", None)):
         with open(path, "a") as f:
@@ -101,16 +101,20 @@ def generate(args, world: int, rank: int = 0, seed_offset: int = 0):
 
 
 def probe_divergence(rank: int, world: int, init: str, args) -> None:
-    """A rank that computes something else (here: another seed) must stop every rank with a named
-    error (tests/inprocess/test_seq_parallel.py)."""
+    """A rank that computes something else must stop every rank with a named error: `args.diverge`
+    "prompt" gives rank 1 another prompt (the same settings), "settings" starts it with another seed
+    (tests/inprocess/test_seq_parallel.py)."""
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        generate(args, world, rank, seed_offset=rank)
+        if args.diverge == "settings":
+            generate(argparse.Namespace(**{**vars(args), "seed": args.seed + rank}), world, rank)
+        else:
+            generate(args, world, rank, cond_offset=0.5 * rank)
     except RuntimeError as e:
         Path(f"{args.out}.rank{rank}.err").write_text(str(e))
-    finally:
-        dist.destroy_process_group()
+    dist.barrier()               # both ranks stopped by the same named error: leave together
+    dist.destroy_process_group()
 
 
 def probe_primitives(rank: int, world: int, init: str, out: str) -> None:
@@ -141,6 +145,7 @@ def probe_primitives(rank: int, world: int, init: str, out: str) -> None:
         except RuntimeError as e:
             results["diverged_raises"] = "ranks diverged at a test point" in str(e)
         torch.save(results, f"{out}.{rank}")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -59,13 +59,18 @@ def test_world_sizes_that_do_not_divide_the_heads_are_refused():
         sp.check(3, 2)
 
 
-def test_a_diverged_rank_stops_every_rank_with_a_named_error(tiny_models, tmp_path):
+@pytest.mark.parametrize("diverge,message", [
+    ("prompt", "sequence parallel: the ranks were started with different settings or pack versions"),
+    ("settings", "sequence parallel: the ranks were started with different settings or pack versions")])
+def test_a_diverged_rank_stops_every_rank_with_a_named_error(tiny_models, tmp_path, diverge, message):
+    """Rank 1 with another prompt or another seed: caught before any work (the gather would otherwise
+    make both ranks agree on a wrong video), both ranks stop with the named error."""
     out = str(tmp_path / "video.safetensors")
-    mp.spawn(sp_run.probe_divergence, args=(2, f"file://{tmp_path / 'store'}", _args(str(tiny_models["self_forcing"]), out)),
-             nprocs=2, join=True)
+    args = _args(str(tiny_models["self_forcing"]), out, diverge=diverge)
+    mp.spawn(sp_run.probe_divergence, args=(2, f"file://{tmp_path / 'store'}", args), nprocs=2, join=True)
     for rank in range(2):
         text = (tmp_path / f"video.safetensors.rank{rank}.err").read_text()
-        assert "sequence parallel: the ranks diverged at the end of chunk 0" in text, text
+        assert message in text, text
 
 
 def test_a_killed_rank_stops_the_others_within_the_timeout(tiny_models, tmp_path):
