@@ -32,7 +32,7 @@ from typing import ClassVar, Optional
 
 import torch
 
-from .df_schedule import flow_template, template_timesteps
+from .df_schedule import flow_shift, flow_template, template_timesteps
 from .errors import InputError
 
 TRAIN_STEPS = 1000
@@ -43,8 +43,7 @@ FIRST_FRAME_MODES = ("own_chunk", "clamped")
 
 def flow_grid(shift: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmas, timesteps) of the flow scheduler's training grid, float32 [1000], as upstream builds it."""
-    s = torch.linspace(1.0, 0.0, TRAIN_STEPS + 1)[:-1]
-    sigmas = shift * s / (1 + (shift - 1) * s)
+    sigmas = flow_shift(torch.linspace(1.0, 0.0, TRAIN_STEPS + 1)[:-1], shift)
     return sigmas, sigmas * TRAIN_STEPS
 
 

@@ -73,13 +73,16 @@ def pick_weights(top: dict, weights: str, file: str) -> tuple[dict, str]:
                      f"{' or '.join(order)}: choose weights auto, or another file")
 
 
+def _unwrapped(key: str) -> str:
+    """A key without FSDP / activation-checkpointing / torch.compile wrapper names."""
+    for w in _WRAPPERS:
+        key = key.replace(w, "")
+    return key
+
+
 def strip_prefixes(sd: dict) -> dict:
     """Bare Wan names: the training wrapper's "model." and FSDP / checkpointing / compile wrappers dropped."""
-    out = {}
-    for k, v in sd.items():
-        for w in _WRAPPERS:
-            k = k.replace(w, "")
-        out[k] = v
+    out = {_unwrapped(k): v for k, v in sd.items()}
     if all(k.startswith("model.") for k in out if "blocks." in k) and any("blocks." in k for k in out):
         out = {k[len("model."):] if k.startswith("model.") else k: v for k, v in out.items()}
     return out
@@ -138,9 +141,7 @@ def lora_to_core(sd: dict, model_sd_shapes: dict, lora_name: str) -> dict:
         if not torch.is_tensor(v):
             continue
         name = k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k
-        name = name[len("diffusion_model."):] if name.startswith("diffusion_model.") else name
-        for w in _WRAPPERS:
-            name = name.replace(w, "")
+        name = _unwrapped(name[len("diffusion_model."):] if name.startswith("diffusion_model.") else name)
         module, _, part = name.partition(".lora_")
         if not part:
             continue

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import zlib
-from dataclasses import dataclass
 
 import torch
 
@@ -33,14 +32,9 @@ from ..cache_core.frame_solver import UniPCFrameSolver
 from ..cache_core.kv_store import ChunkLayout, KVStore
 from ..cache_core.seq_parallel import NO_SP, SP_KEY, SPAttention
 from . import wan
-from .video_run import VideoRun, check_start, pack_fingerprint
+from .video_run import ChunkPlan, VideoRun, check_start, pack_fingerprint
 
 COND, UNCOND = 0, 1                       # K/V store branches: the guidance passes
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    index: int                            # generated chunk number (0 = first emitted)
 
 
 def text_states(conditioning, name: str, width: int) -> torch.Tensor:

@@ -10,7 +10,6 @@ When a chunk leaves the window, the next step re-runs it at clean_t into the K/V
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
@@ -24,12 +23,7 @@ from ..cache_core.record import CACHE_RUN_KEY
 from .magi_cache import ALONE, HISTORY, TEXT
 from .magi_model import ChunkForward, kv_store
 from .magi_text import SPECIAL_KEY, chunk_text
-from .video_run import VideoRun, check_start
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    index: int                    # generated chunk number (0 = first emitted)
+from .video_run import ChunkPlan, VideoRun, check_start
 
 
 def magi_conditioning(positive, name: str = "positive") -> tuple[torch.Tensor, dict]:

@@ -66,6 +66,12 @@ def pack_fingerprint() -> int:
     return crc
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One emitted chunk of a chunk-wise run (MAGI-1, causal Wan): the piece `VideoRun.plans` lists."""
+    index: int                    # generated chunk number (0 = first emitted)
+
+
 def encode_frames(vae, frames: torch.Tensor) -> torch.Tensor:
     return vae.encode(frames[..., :3]).to(comfy.model_management.intermediate_device(), torch.float32)
 

@@ -90,10 +90,10 @@ def wan_transformer(model_patcher) -> comfy.ldm.wan.model.WanModel:
     return dm
 
 
-def causal_wan_transformer(model_patcher, serves: str | None = None) -> comfy.ldm.wan.model.WanModel:
+def causal_wan_transformer(model_patcher) -> comfy.ldm.wan.model.WanModel:
     """The Wan 2.1 t2v transformer inside a MODEL for the causal schedule (a plain WanModel, or newer
     core's CausalWanModel, which has the same weights), or a clear error."""
-    serves = serves or ("the Causal Schedule serves few-step causal Wan 2.1 models (Self-Forcing, CausVid, Causal "
+    serves = ("the Causal Schedule serves few-step causal Wan 2.1 models (Self-Forcing, CausVid, Causal "
                         "Forcing, LongLive 1.0, Krea Realtime): 16 latent channels, text-to-video layout; load one "
                         "with Causal Wan Loader (ARCacheCausalWanLoader) or UNETLoader")
     return _wan_t2v(model_patcher, 16, serves)
