@@ -42,6 +42,7 @@ from .errors import InputError
 from .flops import FlopModel
 from .kv_store import ChunkLayout, CompressConfig, KVStore
 from .record import StepRecord
+from .seq_parallel import NO_SP, SeqParallel
 
 # chunk_causal: the papers' restructuring, chunk g attends to chunks 0..g, finished chunks frozen.
 # bidirectional: the window attends as in the uncached model (every chunk forwarded each call);
@@ -237,12 +238,14 @@ class ChunkExecutor:
 
     # -- one model call ------------------------------------------------------------------------------
     def forward(self, adapter: ChunkAdapter, call: ChunkCall, record: Optional[StepRecord], branches: dict,
-                steps: int, report=None) -> torch.Tensor:
+                steps: int, report=None, sp: SeqParallel = NO_SP) -> torch.Tensor:
         """One chunk-wise call: the model's output for `call` (see the module docstring).
 
         record: the sampler's StepRecord (None: every chunk active, chunks of chunk_frames);
         branches: {branch id: batch rows}; steps: denoising steps every chunk walks (its last one
-        freezes it); report: the sampler's RunReport, if one is running."""
+        freezes it); report: the sampler's RunReport, if one is running; sp: the ranks this call's
+        tokens are split across (each block pass sharded, everything else replicated, the decisions
+        checked equal on every rank after the call)."""
         bs, f = call.tokens.shape[0], call.frames
         chunk_frames = int(record.chunk_frames) if record is not None else self.chunk_frames
         layout = ChunkLayout.from_frames(f, chunk_frames, call.tokens_per_frame)
@@ -273,7 +276,7 @@ class ChunkExecutor:
                     self._reset_branch(branch)
                 spent, noskip = self._window_pass(adapter, call, rows, branch, layout, chunk_frames, active,
                                                   indicators, steps, out_h, n_rows, heat,
-                                                  lambda g, rows=rows: level(rows, g))
+                                                  lambda g, rows=rows: level(rows, g), sp)
                 call_flops, noskip_flops = call_flops + spent, noskip_flops + noskip
                 forwarded[branch] = (rows, set(range(n_chunks)))
                 continue
@@ -297,8 +300,8 @@ class ChunkExecutor:
 
                 def run(tokens, g=g, f0=f0, f1=f1, h_in=h_in):
                     attention = KVAttention(store, branch, g, tokens=tokens)
-                    h_new = adapter.run_blocks(call, rows, (f0, f1), h_in if tokens is None else h_in[:, tokens],
-                                               attention, tokens)
+                    h_new = sp.run_blocks(adapter, call, rows, (f0, f1), h_in if tokens is None else h_in[:, tokens],
+                                          attention, tokens)
                     computed.append(g)
                     key_lengths[g] = attention.key_len if attention.key_len is not None else layout.end(g)
                     if tokens is not None:
@@ -325,6 +328,7 @@ class ChunkExecutor:
                     out[rows, layout.start(g):layout.end(g)] = 0
         out = adapter.finish(call, out)
         self.step.add_flops(call_flops, noskip_flops, flops.window(layout.total, f, bs))
+        sp.agree(self.step.fingerprint(), "a model call's cache decisions")
         if report is not None:
             report.add_forward(call_flops)
             self._reported = report.merge_cache(self.method, self.summary(), self._reported)
@@ -332,7 +336,7 @@ class ChunkExecutor:
         return out
 
     def _window_pass(self, adapter, call, rows, branch, layout, chunk_frames, active, indicators, steps,
-                     out_h, n_rows, heat, level) -> tuple[float, float]:
+                     out_h, n_rows, heat, level, sp) -> tuple[float, float]:
         """Bidirectional attention: every token the decisions select runs through the blocks in one
         pass over the window, attending to all of it (the others through their last K/V)."""
         f, total = call.frames, layout.total
@@ -352,7 +356,7 @@ class ChunkExecutor:
             whole = tokens.numel() == total
             index = None if whole else tokens.to(h_all.device)
             attention = KVAttention(self.store, branch, 0, tokens=index)
-            h_sel = adapter.run_blocks(call, rows, (0, f), h_all if whole else h_all[:, index], attention, index)
+            h_sel = sp.run_blocks(adapter, call, rows, (0, f), h_all if whole else h_all[:, index], attention, index)
             new = h_sel if whole else h_all.new_zeros(h_all.shape).index_copy_(1, index, h_sel)
         for g, (d, local) in decisions.items():
             s, e = layout.start(g), layout.end(g)

@@ -138,6 +138,10 @@ class ChunkStep:
     def method(self) -> str:
         return self.policy.method
 
+    def fingerprint(self) -> list[int]:
+        """The integer counts so far: what ranks that made the same decisions agree on."""
+        return [int(v) for k, v in self.counts.items() if not k.startswith("transformer_flops")]
+
     def reset_segment(self) -> None:
         self.policy.reset()
         self.outputs.reset()

@@ -68,11 +68,12 @@ class SeqParallel:
         start = sum(sizes[:self.rank])
         return slice(start, start + sizes[self.rank])
 
-    def check(self, heads: int, tokens: int, what: str = "the model") -> None:
-        """Named errors before any work: heads must divide, every rank needs a token."""
+    def check(self, heads: int, tokens: int, what: str = "attention heads of the model") -> None:
+        """Named errors before any work: the ranks split `heads` (`what` they are) evenly, and every
+        rank gets a token of the smallest block pass (`tokens`)."""
         if heads % self.world:
-            raise InputError("world_size", f"{self.world} ranks do not divide the {heads} attention heads of {what}: "
-                             f"use a world size that divides {heads}")
+            raise InputError("world_size", f"{self.world} ranks do not divide the {heads} {what}: use a world size "
+                             f"that divides {heads}")
         if tokens < self.world:
             raise InputError("world_size", f"{self.world} ranks for a chunk of {tokens} tokens: at most {tokens} ranks")
 
@@ -150,11 +151,12 @@ class SeqParallel:
                                "rank from the same command and the same installation") from None
 
     @_collective
-    def summary(self, data: dict, same: tuple, per_rank: dict) -> dict:
-        """The run report's view across ranks: the `same` fields checked equal on every rank, each
-        per-rank number as max and sum, the bytes every rank sent added up."""
+    def summary(self, same: dict, per_rank: dict) -> dict:
+        """The run report's view across ranks: the `same` integers (calls, frames, cache decisions)
+        checked equal on every rank, each per-rank number as max and sum, the bytes every rank sent
+        added up."""
         import torch.distributed as dist
-        self.agree([int(data.get(k) or 0) for k in same], "the end of the run (" + ", ".join(same) + ")")
+        self.agree(list(same.values()), "the end of the run (" + ", ".join(same) + ")")
         out = {"world": self.world, "rank": self.rank}
         numbers = {**per_rank, "comm_bytes_sent": self.bytes_sent}
         for name, value in numbers.items():
@@ -163,6 +165,32 @@ class SeqParallel:
             dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.group)
             out[name] = {"this_rank": int(value), "max": int(most), "sum": int(total)}
         return out
+
+    def run_blocks(self, adapter, call, rows, frames, h: torch.Tensor, attention, tokens=None) -> torch.Tensor:
+        """`adapter.run_blocks` on this rank's share of h's tokens (h: the tokens of `frames`, or their
+        subset `tokens`), self-attention through Ulysses, the hidden states gathered back: every rank
+        returns all of them, so whatever follows (the head, a cache's residuals) stays replicated."""
+        if not self.active:
+            return adapter.run_blocks(call, rows, frames, h, attention, tokens)
+        n = h.shape[1]
+        sizes, part = self.splits(n), self.local(n)
+        mine = torch.arange(part.start, part.stop, device=h.device) if tokens is None else tokens[part]
+        out = adapter.run_blocks(call, rows, frames, h[:, part], SPAttention(self, attention, sizes), mine)
+        return self.gather_rows(out, sizes)
+
+
+def checksum(value) -> int:
+    """A crc of what a request holds (tensors by their bytes, containers walked, other objects by
+    their type): ranks compare it before any work."""
+    if torch.is_tensor(value):
+        return zlib.crc32(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    if isinstance(value, dict):
+        return zlib.crc32(json.dumps({str(k): checksum(v) for k, v in value.items()}, sort_keys=True).encode())
+    if isinstance(value, (list, tuple)):
+        return zlib.crc32(json.dumps([checksum(v) for v in value]).encode())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return zlib.crc32(repr(value).encode())
+    return zlib.crc32(type(value).__name__.encode())
 
 
 NO_SP = SeqParallel()

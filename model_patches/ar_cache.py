@@ -25,11 +25,12 @@ from ..cache_core.kv_store import CompressConfig
 from ..cache_core.motioncache_policy import MotionCacheConfig, MotionCachePolicy
 from ..cache_core.record import CACHE_RUN_KEY, CACHE_WRAPPER_KEY, RECORD_KEY
 from ..cache_core.run_report import REPORT_KEY
+from ..cache_core.seq_parallel import NO_SP, SP_KEY
 from . import families
+from .video_run import MULTIGPU_NODE, core_multigpu
 
 SPEC_KEY = "arcache_ar_cache"       # one AR cache per model
 WRAPPER_KEY = CACHE_WRAPPER_KEY
-MULTIGPU_NODE = "MultiGPU CFG Split (MultiGPU_WorkUnits)"
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ def forward_chunkwise(run: ChunkExecutor, adapter, x, timestep, context, transfo
     record = transformer_options.get(RECORD_KEY)
     call = adapter.embed(x, timestep, context, transformer_options, record=record, **kwargs)
     return run.forward(adapter, call, record, branch_rows(transformer_options.get("cond_or_uncond"), x.shape[0]),
-                       _steps_per_chunk(record, transformer_options), transformer_options.get(REPORT_KEY))
+                       _steps_per_chunk(record, transformer_options), transformer_options.get(REPORT_KEY),
+                       transformer_options.get(SP_KEY, NO_SP))
 
 
 def apply_ar_cache(model, spec: CacheSpec):
@@ -100,8 +102,7 @@ def apply_ar_cache(model, spec: CacheSpec):
     if SPEC_KEY in model.model_options.get("transformer_options", {}):
         raise ModelFamilyError("an AR cache (FlowCache/MotionCache) is already applied to this model; "
                                "connect the loader's MODEL instead of stacking two AR caches")
-    get_extra = getattr(model, "get_additional_models_with_key", None)
-    if get_extra is not None and get_extra("multigpu"):
+    if core_multigpu(model):
         raise ModelFamilyError(f"AR caches cannot run under core multi-GPU (cond and uncond in threads on "
                                f"different GPUs): remove the {MULTIGPU_NODE} node")
     m = model.clone()

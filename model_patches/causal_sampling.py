@@ -20,7 +20,6 @@ K/V recomputed under the new prompt at context_noise, attending to the sink and 
 from __future__ import annotations
 
 import logging
-import zlib
 
 import torch
 
@@ -30,9 +29,8 @@ from ..cache_core.causal_schedule import CausalSchedule
 from ..cache_core.errors import InputError
 from ..cache_core.frame_solver import UniPCFrameSolver
 from ..cache_core.kv_store import ChunkLayout, KVStore
-from ..cache_core.seq_parallel import NO_SP, SP_KEY, SPAttention
 from . import wan
-from .video_run import ChunkPlan, VideoRun, check_start, pack_fingerprint
+from .video_run import ChunkPlan, VideoRun, check_start
 
 COND, UNCOND = 0, 1                       # K/V store branches: the guidance passes
 
@@ -137,6 +135,11 @@ class CausalRun(VideoRun):
                             "loaded says it was trained that way (a Self-Forcing / LongLive file through Causal Wan "
                             "Loader, or core's causal_ar metadata); a bidirectional Wan makes noise-like chunks")
 
+    def sharded(self) -> tuple[int, int, str]:
+        b = self.req.schedule.chunk_frames
+        return (self.dm.num_heads, self.family.tokens_per_frame(self.lat_h, self.lat_w) *
+                min(b, *(self.prefix_chunks or [b])), "attention heads of this Wan model")
+
     def call_index(self, chunk: int, step: int) -> int:
         """The planned model call of a generated chunk's step (-1: its K/V pass before it): the prefix's
         passes, then per chunk its steps and a K/V pass (none after the last chunk). Progress counts
@@ -164,22 +167,13 @@ class CausalRun(VideoRun):
         timestep = torch.as_tensor(t, dtype=torch.float32).to(x.device).expand(1, n)
         call = adapter.embed(x.to(dtype), timestep, text.to(x.device, dtype), self.options)
         call.extra["frame_offset"] = frames[0]
-        sp, mine, sizes = self.sp, None, None
-        if sp.active:                                 # this rank's contiguous share of the tokens (Ulysses)
-            total = call.tokens.shape[1]
-            sizes, part = sp.splits(total), sp.local(total)
-            mine = torch.arange(part.start, part.stop, device=call.tokens.device)
-            attention = SPAttention(sp, attention, sizes)
-        h = adapter.run_blocks(call, slice(0, 1), (0, n), call.tokens if mine is None else call.tokens[:, mine],
-                               attention, tokens=mine)
+        h = self.sp.run_blocks(adapter, call, slice(0, 1), (0, n), call.tokens, attention)
         f = self.flops.chunk_causal((call.tokens.shape[1],), [0], {0: attention.key_len}, frames=n)
         self.data["transformer_flops"] += f
         self.data["transformer_flops_vanilla"] += f
         if not head:
             return None
-        out = adapter.head(call, h, tokens=mine)
-        if mine is not None:
-            out = sp.gather_rows(out, sizes)
+        out = adapter.head(call, h)
         return adapter.finish(call, out).float()
 
     def _pass(self, x, t, frames: range, texts: dict, head=True, branches=None):
@@ -223,16 +217,6 @@ class CausalRun(VideoRun):
         self.adapter = self.family.chunk_adapter(self.model.model.diffusion_model)
         self.flops = self.adapter.flops
         self.options = self.model.model_options["transformer_options"]
-        self.sp = self.options.get(SP_KEY, NO_SP)      # sequence parallel across ranks (torchrun), or one process
-        self.sp.check(self.adapter.dm.num_heads, tpf * min(b, *(self.prefix_chunks or [b])))
-        if self.sp.active:
-            crc = lambda t: zlib.crc32(t.detach().cpu().float().numpy().tobytes())     # noqa: E731
-            self.sp.agree_run(dict(schedule=sch, width=req.width, height=req.height, length=req.length, seed=req.seed,
-                                   cfg=req.cfg, anchor=req.anchor, model=wan.flop_shape(self.adapter.dm),
-                                   prompts=[crc(t) for t in self.texts + self.slot_texts],
-                                   negative=None if self.negative is None else crc(self.negative),
-                                   given=[crc(t) for t in (self.prefix, self.image) if t is not None]),
-                              pack_fingerprint())
         self.store = store = KVStore(self.layout, num_layers=self.adapter.num_layers, keep=self.keep,
                                      sink=self.sink_frames, reserve=self.T if self.keep is None else
                                      min(self.T, self.keep + 1 + self.sink_frames))
@@ -264,8 +248,6 @@ class CausalRun(VideoRun):
                 if req.steering.active is not None:
                     prompt, text = req.steering.slots[req.steering.active], self.slot_texts[req.steering.active]
             texts[COND] = text
-            steered = -1 if req.steering is None or req.steering.active is None else req.steering.active
-            self.sp.agree([k, data["model_calls"], steered], f"the start of chunk {k}")   # never a hang
             if kv_prompt is not None and prompt is not kv_prompt and sch.switch == "recache":
                 self._recache(x, f0, texts, device)
             kv_prompt = prompt
@@ -291,8 +273,6 @@ class CausalRun(VideoRun):
             if clamp:                                  # after the anchor: the given frame stays as given
                 x0[:, :, :1] = image
             x[:, :, f0:f0 + b] = x0.cpu()
-            if self.sp.active:      # a guard: every rank must have made this chunk bit for bit (else fail, not drift)
-                self.sp.agree([k, zlib.crc32(x[:, :, f0:f0 + b].numpy().tobytes())], f"the end of chunk {k}")
             raw = fmt.process_out(x0).cpu()
             if clamp:
                 raw[:, :, :1] = self.image.cpu()       # the given frame exactly (the LATENT has it so too)
@@ -313,7 +293,4 @@ class CausalRun(VideoRun):
         data["kv_frames_held"] = len(store.chunks(COND))
         data["kv_bytes_peak"] = store.peak_bytes
         data["kv_cache_bytes"] = store.bytes_allocated()
-        if self.sp.active:
-            data["sequence_parallel"] = self.sp.summary(data, ("model_calls", "recache_passes", "pixel_frames"),
-                                                        {"kv_bytes_peak": store.peak_bytes})
         return video

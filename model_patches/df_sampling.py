@@ -20,6 +20,7 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 
+from ..cache_core.chunk_step import ChunkPolicy
 from ..cache_core.df_schedule import DFSchedule, WindowPlan, flow_template, plan_windows, step_matrix, window_rows
 from ..cache_core.errors import InputError
 from ..cache_core.frame_solver import make_solver
@@ -188,6 +189,8 @@ class DFRun(VideoRun):
     def __init__(self, model, req, family, dm, on_window=None, sink=None, t_start=None):
         super().__init__(model, req, family, dm, on_window, sink, t_start)
         fam, sch = family, req.schedule
+        if self.sp.active:
+            self.use_executor_when_uncached()
         self.notes = fam.prepare_sampling(self.model, sch)
         self.template = template_sigmas(self.model, req.steps, sch)
         self.steps = len(self.template) - 1
@@ -219,6 +222,17 @@ class DFRun(VideoRun):
             self.end_latent = self.encode_image(req.end_image)
         self.branches = fam.cfg_branches(req.cfg)
         self.anchor_latent = self.anchor_image_latent()
+
+    def use_executor_when_uncached(self) -> None:
+        """Sequence parallelism shards the chunk executor's block passes; an uncached model runs through
+        it too: every token of the window in one bidirectional pass per call, the uncached model's math."""
+        from . import ar_cache
+        if ar_cache.SPEC_KEY not in self.model.model_options["transformer_options"]:
+            self.model = ar_cache.apply_ar_cache(self.model, ar_cache.CacheSpec(
+                ChunkPolicy, attention="bidirectional", family=self.family))
+
+    def sharded(self) -> tuple[int, int, str]:     # a chunk may be one frame (a window's last)
+        return self.dm.num_heads, self.family.tokens_per_frame(self.lat_h, self.lat_w), "attention heads of this Wan model"
 
     def report_fields(self) -> dict:
         return dict(self.notes, prefix_mode=self.mode)

@@ -62,12 +62,14 @@ class MagiCacheRun:
         return self.step.method
 
     def bind(self, dm, plan, steps: int, kv_range: tuple, offload: bool, grid_hw: tuple, chunk_frames: int,
-             total_frames: int, dtype: torch.dtype) -> None:
+             total_frames: int, dtype: torch.dtype, ranks: int = 1) -> None:
+        """`ranks`: sequence-parallel ranks, each holding its share of the KV heads."""
         if self.compress is not None and kv_range:
             raise InputError("schedule.kv_range", "is bounded, but the cache node's kv_compress compresses the full "
                              "history, as the MAGI-1 reference does: set the MAGI-1 Schedule's kv_range to all, or "
                              "switch kv_compress off (with 5,4,3,2 the cache is bounded already)")
         self.dm, self.steps, self.kv_range, self.dtype = dm, steps, kv_range, dtype
+        self.kv_heads = dm.config.kv_heads // ranks
         self.ht, self.wt = grid_hw
         self.cw = chunk_frames
         self.tokens = chunk_frames * self.ht * self.wt
@@ -131,7 +133,7 @@ class MagiCacheRun:
         if self.compress is None:
             return
         for b in (TEXT, HISTORY):
-            self.caches[b].compress_finished(0, chunk, self.dm.config.kv_heads)
+            self.caches[b].compress_finished(0, chunk, self.kv_heads)
 
     def summary(self) -> dict:
         s = dict(self.step.counts, method=self.method)

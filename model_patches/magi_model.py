@@ -26,6 +26,7 @@ import comfy.ops
 from ..cache_core.errors import InputError
 from ..cache_core.flops import MagiShape
 from ..cache_core.kv_store import ChunkLayout, CompressConfig, KVStore
+from ..cache_core.seq_parallel import NO_SP, SeqParallel
 
 PROJ_GROUPS = 8          # upstream's hard-coded 8-way interleave before linear_proj ("TP8 training")
 ADALN_COND_ROW, ADALN_NULL_ROW = -2, -1   # null_caption_embedding rows that condition the gates
@@ -268,24 +269,32 @@ class MagiLayer(nn.Module):
     def heads(self, x, n):           # [B, L, n*hd] -> [B, n, L, hd]
         return x.unflatten(-1, (n, self.c.head_dim)).transpose(1, 2)
 
-    def forward(self, x, cond, text, rope, call: ChunkForward, cache: KVStore | None, layer: int, chunk_tokens: int):
-        """x [B, L, d] (model dtype), cond [n, cond_dim] per chunk, text: per chunk [B, Lt, d] states."""
+    def forward(self, x, cond, text, rope, call: ChunkForward, cache: KVStore | None, layer: int, chunk_tokens: int,
+                sp: SeqParallel = NO_SP, sizes: list | None = None):
+        """x [B, L, d] (model dtype), cond [n, cond_dim] per chunk, text: per chunk [B, Lt, d] states.
+        Under sequence parallelism x holds this rank's share of the call's tokens (`sizes`: every
+        rank's share): q/k/v and the cross-attention queries go to all tokens of this rank's heads
+        (Ulysses all-to-all), both attentions run as in one process on those heads, and come back."""
         c, sa, n = self.c, self.self_attention, len(call.t)
-        B, L, _ = x.shape
+        hq, hk = c.heads // sp.world, c.kv_heads // sp.world      # this rank's query and KV heads
+        B = x.shape[0]
         h = sa.linear_qkv.layer_norm(x)
         cos, sin = rope
         q = apply_rope(sa.q_layernorm(self.heads(sa.linear_qkv.q(h), c.heads).float()), cos, sin).to(x.dtype)
-        if cache is not None and cache.compress is not None:   # the last forwarded chunk's queries score compression
-            last = q[:, :, -chunk_tokens:] if call.tokens is None else q
-            g = c.heads // c.kv_heads                           # a group's query heads score its KV head
-            grouped = last.unflatten(1, (c.kv_heads, g)).permute(0, 2, 3, 1, 4)      # [B, g, Lq, Hkv, D]
-            cache.note_queries(0, layer, grouped.reshape(B, -1, c.kv_heads * c.head_dim))
         k = apply_rope(sa.k_layernorm(self.heads(sa.linear_qkv.k(h), c.kv_heads).float()), cos, sin).to(x.dtype)
         v = self.heads(sa.linear_qkv.v(h), c.kv_heads)
         qx = sa.q_layernorm_xattn(self.heads(sa.linear_qkv.qx(h), c.heads))
+        if sp.active:                # [B, heads, my tokens, D] -> [B, my heads, all tokens, D]
+            q, k, v, qx = (sp.seq_to_heads(t.transpose(1, 2), sizes).transpose(1, 2) for t in (q, k, v, qx))
+        L = q.shape[2]                                             # the call's tokens (all ranks')
+        if cache is not None and cache.compress is not None:   # the last forwarded chunk's queries score compression
+            last = q[:, :, -chunk_tokens:] if call.tokens is None else q
+            g = hq // hk                                        # a group's query heads score its KV head
+            grouped = last.unflatten(1, (hk, g)).permute(0, 2, 3, 1, 4)      # [B, g, Lq, Hkv, D]
+            cache.note_queries(0, layer, grouped.reshape(B, -1, hk * c.head_dim))
 
         def stored(first: int, last: int):          # K/V of chunks first..last from the store, [B, Hkv, L, D]
-            return tuple(t.to(x.device, non_blocking=True).view(B, -1, c.kv_heads, c.head_dim).transpose(1, 2)
+            return tuple(t.to(x.device, non_blocking=True).view(B, -1, hk, c.head_dim).transpose(1, 2)
                          .contiguous() for t in cache.visible(0, layer, last, first))
 
         self_out, cross_out = [], []
@@ -311,17 +320,20 @@ class MagiLayer(nn.Module):
                 cross_out.append(torch.zeros_like(self_out[-1]))
                 continue
             kv = sa.linear_kv_xattn(t).unflatten(-1, (c.kv_heads, 2 * c.head_dim)).transpose(1, 2)
+            kv = kv[:, sp.rank * hk:(sp.rank + 1) * hk]                # this rank's KV heads
             kx, vx = kv[..., :c.head_dim], kv[..., c.head_dim:]
             cross_out.append(attend(qx[:, :, rows], sa.k_layernorm_xattn(kx), vx))
-        self_o = torch.cat(self_out, dim=2).transpose(1, 2).flatten(2)      # [B, L, hq]
-        cross_o = torch.cat(cross_out, dim=2).transpose(1, 2).flatten(2)
+        self_o, cross_o = (torch.cat(o, dim=2).transpose(1, 2) for o in (self_out, cross_out))   # [B, L, hq, D]
+        if sp.active:                # back to this rank's tokens, every head
+            self_o, cross_o = sp.heads_to_seq(self_o, sizes), sp.heads_to_seq(cross_o, sizes)
+        self_o, cross_o = self_o.flatten(2), cross_o.flatten(2)          # [B, L, heads*D]
         # [self | cross] -> 8 groups of [self slice | cross slice] (upstream's TP8 layout).
         joined = torch.stack([self_o, cross_o], dim=2).unflatten(-1, (PROJ_GROUPS, -1)).transpose(2, 3).flatten(2)
         attn = sa.linear_proj(joined.float())
         gate = torch.tanh(self.ada_modulate_layer.proj(F.silu(cond)).float()).to(x.dtype).float()   # softcap 1
         gate = gate.repeat_interleave(chunk_tokens if call.tokens is None else L, dim=0)[None]   # per token: its chunk's
+        gate = gate[:, sp.local(L)]
         g_msa, g_mlp = gate.chunk(2, dim=-1)
-        # gate, then the "+1" post-norm, then the residual add (upstream's order), in fp32
         x = (x.float() + self.self_attn_post_norm(attn * g_msa)).to(x.dtype)
         rows = max(1, WORK_ELEMENTS // self.mlp.linear_fc1.out_features)   # token blocks bound the MLP hidden
         m = torch.cat([self.feed_forward(x[:, i:i + rows]) for i in range(0, x.shape[1], rows)], dim=1)
@@ -392,8 +404,11 @@ class MagiDiT(nn.Module):
             x = torch.cat([x, x], dim=1)
         return self.x_embedder(x).flatten(2).transpose(1, 2)
 
-    def forward_chunks(self, x: torch.Tensor, call: ChunkForward, cache: KVStore | None = None) -> torch.Tensor:
-        """Velocity for x [B, C_latent, n*chunk_frames, h, w] (model-space latents, B = 1 per run)."""
+    def forward_chunks(self, x: torch.Tensor, call: ChunkForward, cache: KVStore | None = None,
+                       sp: SeqParallel = NO_SP) -> torch.Tensor:
+        """Velocity for x [B, C_latent, n*chunk_frames, h, w] (model-space latents, B = 1 per run).
+        sp: the ranks the call's tokens are split across (the layers on this rank's share, the
+        output gathered: every rank returns all of it)."""
         c = self.config
         B, _, T, H, W = x.shape
         n = len(call.t)
@@ -411,10 +426,14 @@ class MagiDiT(nn.Module):
             if n != 1 or cache is None:
                 raise ValueError("a token subset runs one chunk against the K/V cache")
             h, rope = h[:, call.tokens], (rope[0][call.tokens], rope[1][call.tokens])
+        sizes = sp.splits(h.shape[1])
+        if sp.active:
+            mine = sp.local(h.shape[1])
+            h, rope = h[:, mine], (rope[0][mine], rope[1][mine])
         for i, layer in enumerate(self.videodit_blocks.layers):
-            h = layer(h, cond, text, rope, call, cache, i, chunk_tokens)
+            h = layer(h, cond, text, rope, call, cache, i, chunk_tokens, sp, sizes)
         h = self.videodit_blocks.final_layernorm(h.float())
-        out = self.final_linear.linear(h)                               # [B, L, pT pH pW C]
+        out = sp.gather_rows(self.final_linear.linear(h), sizes)         # [B, L, pT pH pW C]
         p, pt = c.patch, c.t_patch
         if call.token_major:
             out = out.unflatten(-1, (pt * p * p, c.in_channels))[..., :c.latent_channels]

@@ -99,6 +99,11 @@ class MagiRun(VideoRun):
                                  f"takes {cfg.caption_channels}-wide T5-XXL states (MAGI-1 Text Encode with T5-XXL)")
         self.anchor_latent = self.anchor_image_latent()
 
+    def sharded(self) -> tuple[int, int, str]:
+        return (self.dm.config.kv_heads, self.req.schedule.chunk_width * self.grid[0] * self.grid[1],
+                "key/value heads of MAGI-1 (grouped-query attention: each rank takes whole KV heads with their "
+                "query heads)")
+
     def report_fields(self) -> dict:
         return dict(model="MAGI-1 " + self.dm.config.size_name, distill=self.distill,
                     passes_run={"text": 0, "history": 0, "alone": 0, "refresh_only": 0})
@@ -144,7 +149,7 @@ class MagiRun(VideoRun):
         shape = self.family.flops(dm)
         cached = self.model.model_options["transformer_options"].get(CACHE_RUN_KEY)
         if cached is not None:
-            cached.bind(dm, self.plan, S, sch.kv_range, sch.kv_on_cpu, self.grid, cw, self.T, dtype)
+            cached.bind(dm, self.plan, S, sch.kv_range, sch.kv_on_cpu, self.grid, cw, self.T, dtype, self.sp.world)
 
         def call_flops(call: ChunkForward, kv=None) -> float:
             lq = tokens if call.tokens is None else int(call.tokens.numel())
@@ -154,7 +159,7 @@ class MagiRun(VideoRun):
 
         def forward(x_in, call: ChunkForward, kv=cache):
             f = call_flops(call, kv)                  # before the call: its writes do not change its own keys
-            out = dm.forward_chunks(x_in.to(dtype), call, kv).float()
+            out = dm.forward_chunks(x_in.to(dtype), call, kv, self.sp).float()
             data["transformer_flops"] += f
             if cached is None:
                 data["transformer_flops_vanilla"] += f
@@ -194,6 +199,7 @@ class MagiRun(VideoRun):
                 self._vanilla_step(step, x, grid, null, vanilla_flops, data)      # what uncached would spend
                 v, noskip = self._cached_step(step, x, grid, null, forward, call_flops, cached)
                 count_cached(before, noskip)
+                self.sp.agree(cached.step.fingerprint(), f"forward step {step.index}'s cache decisions")
             t_call = [grid[j] for j in step.step_of]
             x_in = x[:, :, step.start * cw: step.end * cw]
             dts = torch.tensor([grid[j + 1] - grid[j] for j in step.step_of], dtype=torch.float32, device=device)
@@ -232,6 +238,7 @@ class MagiRun(VideoRun):
         data["pixel_frames"] = self.family.pixel_frames(int(video.shape[2]))
         data["kv_cache_chunks"] = cache.chunks()
         data["kv_cache_bytes"] = cache.bytes_allocated()
+        data["kv_bytes_peak"] = cache.peak_bytes
         return video
 
     def _vanilla_step(self, step, x, grid, null, forward, data) -> torch.Tensor:

@@ -33,6 +33,7 @@ from ..cache_core.drift import DriftAnchor, DriftMeter, anchor_latent, latent_st
 from ..cache_core.errors import InputError, ModelFamilyError
 from ..cache_core.record import CACHE_WRAPPER_KEY
 from ..cache_core.run_report import RunReport
+from ..cache_core.seq_parallel import NO_SP, SP_KEY, checksum
 from .vae_stream import PreviewStreamDecoder
 
 
@@ -64,6 +65,16 @@ def pack_fingerprint() -> int:
     for path in sorted([*root.glob("cache_core/*.py"), *root.glob("model_patches/*.py")]):
         crc = zlib.crc32(path.read_bytes(), zlib.crc32(path.name.encode(), crc))
     return crc
+
+
+MULTIGPU_NODE = "MultiGPU CFG Split (MultiGPU_WorkUnits)"
+
+
+def core_multigpu(model) -> bool:
+    """Whether core's multi-GPU CFG split is on this model (newer core: its GPU clones ride along as
+    additional models under "multigpu")."""
+    get_extra = getattr(model, "get_additional_models_with_key", None)
+    return bool(get_extra is not None and get_extra("multigpu"))
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,11 @@ class VideoRun:
         self._piece_frames: list = []             # decoded frames of the piece being finished (drift)
         self._last_latent = None                  # the last latent frame emitted (on_window's preview)
         self.model = model.clone()
+        self.sp = self.model.model_options.get("transformer_options", {}).get(SP_KEY, NO_SP)   # ranks (torchrun)
+        if self.sp.active and core_multigpu(model):
+            raise ModelFamilyError(f"sequence parallelism already spreads each model call over {self.sp.world} GPUs; "
+                                   f"core's {MULTIGPU_NODE} node would split the guidance across GPUs on top of it: "
+                                   "remove that node from the workflow")
         self.heat = None
         self.plans: list = []
         self.calls_per_segment: list = []
@@ -184,6 +200,9 @@ class VideoRun:
     def run(self, on_call=None) -> tuple[torch.Tensor, dict]:
         """(video latent, report). on_call(call, x0, x): after every model call (previews, progress)."""
         report = self.new_report(**self.report_fields())
+        if self.sp.active:                    # named errors before any work
+            self.sp.check(*self.sharded())
+            self.sp.agree_run(self.request_checksums(), pack_fingerprint())
         if self.sink is not None:
             self.decoder = self.family.stream_decoder(self.req.vae) if self.req.vae is not None else \
                 PreviewStreamDecoder(self.family) if self.family.latent_format.latent_rgb_factors else None
@@ -205,12 +224,28 @@ class VideoRun:
             self.decoder = None
         report.data.update(stream_summary(report.data["emissions"], self.req.schedule.fps))
         report.data["latent_frames"] = int(video.shape[2])
+        if self.sp.active:
+            report.data["sequence_parallel"] = self.sp.summary(report_integers(report.data),
+                                                               {"kv_bytes_peak": kv_bytes_peak(report.data)})
         report.data["drift"] = self.drift.summary()
         report.data["seconds"] = time.perf_counter() - self._t0
         return video, report.data
 
     def report_fields(self) -> dict:
         return {}
+
+    def sharded(self) -> tuple[int, int, str]:
+        """(attention heads the ranks split, tokens of the smallest block pass, what has those heads)."""
+        raise NotImplementedError
+
+    def request_checksums(self) -> dict:
+        """What every rank of a sequence-parallel run must share before any work: the request (sizes,
+        seed, guidance, schedule, prompts, given images and latents) and the model's shape."""
+        req = self.req
+        return dict(family=self.family.title, model=str(self.family.flops(self.dm)), width=req.width,
+                    height=req.height, length=req.length, seed=req.seed, steps=req.steps, cfg=req.cfg,
+                    schedule=str(req.schedule), anchor=str(req.anchor), steering=req.steering is not None,
+                    inputs=checksum([req.positives, req.negative, req.start_image, req.prefix_latent, req.end_image]))
 
     def _generate(self, report: RunReport, on_call) -> torch.Tensor:
         raise NotImplementedError
@@ -309,6 +344,8 @@ class VideoRun:
         if self._shown_head is not None:
             latents, self._shown_head = torch.cat([self._shown_head, latents], 2), None
         self._last_latent = latents[:, :, -1:]
+        # every rank must have made these latents bit for bit: a diverged rank fails them all, never drifts
+        self.sp.agree([piece, checksum(latents)], f"the emitted latents of piece {piece}")
         t0 = time.perf_counter()
         frames = None
         if self.decoder is not None:
@@ -360,6 +397,20 @@ class VideoRun:
         self.measure_drift()
         if self.on_window is not None:
             self.on_window(self.plans[index], len(self.plans), self._last_latent)
+
+
+def report_integers(data: dict) -> dict:
+    """The report's integers that every rank of one run must have alike: calls, frames, the cache's counts."""
+    same = {k: data.get(k) or 0 for k in ("model_calls", "pixel_frames", "latent_frames", "recache_passes")}
+    cache = data.get("cache") or {}
+    same.update({f"cache.{k}": v for k, v in cache.items() if isinstance(v, int) and not isinstance(v, bool)
+                 and "bytes" not in k})
+    return same
+
+
+def kv_bytes_peak(data: dict) -> int:
+    """The K/V bytes this process held at most: its store's (uncached runs), or its cache's."""
+    return int(data.get("kv_bytes_peak") or (data.get("cache") or {}).get("kv_bytes_peak") or 0)
 
 
 def stream_summary(emissions: list, fps: float) -> dict:

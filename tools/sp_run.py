@@ -117,6 +117,77 @@ def probe_divergence(rank: int, world: int, init: str, args) -> None:
     dist.destroy_process_group()
 
 
+# -- every family and cache over the ranks (tests/inprocess/test_seq_parallel.py) ------------------------
+DF_ASYNC = dict(window_frames=29, overlap_frames=5, ar_step=2, causal_block_size=2, addnoise_condition=20,
+                solver="unipc", fps=0, prefix_mode="latent")
+
+
+def video_job(job: dict, tiny: dict, sp=None):
+    """(video, report, heat) of one tiny run: `job` names the family ("df", "magi"), the cache
+    ("flowcache", "motioncache" or None) with its settings, the attention mode and the guidance; `sp`:
+    the ranks (None: one process)."""
+    import torch
+    from tools.inprocess import load_comfy, pack
+    load_comfy()
+    import comfy.sd
+    seq_parallel = pack("cache_core.seq_parallel")
+    video_run = pack("model_patches.video_run")
+    families = pack("model_patches.families")
+    ar_cache = pack("model_patches.ar_cache")
+    g = torch.Generator().manual_seed(1)
+    if job["family"] == "df":
+        model = comfy.sd.load_diffusion_model(tiny["14b"])
+        pos, neg = [[torch.zeros(1, 512, 4096), {}]], [[torch.full((1, 512, 4096), 0.1), {}]]
+        schedule = pack("cache_core.df_schedule").DFSchedule(**DF_ASYNC)
+        size, length, steps = 64, 4 * 13 + 1, job.get("steps", 6)
+    else:
+        loader = pack("model_patches.magi_loader")
+        index = Path(tiny["magi_4.5b"])
+        index = next(index.parent.glob("*.json")) if index.is_dir() else index
+        model = loader.load_magi_model(str(index), distill="base", dtype=torch.float32)
+        caption = torch.randn(7, model.model.diffusion_model.config.caption_channels, generator=g)
+        pos = neg = [[caption[None], {"magi_special_tokens": None}]]
+        schedule = pack("cache_core.magi_schedule").MagiSchedule(**job.get("schedule", {}))
+        size, length, steps = 64, 72, 8
+    if job.get("cache") == "flowcache":
+        config = pack("cache_core.flowcache_policy").FlowCacheConfig(**job["settings"])
+        model = ar_cache.apply_flowcache(model, config, attention=job.get("attention", "chunk_causal"))
+    elif job.get("cache") == "motioncache":
+        config = pack("cache_core.motioncache_policy").MotionCacheConfig(**job["settings"])
+        model = ar_cache.apply_motioncache(model, config, attention=job.get("attention", "chunk_causal"))
+    if sp is not None:
+        model = model.clone()
+        model.model_options["transformer_options"][seq_parallel.SP_KEY] = sp
+    req = video_run.VideoRequest(width=size, height=size, length=length, seed=job.get("seed", 7), steps=steps,
+                                 cfg=job.get("cfg", 2.0), schedule=schedule, positives=[pos], negative=neg)
+    run = families.new_video_run(model, req)
+    video, report = run.run()
+    return video, report, run.heat
+
+
+def probe_jobs(rank: int, world: int, init: str, jobs: list, tiny: dict, out: str) -> None:
+    """`jobs` one after another over the ranks; each rank saves {name: (video, report, heat) or the error}."""
+    import torch
+    import torch.distributed as dist
+    from tools.inprocess import load_comfy, pack
+    load_comfy(cpu=True)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        sp = pack("cache_core.seq_parallel").SeqParallel(dist.group.WORLD)
+        results = {}
+        for job in jobs:
+            sp.bytes_sent = 0
+            try:
+                results[job["name"]] = video_job(job, tiny, sp)
+            except Exception as e:            # a named refusal (bad input) is a result too
+                results[job["name"]] = f"{type(e).__name__}: {e}"
+        torch.save(results, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def probe_primitives(rank: int, world: int, init: str, out: str) -> None:
     """The primitives on known tensors, results saved per rank (tests/inprocess/test_seq_parallel.py)."""
     import torch
@@ -128,7 +199,7 @@ def probe_primitives(rank: int, world: int, init: str, out: str) -> None:
     try:
         sp = seq_parallel.SeqParallel(dist.group.WORLD)
         results = {}
-        for n in (7, 8, 13):                                   # uneven and even token counts
+        for n in (1, 7, 8, 13):                 # uneven and even token counts; 1: a rank with none (a subset)
             g = torch.Generator().manual_seed(n)
             full = torch.randn(2, n, 4, 3, generator=g)        # [B, n, H, D], the same on both ranks
             sizes = sp.splits(n)
