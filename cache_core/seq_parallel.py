@@ -16,6 +16,7 @@ identity, so the single-process path is untouched. Design: shared/specs/multigpu
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from typing import Optional
 
@@ -24,6 +25,7 @@ import torch
 from .errors import InputError
 
 SP_KEY = "arcache_sp"      # transformer_options key of a run's SeqParallel (absent: one process)
+RANKS_ENV = "ARCACHE_SEQUENCE_PARALLEL"   # "1": samplers in this process split over torch.distributed's ranks
 
 
 def _collective(fn):
@@ -51,9 +53,25 @@ class SeqParallel:
         self.rank = dist.get_rank(group) if group is not None else 0
         self.world = dist.get_world_size(group) if group is not None else 1
         self.bytes_sent = 0          # all-to-all and gather payload this rank sent (the report adds them up)
+        self.stop_requested = False  # a signal asked this rank to stop: the ranks stop together (stop_on_signals)
 
     def __deepcopy__(self, memo):      # a handle on the ranks' communicator: model option clones share it
         return self
+
+    def stop_on_signals(self) -> None:
+        """Ctrl-C / SIGTERM to a rank of the torchrun entry: a stop request that every rank acts on at the
+        same interrupt check (the run's `check_interrupt`), instead of this rank vanishing mid-collective; a
+        second signal ends the process at once."""
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def stop(signum, frame):
+            self.stop_requested = True
+            signal.signal(signum, signal.SIG_DFL)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop)
 
     @property
     def active(self) -> bool:
@@ -120,6 +138,16 @@ class SeqParallel:
         dist.all_gather(parts, pad.contiguous(), group=self.group)
         self.bytes_sent += pad.numel() * pad.element_size() * (self.world - 1)
         return torch.cat([p[:, :s] for p, s in zip(parts, sizes)], dim=1)
+
+    @_collective
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (an interrupt one rank received, at a point all ranks pass)."""
+        if not self.active:
+            return bool(flag)
+        import torch.distributed as dist
+        t = torch.tensor([int(bool(flag))])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t)
 
     @_collective
     def agree(self, values: list[int], what: str) -> None:
@@ -194,6 +222,17 @@ def checksum(value) -> int:
 
 
 NO_SP = SeqParallel()
+
+
+def from_environment() -> SeqParallel:
+    """The ranks a sampler in this process splits over: torch.distributed's default group when the pack's
+    torchrun entry (tools/sp_run.py) started the process, else one process."""
+    import torch.distributed as dist
+    if os.environ.get(RANKS_ENV) != "1" or not dist.is_available() or not dist.is_initialized():
+        return NO_SP
+    sp = SeqParallel(dist.group.WORLD)
+    sp.stop_on_signals()
+    return sp
 
 
 class SPAttention:

@@ -233,7 +233,7 @@ class CausalRun(VideoRun):
             kv_prompt = req.positives[0]
             f0 = 0
             for n in self.prefix_chunks:
-                comfy.model_management.throw_exception_if_processing_interrupted()
+                self.check_interrupt()
                 self._pass(x[:, :, f0:f0 + n].to(device), 0.0, range(f0, f0 + n), texts, head=False)
                 f0 += n
         timesteps, sigmas = self.timesteps, self.sigmas
@@ -255,7 +255,7 @@ class CausalRun(VideoRun):
             clamp = image is not None and k == 0       # LongLive 2.0's i2v: frame 0 held to the image at t = 0
             solver = UniPCFrameSolver(sigmas, b) if sch.solver == "unipc" else None   # fresh per chunk
             for i, t in enumerate(timesteps):
-                comfy.model_management.throw_exception_if_processing_interrupted()
+                self.check_interrupt()
                 if clamp:
                     xt[:, :, :1] = image
                 flow = self._pass(xt, [0.0] + [t] * (b - 1) if clamp else t, range(f0, f0 + b), texts)

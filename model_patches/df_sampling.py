@@ -44,6 +44,7 @@ class WindowJob:
     on_call: callable = None         # progress(call_global, x0, x)
     on_final: callable = None        # (raw latents, calls so far): the next generated frames, now final
     steering: object = None          # a Steering: prompt switches at block starts
+    check_interrupt: callable = comfy.model_management.throw_exception_if_processing_interrupted
     calls: int = 0
 
 
@@ -98,7 +99,7 @@ def df_window_sampler(model_k, x, sigmas, extra_args=None, callback=None, disabl
 
     try:
         for row in range(counters.shape[0]):
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            job.check_interrupt()
             f_sig = frame_sigmas_of(counters[row], template, steps).to(torch.float32)
             f_t = None if timesteps is None else timesteps[row].clone()
             x_in = state
@@ -268,7 +269,8 @@ class DFRun(VideoRun):
 
             job = WindowJob(plan=plan, prefix_frames=P, gen_frames=G, tail_frames=T, schedule=sch,
                             steps=self.steps, seed=req.seed + plan.index, calls_done=calls_done, on_call=on_call,
-                            on_final=None if self.anchoring else on_final, steering=req.steering)
+                            on_final=None if self.anchoring else on_final, steering=req.steering,
+                            check_interrupt=self.check_interrupt)
             guider = comfy.samplers.CFGGuider(self.model) if req.steering is None else SteeredGuider(self.model,
                                                                                                   req.steering)
             guider.set_conds(positive, req.negative)

@@ -190,7 +190,7 @@ class MagiRun(VideoRun):
                 vanilla_flops(prefix[:, :, :n * cw], call)
                 count_cached(before)
         for step in self.plan:
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            self.check_interrupt()
             self._step = step.index
             if cached is None:
                 v = self._vanilla_step(step, x, grid, null, forward, data)

@@ -33,7 +33,7 @@ from ..cache_core.drift import DriftAnchor, DriftMeter, anchor_latent, latent_st
 from ..cache_core.errors import InputError, ModelFamilyError
 from ..cache_core.record import CACHE_WRAPPER_KEY
 from ..cache_core.run_report import RunReport
-from ..cache_core.seq_parallel import NO_SP, SP_KEY, checksum
+from ..cache_core.seq_parallel import SP_KEY, checksum, from_environment
 from .vae_stream import PreviewStreamDecoder
 
 
@@ -166,7 +166,10 @@ class VideoRun:
         self._piece_frames: list = []             # decoded frames of the piece being finished (drift)
         self._last_latent = None                  # the last latent frame emitted (on_window's preview)
         self.model = model.clone()
-        self.sp = self.model.model_options.get("transformer_options", {}).get(SP_KEY, NO_SP)   # ranks (torchrun)
+        options = self.model.model_options.setdefault("transformer_options", {})
+        self.sp = options.get(SP_KEY) or from_environment()     # the ranks (tools/sp_run.py), or one process
+        if self.sp.active:
+            options[SP_KEY] = self.sp          # the chunk executor's calls read it there (this run's clone)
         if self.sp.active and core_multigpu(model):
             raise ModelFamilyError(f"sequence parallelism already spreads each model call over {self.sp.world} GPUs; "
                                    f"core's {MULTIGPU_NODE} node would split the guidance across GPUs on top of it: "
@@ -386,6 +389,13 @@ class VideoRun:
         self._piece_frames = []
         if frames is not None and frames.shape[0]:
             self.drift.add(frames.movedim(-1, 1))
+
+    def check_interrupt(self) -> None:
+        """ComfyUI's Cancel, on every rank at once: a rank asked to stop tells the others at this point,
+        which all of them pass (one process: ComfyUI's own check)."""
+        if self.sp.any(comfy.model_management.processing_interrupted() or self.sp.stop_requested):
+            comfy.model_management.interrupt_current_processing(False)
+            raise comfy.model_management.InterruptProcessingException()
 
     def finish_here(self, calls: int, index: int) -> bool:
         """After piece `index`: whether the user asked the Live View to end the video here."""

@@ -1,23 +1,30 @@
 #!/usr/bin/env python3
-"""One causal Wan video across several processes (sequence parallel), headless, under torchrun.
+"""One video across several processes (sequence parallel), headless, under torchrun: a workflow's sampler.
 
-    torchrun --nproc_per_node 2 tools/sp_run.py --model self_forcing_dmd.pt --width 832 --height 480 \
-        --length 81 --out video.safetensors [--attention-frames 12 --sink-frames 3] [--cfg 1]
+    torchrun --nproc_per_node 2 tools/sp_run.py --workflow video_api.json [--comfy /path/to/ComfyUI] \
+        [--output-directory out/] [--timeout-s 600]
 
-Every rank loads ComfyUI in-process (tools/inprocess.py) and the checkpoint through the pack's
-Causal Wan Loader, runs the Streaming AR Sampler's causal run with its tokens split across the ranks
-(cache_core/seq_parallel.py: Ulysses all-to-all, head-sharded K/V), and rank 0 writes the LATENT
-(safetensors, key "samples") and the report (JSON beside it). The text conditioning is a constant
-(`--cond-value`; a real prompt needs the 5.7B text encoder, whose states can be passed as a
-safetensors file with `--cond`). NCCL on GPUs, gloo on CPU. This first entry serves the causal family;
-the others and ComfyUI's own executor are the multi-GPU issue's remaining work.
+Every rank loads ComfyUI in-process (the install at --comfy, or $COMFYUI_PATH, with its models,
+custom nodes and extra_model_paths), this pack, and runs the workflow (API format: ComfyUI's
+"Export (API)") through ComfyUI's own executor. The pack's Streaming AR Sampler sees the environment
+this entry sets and splits each model call's tokens across the ranks (cache_core/seq_parallel.py:
+Ulysses all-to-all, head-sharded K/V; every family, every cache). Every rank runs the whole graph
+(loaders, text encoders and the VAE are replicated); rank 0 writes into the output directory, with the
+sampler's run report as arcache_report_<node id>.json (its "sequence_parallel" part combined across
+ranks), the others into a scratch folder. NCCL on GPUs, gloo on CPU. Ctrl-C (or SIGTERM) stops every rank at the
+next model call as ComfyUI's Cancel does; a rank that fails stops the others with a named error, within
+--timeout-s at worst. Exit status: 0 finished, 1 error, 130 interrupted; each rank's error is written
+beside the output as rank<N>.err.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+import tempfile
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,93 +35,140 @@ if str(REPO) not in sys.path:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="a checkpoint file (any path), loaded like Causal Wan Loader")
-    ap.add_argument("--width", type=int, default=832)
-    ap.add_argument("--height", type=int, default=480)
-    ap.add_argument("--length", type=int, default=81)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cfg", type=float, default=1.0)
-    ap.add_argument("--chunk-frames", type=int, default=3)
-    ap.add_argument("--attention-frames", type=int, default=0)
-    ap.add_argument("--sink-frames", type=int, default=0)
-    ap.add_argument("--cond", default=None, help="safetensors with key 'cond' [1, L, 4096] (umt5 states)")
-    ap.add_argument("--cond-value", type=float, default=0.0)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--timeout-s", type=float, default=120.0, help="a collective waiting longer fails every rank")
-    ap.add_argument("--progress", default=None, help="a file rank 0 appends 'chunk k/n' to as chunks finish")
+    ap.add_argument("--workflow", required=True, help="a workflow in ComfyUI's API format (Export (API))")
+    ap.add_argument("--comfy", default=None, help="the ComfyUI folder (default: $COMFYUI_PATH, else the test host)")
+    ap.add_argument("--output-directory", default=None, help="where rank 0's outputs go (default: ComfyUI's)")
+    ap.add_argument("--model-dir", action="append", default=[], metavar="KIND=DIR",
+                    help="an extra model folder, e.g. diffusion_models=/data/models (repeatable)")
+    ap.add_argument("--custom-node", action="append", default=[], metavar="DIR",
+                    help="an extra custom node folder to load (repeatable)")
+    ap.add_argument("--timeout-s", type=float, default=600.0, help="a collective waiting longer fails every rank")
+    ap.add_argument("--progress", default=None, help="a file rank 0 appends the sampler's progress to ('value/total')")
     return ap.parse_args(argv)
 
 
-def run_rank(rank: int, world: int, init: str, args) -> None:
-    """One rank's run. `init`: a torch.distributed init_method (file:// in tests, env:// under torchrun)."""
+def init_ranks(rank: int, world: int, init: str, timeout_s: float) -> None:
     import torch
     import torch.distributed as dist
-    torch.set_num_threads(1) if not torch.cuda.is_available() else None
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=args.timeout_s))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=init, rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
+
+
+def load_prompt(path: str) -> dict:
+    """The workflow's API prompt, or a named error for the UI format."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        raise SystemExit(f"{path} is a UI workflow; save it with Workflow > Export (API) and pass that file")
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+        raise SystemExit(f"{path} is not a ComfyUI API prompt ({{node id: {{class_type, inputs}}}})")
+    if not any(v["class_type"] == "ARCacheStreamingSampler" for v in data.values()):
+        raise SystemExit(f"{path} has no Streaming AR Sampler (ARCacheStreamingSampler): nothing to split across ranks")
+    return data
+
+
+def execute_workflow(prompt: dict, rank: int, args) -> tuple[str, list]:
+    """ComfyUI's executor on `prompt` in this process: (status "finished" | "interrupted" | "error",
+    the error messages)."""
+    import asyncio
+    from tools.inprocess import load_comfy
+    root = str(load_comfy(args.comfy))
+    sys.path.remove(root)
+    sys.path.insert(0, root)                   # ComfyUI's nodes.py, not the pack's nodes/, is `nodes` here
+    import utils.extra_config                  # first, as main.py: later imports shadow this package
+    import folder_paths
+    if (Path(root) / "extra_model_paths.yaml").exists():           # the install's model folders, as main.py
+        utils.extra_config.load_extra_path_config(str(Path(root) / "extra_model_paths.yaml"))
+    for spec in args.model_dir:
+        kind, _, folder = spec.partition("=")
+        folder_paths.add_model_folder_path(kind, str(Path(folder).resolve()))
+    if args.output_directory and rank == 0:
+        folder_paths.set_output_directory(str(Path(args.output_directory).resolve()))
+    elif rank:                                 # the others' outputs are copies: out of the user's way
+        folder_paths.set_output_directory(tempfile.mkdtemp(prefix=f"arcache_rank{rank}_"))
+    import server
+    import execution
+    import nodes
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    prompt_server = server.PromptServer(loop)        # nodes register routes and send events through it
+    loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    for folder in [*args.custom_node] + ([] if "ARCacheStreamingSampler" in nodes.NODE_CLASS_MAPPINGS else [REPO]):
+        loop.run_until_complete(nodes.load_custom_node(str(Path(folder).resolve())))
+    if args.progress and rank == 0:
+        import comfy.utils
+
+        def note(value, total, preview, node_id=None):
+            with open(args.progress, "a") as f:
+                f.write(f"{value}/{total}\n")
+        comfy.utils.set_progress_bar_global_hook(note)
+    prompt_id = str(uuid.uuid4())
+    valid = loop.run_until_complete(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid[0]:
+        return "error", [json.dumps(valid[1]), json.dumps(valid[3])]
+    import inspect                             # its cache settings moved between releases: ask, do not assume
+    takes = inspect.signature(execution.PromptExecutor).parameters
+    cache = {"cache_args": {"lru": 0, "ram": 0}} if "cache_args" in takes else {}
+    executor = execution.PromptExecutor(prompt_server, cache_type=execution.CacheType.CLASSIC, **cache)
+    executor.execute(prompt, prompt_id, {}, valid[2])
+    errors = [data for event, data in executor.status_messages if event in ("execution_error", "execution_interrupted")]
+    if executor.success:
+        if rank == 0:                      # the sampler's run report (combined across ranks) beside the outputs
+            for node_id, node in prompt.items():
+                text = executor.history_result.get("outputs", {}).get(node_id, {}).get("text")
+                if node["class_type"] == "ARCacheStreamingSampler" and text:
+                    Path(folder_paths.get_output_directory(), f"arcache_report_{node_id}.json").write_text(text[0])
+        return "finished", []
+    interrupted = any(event == "execution_interrupted" for event, _ in executor.status_messages)
+    return ("interrupted" if interrupted else "error"), [e.get("exception_message", json.dumps(e, default=str))
+                                                           for e in errors]
+
+
+def run_rank(rank: int, world: int, init: str, args) -> int:
+    """One rank: the workflow with the sampler's tokens split across `world` ranks. `init`: a
+    torch.distributed init_method (file:// in tests, env:// under torchrun)."""
+    from tools.inprocess import pack
+    os.environ[pack("cache_core.seq_parallel").RANKS_ENV] = "1"
+    interrupt_on_signals()
+    prompt = load_prompt(args.workflow)
+    init_ranks(rank, world, init, args.timeout_s)
+    import torch.distributed as dist
+    status, errors = "error", []
     try:
-        video, report = generate(args, world, rank)
-        if rank == 0:
-            from safetensors.torch import save_file
-            save_file({"samples": video.contiguous()}, args.out)
-            Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1))
-        dist.barrier()           # leave together: a rank tearing gloo down while a peer still talks aborts
-    except BaseException as e:            # each rank says why it stopped, beside the output
-        Path(f"{args.out}.rank{rank}.err").write_text(f"{type(e).__name__}: {e}")
+        status, errors = execute_workflow(prompt, rank, args)
+        if status == "finished":
+            dist.barrier()       # leave together: a rank tearing gloo down while a peer still talks aborts
+    except BaseException as e:
+        errors = [f"{type(e).__name__}: {e}"]
         raise
     finally:
+        if errors:
+            where = Path(args.output_directory or ".")
+            where.mkdir(parents=True, exist_ok=True)
+            (where / f"rank{rank}.err").write_text(f"{status}: " + "\n".join(errors))
+            print(f"rank {rank}: {status}: " + "\n".join(errors), file=sys.stderr)
         dist.destroy_process_group()
+    return {"finished": 0, "interrupted": 130}.get(status, 1)
 
 
-def generate(args, world: int, rank: int = 0, cond_offset: float = 0.0):
-    import torch
-    import torch.distributed as dist
-    from tools.inprocess import load_comfy, pack
-    load_comfy()
-    import comfy.sd
-    import comfy.utils
-    cs = pack("cache_core.causal_schedule")
-    seq_parallel = pack("cache_core.seq_parallel")
-    video_run = pack("model_patches.video_run")
-    families = pack("model_patches.families")
-    loader = pack("model_patches.causal_loader")
-    import folder_paths
-    folder_paths.add_model_folder_path("diffusion_models", str(Path(args.model).resolve().parent))
-    model = loader.load_causal_wan(Path(args.model).name)
-    if world > 1:
-        model = model.clone()
-        model.model_options["transformer_options"][seq_parallel.SP_KEY] = seq_parallel.SeqParallel(dist.group.WORLD)
-    cond = comfy.utils.load_torch_file(args.cond)["cond"] if args.cond else \
-        torch.full((1, 512, 4096), args.cond_value + cond_offset)
-    sched = cs.CausalSchedule(chunk_frames=args.chunk_frames, attention_frames=args.attention_frames,
-                              sink_frames=args.sink_frames)
-    req = video_run.VideoRequest(width=args.width, height=args.height, length=args.length, seed=args.seed, steps=4,
-                                 cfg=args.cfg, schedule=sched, positives=[[[cond, {}]]], negative=[[cond * 0, {}]])
-    def note(plan, n, last_latent, path=getattr(args, "progress", None)):
-        with open(path, "a") as f:
-            f.write(f"chunk {plan.index + 1}/{n}\n")
-    on_window = note if getattr(args, "progress", None) and rank == 0 else None
-    return families.new_video_run(model, req, on_window=on_window).run()
+def spawned_rank(rank: int, world: int, init: str, args) -> None:
+    """run_rank as a torch.multiprocessing target (tests): its status becomes the exit code."""
+    sys.exit(run_rank(rank, world, init, args))
 
 
-def probe_divergence(rank: int, world: int, init: str, args) -> None:
-    """A rank that computes something else must stop every rank with a named error: `args.diverge`
-    "prompt" gives rank 1 another prompt (the same settings), "settings" starts it with another seed
-    (tests/inprocess/test_seq_parallel.py)."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        if args.diverge == "settings":
-            generate(argparse.Namespace(**{**vars(args), "seed": args.seed + rank}), world, rank)
-        else:
-            generate(args, world, rank, cond_offset=0.5 * rank)
-    except RuntimeError as e:
-        Path(f"{args.out}.rank{rank}.err").write_text(str(e))
-    dist.barrier()               # both ranks stopped by the same named error: leave together
-    dist.destroy_process_group()
+def interrupt_on_signals() -> None:
+    """Ctrl-C / SIGTERM before the sampler runs (loading, encoding): ComfyUI's interrupt, as its Cancel; a
+    second one stops this process at once. While the sampler runs, its own handler makes every rank stop
+    at the same model call (SeqParallel.stop_on_signals)."""
+    def stop(signum, frame):
+        import comfy.model_management
+        comfy.model_management.interrupt_current_processing(True)
+        signal.signal(signum, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
 
 
 # -- every family and cache over the ranks (tests/inprocess/test_seq_parallel.py) ------------------------
@@ -123,9 +177,10 @@ DF_ASYNC = dict(window_frames=29, overlap_frames=5, ar_step=2, causal_block_size
 
 
 def video_job(job: dict, tiny: dict, sp=None):
-    """(video, report, heat) of one tiny run: `job` names the family ("df", "magi"), the cache
+    """(video, report, heat) of one tiny run: `job` names the family ("df", "magi", "causal"), the cache
     ("flowcache", "motioncache" or None) with its settings, the attention mode and the guidance; `sp`:
-    the ranks (None: one process)."""
+    the ranks (None: one process). Test knobs: "diverge" gives rank r another "seed" or "prompt";
+    "progress" is a file the run appends "chunk k/n" to."""
     import torch
     from tools.inprocess import load_comfy, pack
     load_comfy()
@@ -134,12 +189,20 @@ def video_job(job: dict, tiny: dict, sp=None):
     video_run = pack("model_patches.video_run")
     families = pack("model_patches.families")
     ar_cache = pack("model_patches.ar_cache")
+    rank = 0 if sp is None else sp.rank
     g = torch.Generator().manual_seed(1)
+    cond = torch.full((1, 512, 4096), 0.3 + (0.5 * rank if job.get("diverge") == "prompt" else 0.0))
+    pos, neg = [[cond, {}]], [[torch.full((1, 512, 4096), 0.1), {}]]
     if job["family"] == "df":
         model = comfy.sd.load_diffusion_model(tiny["14b"])
-        pos, neg = [[torch.zeros(1, 512, 4096), {}]], [[torch.full((1, 512, 4096), 0.1), {}]]
         schedule = pack("cache_core.df_schedule").DFSchedule(**DF_ASYNC)
         size, length, steps = 64, 4 * 13 + 1, job.get("steps", 6)
+    elif job["family"] == "causal":
+        import folder_paths
+        folder_paths.add_model_folder_path("diffusion_models", str(Path(tiny["self_forcing"]).parent))
+        model = pack("model_patches.causal_loader").load_causal_wan(Path(tiny["self_forcing"]).name)
+        schedule = pack("cache_core.causal_schedule").CausalSchedule(chunk_frames=3, attention_frames=6, sink_frames=3)
+        size, length, steps = 64, job.get("length", 4 * 11 + 1), 4
     else:
         loader = pack("model_patches.magi_loader")
         index = Path(tiny["magi_4.5b"])
@@ -158,21 +221,28 @@ def video_job(job: dict, tiny: dict, sp=None):
     if sp is not None:
         model = model.clone()
         model.model_options["transformer_options"][seq_parallel.SP_KEY] = sp
-    req = video_run.VideoRequest(width=size, height=size, length=length, seed=job.get("seed", 7), steps=steps,
+    seed = job.get("seed", 7) + (rank if job.get("diverge") == "seed" else 0)
+    req = video_run.VideoRequest(width=size, height=size, length=length, seed=seed, steps=steps,
                                  cfg=job.get("cfg", 2.0), schedule=schedule, positives=[pos], negative=neg)
     run = families.new_video_run(model, req)
+    if job.get("progress") and rank == 0:
+        def note(plan, n, last_latent, path=job["progress"]):
+            with open(path, "a") as f:
+                f.write(f"chunk {plan.index + 1}/{n}\n")
+        run.on_window = note
     video, report = run.run()
     return video, report, run.heat
 
 
-def probe_jobs(rank: int, world: int, init: str, jobs: list, tiny: dict, out: str) -> None:
+def probe_jobs(rank: int, world: int, init: str, jobs: list, tiny: dict, out: str, timeout_s: float = 60.0) -> None:
     """`jobs` one after another over the ranks; each rank saves {name: (video, report, heat) or the error}."""
     import torch
     import torch.distributed as dist
     from tools.inprocess import load_comfy, pack
     load_comfy(cpu=True)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
     try:
         sp = pack("cache_core.seq_parallel").SeqParallel(dist.group.WORLD)
         results = {}
@@ -223,9 +293,7 @@ def probe_primitives(rank: int, world: int, init: str, out: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    run_rank(rank, world, "env://", args)
-    return 0
+    return run_rank(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), "env://", args)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ with compression, MotionCache), with the same decisions, heat and counts and hal
 bad input and a failing rank stop every rank with a named error."""
 from __future__ import annotations
 
-import argparse
 import json
+import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,31 +30,6 @@ def test_primitives_round_trip_uneven_token_counts(tmp_path):
         assert results and all(results.values()), (rank, results)
 
 
-def _args(model: str, out: str, **kw):
-    base = dict(model=model, width=64, height=64, length=4 * 11 + 1, seed=5, cfg=1.0, chunk_frames=3,
-                attention_frames=6, sink_frames=3, cond=None, cond_value=0.3, out=out, timeout_s=60.0, progress=None)
-    return argparse.Namespace(**{**base, **kw})
-
-
-@pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_two_ranks_make_the_one_process_video(tiny_models, tmp_path, cfg):
-    """The tiny Self-Forcing-layout checkpoint (2 heads) over 2 ranks, LongLive's window + sink, with
-    and without guidance: the video equals the one-process run (the same arithmetic per token, attention
-    over the same keys), the report's counts agree, and each rank holds half the K/V."""
-    model = str(tiny_models["self_forcing"])
-    one, report1 = sp_run.generate(_args(model, "", cfg=cfg), world=1)
-    out = str(tmp_path / "video.safetensors")
-    mp.spawn(sp_run.run_rank, args=(2, f"file://{tmp_path / 'store'}", _args(model, out, cfg=cfg)), nprocs=2, join=True)
-    from safetensors.torch import load_file
-    two = load_file(out)["samples"]
-    report2 = json.loads((tmp_path / "video.json").read_text())
-    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
-    assert report2["model_calls"] == report1["model_calls"]
-    spr = report2["sequence_parallel"]
-    assert spr["world"] == 2 and spr["comm_bytes_sent"]["sum"] > 0
-    assert spr["kv_bytes_peak"]["this_rank"] * 2 == report1["kv_bytes_peak"] == spr["kv_bytes_peak"]["sum"]
-
-
 FC = dict(rel_l1_thresh=1.0, warmup_steps=1, coefficients="none")          # skips on the tiny random models
 MC = dict(threshold=0.8, warmup_steps=1, phase1_updates=1, vote=0.0, min_update_ratio=0.0, coefficients="none")
 COMPRESS = dict(kv_compress=True, kv_budget_chunks=1, max_score_queries=32)
@@ -63,7 +41,9 @@ JOBS = [dict(name="df/uncached", family="df"),
         dict(name="magi/flowcache", family="magi", cache="flowcache", settings=dict(FC, rel_l1_thresh=0.1)),
         dict(name="magi/motioncache", family="magi", cache="motioncache", settings=dict(MC, threshold=0.1)),
         dict(name="magi/flowcache+compress", family="magi", cache="flowcache",
-             settings=dict(FC, rel_l1_thresh=0.1, **COMPRESS), schedule=dict(kv_range=()))]
+             settings=dict(FC, rel_l1_thresh=0.1, **COMPRESS), schedule=dict(kv_range=())),
+        dict(name="causal/uncached", family="causal", cfg=1.0),     # LongLive's window behind a sink
+        dict(name="causal/cfg3/uncached", family="causal", cfg=3.0)]
 
 
 def _integers(report: dict) -> dict:
@@ -84,8 +64,9 @@ def two_rank_jobs(tiny_models, tmp_path_factory):
 
 @pytest.mark.parametrize("name", [job["name"] for job in JOBS])
 def test_every_family_and_cache_over_two_ranks_equals_one_process(two_rank_jobs, name):
-    """SkyReels-V2-DF (chunk-causal and bidirectional) and MAGI-1 (its key ranges and 3-pass guidance),
-    uncached, FlowCache (with K/V compression) and MotionCache: the 2-rank video is the one-process video
+    """SkyReels-V2-DF (chunk-causal and bidirectional), MAGI-1 (its key ranges and 3-pass guidance) and
+    causal Wan (a window behind a sink, with and without guidance), uncached, FlowCache (with K/V
+    compression) and MotionCache: the 2-rank video is the one-process video
     within 1e-5, both ranks hold the same bits, the cache made the same decisions (its counts and heat
     equal), and each rank held half the K/V bytes."""
     (one, one_report, one_heat), zero, first = two_rank_jobs[name]
@@ -118,45 +99,6 @@ def test_world_sizes_that_do_not_divide_the_heads_are_refused():
         sp.check(3, 2)
 
 
-@pytest.mark.parametrize("diverge,message", [
-    ("prompt", "sequence parallel: the ranks were started with different settings or pack versions"),
-    ("settings", "sequence parallel: the ranks were started with different settings or pack versions")])
-def test_a_diverged_rank_stops_every_rank_with_a_named_error(tiny_models, tmp_path, diverge, message):
-    """Rank 1 with another prompt or another seed: caught before any work (the gather would otherwise
-    make both ranks agree on a wrong video), both ranks stop with the named error."""
-    out = str(tmp_path / "video.safetensors")
-    args = _args(str(tiny_models["self_forcing"]), out, diverge=diverge)
-    mp.spawn(sp_run.probe_divergence, args=(2, f"file://{tmp_path / 'store'}", args), nprocs=2, join=True)
-    for rank in range(2):
-        text = (tmp_path / f"video.safetensors.rank{rank}.err").read_text()
-        assert message in text, text
-
-
-def test_a_killed_rank_stops_the_others_within_the_timeout(tiny_models, tmp_path):
-    """Rank 1 is killed after the first chunk: rank 0, waiting in a collective, stops with an error that
-    says a rank stopped, well within the timeout, and nothing is written."""
-    import os
-    import signal
-    import time
-    out = str(tmp_path / "video.safetensors")
-    progress = tmp_path / "progress.txt"
-    args = _args(str(tiny_models["self_forcing"]), out, length=4 * 299 + 1, progress=str(progress), timeout_s=30.0)
-    ctx = mp.start_processes(sp_run.run_rank, args=(2, f"file://{tmp_path / 'store'}", args), nprocs=2, join=False,
-                             start_method="spawn")
-    t0 = time.monotonic()
-    while not (progress.exists() and progress.read_text()):
-        assert time.monotonic() - t0 < 120, "no chunk finished"
-        time.sleep(0.05)
-    os.kill(ctx.processes[1].pid, signal.SIGKILL)
-    t_kill = time.monotonic()
-    ctx.processes[0].join(timeout=60)
-    assert not ctx.processes[0].is_alive(), "rank 0 hangs"
-    assert time.monotonic() - t_kill < 35 and ctx.processes[0].exitcode != 0
-    text = (tmp_path / "video.safetensors.rank0.err").read_text()
-    assert "sequence parallel: rank 0 of 2 stopped" in text and "another rank stopped" in text, text
-    assert not os.path.exists(out)
-
-
 def _stand_in(world: int):
     """A SeqParallel that says `world` ranks without a process group: only what runs before any
     collective (the checks) can be asked of it."""
@@ -186,3 +128,92 @@ def test_core_multigpu_cfg_split_with_sequence_parallel_is_refused(tiny_models):
         positives=[[[torch.zeros(1, 512, 4096), {}]]], negative=[[torch.zeros(1, 512, 4096), {}]])
     with pytest.raises(pack("cache_core.errors").ModelFamilyError, match="remove that node"):
         pack("model_patches.families").new_video_run(model, req)
+
+
+@pytest.mark.parametrize("diverge", ["prompt", "seed"])
+def test_a_diverged_rank_stops_every_rank_with_a_named_error(tiny_models, tmp_path, diverge):
+    """Rank 1 with another prompt or another seed: caught before any work (the gather would otherwise make
+    both ranks agree on a wrong video), and both ranks stop with the named error."""
+    job = dict(name="diverged", family="causal", cfg=1.0, diverge=diverge)
+    tiny = {k: str(v) for k, v in tiny_models.items()}
+    mp.spawn(sp_run.probe_jobs, args=(2, f"file://{tmp_path / 'store'}", [job], tiny, str(tmp_path / "res")), nprocs=2,
+             join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"res.{rank}", weights_only=False)["diverged"]
+        assert isinstance(result, str) and "the ranks were started with different settings or pack versions" in result
+
+
+# -- the torchrun entry: a workflow through ComfyUI's own executor on every rank -------------------------
+
+def _workflow(tiny_models, tmp_path, name: str, world: int, length: int = 4 * 13 + 1, timeout_s: float = 60.0):
+    """The entry's arguments for a tiny SkyReels-V2-DF workflow with FlowCache (API format, as exported)."""
+    from tools.graphs import streaming_graph
+    unet = tiny_models["14b"]
+    graph, _ = streaming_graph(unet.name, length=length, steps=6, cfg=2.0, cache=dict(
+        class_type="ARCacheFlowCache", rel_l1_thresh=1.0, warmup_steps=1), schedule=dict(
+        window_frames=29, overlap_frames=5, ar_step=2, causal_block_size=2, addnoise_condition=20))
+    path = tmp_path / "workflow_api.json"
+    path.write_text(json.dumps(graph.prompt))
+    out = tmp_path / name
+    return sp_run.parse_args(["--workflow", str(path), "--output-directory", str(out), "--timeout-s", str(timeout_s),
+                              "--model-dir", f"diffusion_models={unet.parent}", "--progress", str(out) + ".progress"])
+
+
+def _saved(out) -> torch.Tensor:
+    from safetensors.torch import load_file
+    return load_file(next(out.glob("latents/*.latent")))["latent_tensor"]
+
+
+def test_the_torchrun_entry_runs_a_workflow_over_two_ranks(tiny_models, tmp_path):
+    """tools/sp_run.py on an exported workflow: 2 ranks save the 1-rank latents, and the sampler's report
+    beside them says the tokens were split (the combined part) and FlowCache skipped the same steps."""
+    one, two = _workflow(tiny_models, tmp_path, "one", 1), _workflow(tiny_models, tmp_path, "two", 2)
+    mp.spawn(sp_run.spawned_rank, args=(1, f"file://{tmp_path / 'store1'}", one), nprocs=1, join=True)
+    mp.spawn(sp_run.spawned_rank, args=(2, f"file://{tmp_path / 'store2'}", two), nprocs=2, join=True)
+    torch.testing.assert_close(_saved(tmp_path / "two"), _saved(tmp_path / "one"), rtol=1e-5, atol=1e-5)
+    r1 = json.loads(next((tmp_path / "one").glob("arcache_report_*.json")).read_text())
+    r2 = json.loads(next((tmp_path / "two").glob("arcache_report_*.json")).read_text())
+    assert "sequence_parallel" not in r1 and r2["sequence_parallel"]["world"] == 2
+    assert r2["cache"]["chunk_steps_skipped"] == r1["cache"]["chunk_steps_skipped"] > 0
+    assert r2["sequence_parallel"]["kv_bytes_peak"]["this_rank"] * 2 == r1["cache"]["kv_bytes_peak"]
+
+
+def _start(args, tmp_path, world=2):
+    ctx = mp.start_processes(sp_run.spawned_rank, args=(world, f"file://{tmp_path / 'store'}", args), nprocs=world,
+                             join=False, start_method="spawn")
+    progress = Path(args.progress)
+    t0 = time.monotonic()
+    while not (progress.exists() and progress.read_text().count("\n") >= 2):     # the sampler is running
+        assert time.monotonic() - t0 < 120, "the sampler never started"
+        time.sleep(0.05)
+    return ctx
+
+
+def test_a_killed_rank_stops_the_others_within_the_timeout(tiny_models, tmp_path):
+    """Rank 1 is killed mid-run: rank 0, waiting in a collective, stops with an error that says a rank
+    stopped, well within the timeout, and writes no output."""
+    args = _workflow(tiny_models, tmp_path, "out", 2, length=4 * 200 + 1, timeout_s=30.0)
+    ctx = _start(args, tmp_path)
+    os.kill(ctx.processes[1].pid, signal.SIGKILL)
+    t_kill = time.monotonic()
+    ctx.processes[0].join(timeout=60)
+    assert not ctx.processes[0].is_alive(), "rank 0 hangs"
+    assert time.monotonic() - t_kill < 35 and ctx.processes[0].exitcode == 1
+    text = (tmp_path / "out" / "rank0.err").read_text()
+    assert "sequence parallel: rank 0 of 2 stopped" in text and "another rank stopped" in text, text
+    assert not list((tmp_path / "out").glob("latents/*"))
+
+
+def test_an_interrupt_on_one_rank_stops_every_rank(tiny_models, tmp_path):
+    """Ctrl-C reaching one rank only (ComfyUI's Cancel there): every rank stops at the same model call as
+    interrupted (exit 130), none is left waiting, nothing is written."""
+    args = _workflow(tiny_models, tmp_path, "out", 2, length=4 * 200 + 1, timeout_s=30.0)
+    ctx = _start(args, tmp_path)
+    os.kill(ctx.processes[1].pid, signal.SIGINT)
+    for p in ctx.processes:
+        p.join(timeout=30)
+        assert not p.is_alive(), "a rank hangs"
+    assert [p.exitcode for p in ctx.processes] == [130, 130]
+    for rank in range(2):
+        assert (tmp_path / "out" / f"rank{rank}.err").read_text().startswith("interrupted")
+    assert not list((tmp_path / "out").glob("latents/*"))
