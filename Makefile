@@ -4,7 +4,7 @@
 HOST_PY := $(if $(COMFYUI_PATH),$(or $(COMFYUI_PYTHON),python3),$(CURDIR)/.host/venv/bin/python)
 PYTEST  := $(HOST_PY) -m pytest -c tests/pytest.ini --rootdir=tests
 
-.PHONY: host host-core test test-unit demo bench bench-stream bench-causal docs checkpoints clean-host
+.PHONY: host host-core test test-unit demo bench bench-stream bench-causal bench-sp docs checkpoints clean-host
 
 host:
 	@bash scripts/setup_host.sh >/dev/null
@@ -27,6 +27,9 @@ bench: host-core
 
 bench-causal: host-core
 	$(HOST_PY) bench/causal.py
+
+bench-sp: host-core
+	$(HOST_PY) bench/seq_parallel.py
 
 bench-stream: host-core
 	$(HOST_PY) bench/stream.py

@@ -113,6 +113,17 @@ class KVAttention:
         return attend(q, k, v)
 
 
+class PassAttention:
+    """Self-attention of a pass that computes every token it attends to (a bidirectional window whose
+    policy never reuses): nothing is stored, as in the uncached model."""
+    key_len: Optional[int] = None
+
+    def __call__(self, layer: int, q, k, v, heads: int, attend):
+        if layer == 0:
+            self.key_len = k.shape[1]
+        return attend(q, k, v)
+
+
 def branch_rows(cond_or_uncond: Optional[Sequence[int]], batch: int) -> dict:
     """{branch id: rows} from ComfyUI's cond_or_uncond (each entry covers batch/len rows)."""
     if not cond_or_uncond:
@@ -349,13 +360,17 @@ class ChunkExecutor:
                 parts.append(torch.arange(s, layout.end(g)))
             elif d.kind == "subset":
                 parts.append(s + d.tokens.cpu())
+            if d.kind != "compute" and not self.step.policy.reuses:
+                raise ValueError(f"{type(self.step.policy).__name__} answered {d.kind} but does not say it reuses "
+                                 "(set reuses = True): the window's K/V would not have been kept")
         tokens = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
         h_all = call.tokens[rows]
         new = None
         if tokens.numel():
             whole = tokens.numel() == total
             index = None if whole else tokens.to(h_all.device)
-            attention = KVAttention(self.store, branch, 0, tokens=index)
+            attention = KVAttention(self.store, branch, 0, tokens=index) if self.step.policy.reuses else \
+                PassAttention()
             h_sel = sp.run_blocks(adapter, call, rows, (0, f), h_all if whole else h_all[:, index], attention, index)
             new = h_sel if whole else h_all.new_zeros(h_all.shape).index_copy_(1, index, h_sel)
         for g, (d, local) in decisions.items():

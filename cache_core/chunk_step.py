@@ -71,6 +71,7 @@ class ChunkPolicy:
     method = "chunk_causal"
     needs_indicator = False     # True: decide() gets the family's indicator of the chunk
     needs_view = False          # True: see() gets the chunk's ChunkView before decide()
+    reuses = False              # True: it may answer SKIP or SUBSET (outputs and K/V of earlier steps kept)
     order = 0                   # extrapolation order of its predicted steps (0: it never predicts)
 
     def reset(self) -> None:

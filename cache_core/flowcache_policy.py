@@ -115,6 +115,7 @@ class FlowCachePolicy(ChunkPolicy):
 
     method = "flowcache"
     needs_indicator = True
+    reuses = True
 
     def __init__(self, config: FlowCacheConfig, coefficients: Sequence[float] = IDENTITY):
         self.config = config

@@ -154,6 +154,7 @@ class MotionCachePolicy(ChunkPolicy):
 
     method = "motioncache"
     needs_indicator = True
+    reuses = True
     needs_view = True
 
     def __init__(self, config: MotionCacheConfig, coefficients: Sequence[float] = IDENTITY):

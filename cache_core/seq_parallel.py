@@ -15,8 +15,10 @@ identity, so the single-process path is untouched. Design: shared/specs/multigpu
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 import zlib
 from typing import Optional
 
@@ -53,6 +55,8 @@ class SeqParallel:
         self.rank = dist.get_rank(group) if group is not None else 0
         self.world = dist.get_world_size(group) if group is not None else 1
         self.bytes_sent = 0          # all-to-all and gather payload this rank sent (the report adds them up)
+        self._seconds = 0.0          # host seconds in them (CPU); on GPUs, CUDA event pairs read at the end
+        self._events: list = []
         self.stop_requested = False  # a signal asked this rank to stop: the ranks stop together (stop_on_signals)
 
     def __deepcopy__(self, memo):      # a handle on the ranks' communicator: model option clones share it
@@ -89,11 +93,7 @@ class SeqParallel:
     def check(self, heads: int, tokens: int, what: str = "attention heads of the model") -> None:
         """Named errors before any work: the ranks split `heads` (`what` they are) evenly, and every
         rank gets a token of the smallest block pass (`tokens`)."""
-        if heads % self.world:
-            raise InputError("world_size", f"{self.world} ranks do not divide the {heads} {what}: use a world size "
-                             f"that divides {heads}")
-        if tokens < self.world:
-            raise InputError("world_size", f"{self.world} ranks for a chunk of {tokens} tokens: at most {tokens} ranks")
+        check_world(self.world, heads, what, tokens)
 
     @_collective
     def seq_to_heads(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -105,8 +105,9 @@ class SeqParallel:
         h = H // self.world
         send = x.reshape(B, nr, self.world, h, D).permute(2, 1, 0, 3, 4).reshape(self.world * nr, B, h, D)
         recv = x.new_empty(sum(sizes), B, h, D)
-        dist.all_to_all_single(recv, send.contiguous(), output_split_sizes=sizes, input_split_sizes=[nr] * self.world,
-                               group=self.group)
+        with self._clock(x):
+            dist.all_to_all_single(recv, send.contiguous(), output_split_sizes=sizes,
+                                   input_split_sizes=[nr] * self.world, group=self.group)
         self.bytes_sent += send.numel() * send.element_size() * (self.world - 1) // self.world
         return recv.permute(1, 0, 2, 3)
 
@@ -120,9 +121,10 @@ class SeqParallel:
         nr = sizes[self.rank]
         recv = x.new_empty(self.world * nr, B, h, D)
         send = x.permute(1, 0, 2, 3).contiguous()
-        dist.all_to_all_single(recv, send, output_split_sizes=[nr] * self.world, input_split_sizes=sizes,
-                               group=self.group)
-        self.bytes_sent += send.numel() * send.element_size() * (self.world - 1) // self.world
+        with self._clock(x):
+            dist.all_to_all_single(recv, send, output_split_sizes=[nr] * self.world, input_split_sizes=sizes,
+                                   group=self.group)
+        self.bytes_sent += (n - nr) * B * h * D * send.element_size()
         return recv.reshape(self.world, nr, B, h, D).permute(2, 1, 0, 3, 4).reshape(B, nr, self.world * h, D)
 
     @_collective
@@ -135,9 +137,36 @@ class SeqParallel:
         pad = x.new_zeros(x.shape[0], most, *x.shape[2:])
         pad[:, :x.shape[1]] = x
         parts = [torch.empty_like(pad) for _ in range(self.world)]
-        dist.all_gather(parts, pad.contiguous(), group=self.group)
+        with self._clock(x):
+            dist.all_gather(parts, pad.contiguous(), group=self.group)
         self.bytes_sent += pad.numel() * pad.element_size() * (self.world - 1)
         return torch.cat([p[:, :s] for p, s in zip(parts, sizes)], dim=1)
+
+    @contextlib.contextmanager
+    def _clock(self, x: torch.Tensor):
+        """Time in one transfer: host seconds on CPU (gloo is synchronous), CUDA events on GPUs (NCCL runs
+        asynchronously to the host; the events are read once, at the end)."""
+        if x.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - t0
+
+    @property
+    def comm_seconds(self) -> float:
+        if self._events:
+            torch.cuda.synchronize()
+            self._seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1000.0
+            self._events = []
+        return self._seconds
+
+    def reset_counters(self) -> None:
+        self.bytes_sent, self._seconds, self._events = 0, 0.0, []
 
     @_collective
     def any(self, flag: bool) -> bool:
@@ -186,12 +215,14 @@ class SeqParallel:
         import torch.distributed as dist
         self.agree(list(same.values()), "the end of the run (" + ", ".join(same) + ")")
         out = {"world": self.world, "rank": self.rank}
-        numbers = {**per_rank, "comm_bytes_sent": self.bytes_sent}
+        numbers = {**per_rank, "comm_bytes_sent": self.bytes_sent, "comm_seconds": self.comm_seconds}
         for name, value in numbers.items():
-            total, most = torch.tensor([int(value)]), torch.tensor([int(value)])
+            total = torch.tensor([float(value)], dtype=torch.float64)
+            most = total.clone()
             dist.all_reduce(total, group=self.group)
             dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.group)
-            out[name] = {"this_rank": int(value), "max": int(most), "sum": int(total)}
+            kind = int if isinstance(value, int) else lambda v: round(float(v), 6)
+            out[name] = {"this_rank": kind(value), "max": kind(most.item()), "sum": kind(total.item())}
         return out
 
     def run_blocks(self, adapter, call, rows, frames, h: torch.Tensor, attention, tokens=None) -> torch.Tensor:
@@ -224,11 +255,27 @@ def checksum(value) -> int:
 NO_SP = SeqParallel()
 
 
+def check_world(world: int, heads: int, what: str, tokens: int | None = None, name: str = "world_size") -> None:
+    """`world` ranks (the input `name`) must split `heads` (`what` they are) evenly and, when `tokens` is
+    given (the smallest block pass), each get one."""
+    if heads % world:
+        raise InputError(name, f"{world} ranks do not divide the {heads} {what}: use a number of ranks "
+                         f"that divides {heads}")
+    if tokens is not None and tokens < world:
+        raise InputError(name, f"{world} ranks for a chunk of {tokens} tokens: at most {tokens} ranks")
+
+
+def in_ranks() -> bool:
+    """Whether this process is a rank the pack's torchrun entry (tools/sp_run.py) started."""
+    import torch.distributed as dist
+    return os.environ.get(RANKS_ENV) == "1" and dist.is_available() and dist.is_initialized()
+
+
 def from_environment() -> SeqParallel:
     """The ranks a sampler in this process splits over: torch.distributed's default group when the pack's
     torchrun entry (tools/sp_run.py) started the process, else one process."""
     import torch.distributed as dist
-    if os.environ.get(RANKS_ENV) != "1" or not dist.is_available() or not dist.is_initialized():
+    if not in_ranks():
         return NO_SP
     sp = SeqParallel(dist.group.WORLD)
     sp.stop_on_signals()

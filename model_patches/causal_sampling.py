@@ -137,8 +137,8 @@ class CausalRun(VideoRun):
 
     def sharded(self) -> tuple[int, int, str]:
         b = self.req.schedule.chunk_frames
-        return (self.dm.num_heads, self.family.tokens_per_frame(self.lat_h, self.lat_w) *
-                min(b, *(self.prefix_chunks or [b])), "attention heads of this Wan model")
+        heads, what = self.family.shard_heads(self.dm)
+        return heads, self.family.tokens_per_frame(self.lat_h, self.lat_w) * min(b, *(self.prefix_chunks or [b])), what
 
     def call_index(self, chunk: int, step: int) -> int:
         """The planned model call of a generated chunk's step (-1: its K/V pass before it): the prefix's

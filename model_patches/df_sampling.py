@@ -233,7 +233,8 @@ class DFRun(VideoRun):
                 ChunkPolicy, attention="bidirectional", family=self.family))
 
     def sharded(self) -> tuple[int, int, str]:     # a chunk may be one frame (a window's last)
-        return self.dm.num_heads, self.family.tokens_per_frame(self.lat_h, self.lat_w), "attention heads of this Wan model"
+        heads, what = self.family.shard_heads(self.dm)
+        return heads, self.family.tokens_per_frame(self.lat_h, self.lat_w), what
 
     def report_fields(self) -> dict:
         return dict(self.notes, prefix_mode=self.mode)

@@ -57,6 +57,8 @@ class Family:
     piece: str = "window"            # what users read for one emitted piece of its runs
     patch: int = 2                   # latent pixels per transformer token, each way
     default_schedule: Optional[Callable] = None   # () -> the schedule when none is connected (None: the run's type's defaults)
+    shard_heads: Callable = lambda dm: (dm.num_heads, "attention heads of this Wan model")   # diffusion model ->
+    # (the heads sequence-parallel ranks split, what they are)
 
     def token_grid(self, latent_h: int, latent_w: int) -> tuple[int, int]:
         """(token rows, token columns) of a latent frame (a partial patch is padded, as Wan does)."""
@@ -163,7 +165,9 @@ MAGI1 = Family(
     coefficients=_magi_coefficients,
     prepare_sampling=lambda model_patcher, schedule: {}, new_cache_run=MagiCacheRun, check_cache_spec=magi_check_spec,
     indicator_scale=lambda dm, coefficients: "magi", check_vae=_magi_check_vae,
-    stream_decoder=lambda vae: SlabStreamDecoder(vae, DECODE_TILE[0]), causal_vae=False, piece="chunk")
+    stream_decoder=lambda vae: SlabStreamDecoder(vae, DECODE_TILE[0]), causal_vae=False, piece="chunk",
+    shard_heads=lambda dm: (dm.config.kv_heads, "key/value heads of MAGI-1 (grouped-query attention: each rank "
+                                                "takes whole KV heads with their query heads)"))
 
 # --- few-step causal Wan (Self-Forcing class): ComfyUI's Wan 2.1 transformer, the causal schedule -----
 

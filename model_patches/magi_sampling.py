@@ -100,9 +100,8 @@ class MagiRun(VideoRun):
         self.anchor_latent = self.anchor_image_latent()
 
     def sharded(self) -> tuple[int, int, str]:
-        return (self.dm.config.kv_heads, self.req.schedule.chunk_width * self.grid[0] * self.grid[1],
-                "key/value heads of MAGI-1 (grouped-query attention: each rank takes whole KV heads with their "
-                "query heads)")
+        heads, what = self.family.shard_heads(self.dm)
+        return heads, self.req.schedule.chunk_width * self.grid[0] * self.grid[1], what
 
     def report_fields(self) -> dict:
         return dict(model="MAGI-1 " + self.dm.config.size_name, distill=self.distill,

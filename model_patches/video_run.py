@@ -204,7 +204,8 @@ class VideoRun:
         """(video latent, report). on_call(call, x0, x): after every model call (previews, progress)."""
         report = self.new_report(**self.report_fields())
         if self.sp.active:                    # named errors before any work
-            self.sp.check(*self.sharded())
+            heads, tokens, what = self.sharded()
+            self.sp.check(heads, tokens, what)
             self.sp.agree_run(self.request_checksums(), pack_fingerprint())
         if self.sink is not None:
             self.decoder = self.family.stream_decoder(self.req.vae) if self.req.vae is not None else \

@@ -9,6 +9,7 @@ from .heatmap import ComputeHeatmapNode
 from .live import LiveViewNode
 from .magi import MagiModelLoaderNode, MagiScheduleNode, MagiTextEncodeNode, MagiVAELoaderNode
 from .motioncache import MotionCacheNode
+from .multigpu import MultiGPUNode
 from .preview import LatentPreviewNode
 from .sampler import StreamingSamplerNode
 from .schedules import DFScheduleNode, PromptScheduleNode
@@ -34,6 +35,7 @@ class ARCacheExtension(ComfyExtension):
             CausalScheduleNode,
             CausalWanLoaderNode,
             CausalWanLoraNode,
+            MultiGPUNode,
         ]
 
 

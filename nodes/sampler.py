@@ -13,6 +13,7 @@ import comfy.utils
 import folder_paths
 import latent_preview
 
+from ..cache_core.seq_parallel import check_world, in_ranks
 from ..model_patches import families
 from ..model_patches.vae_stream import decode_whole
 from ..model_patches.video_run import VideoRequest
@@ -20,6 +21,7 @@ from .anchor import AnchorType
 from .errors import InputError, named_errors
 from .heatmap import FAMILY_KEY, HEAT_KEY
 from .live import LiveType, open_session
+from .multigpu import ranks_of, run_on_ranks
 from .schedules import ARPrompts, ARSchedule
 from .video_stream import StreamingVideoWriter
 
@@ -156,7 +158,7 @@ class StreamingSamplerNode(io.ComfyNode):
                 io.Latent.Output(display_name="LATENT", tooltip="The whole video's latents (raw, in the model's VAE layout); decode with VAEDecode and the same VAE."),
                 io.String.Output(display_name="report", tooltip="JSON: windows, model calls, seconds, time to first window, transformer FLOPs (spent and vanilla), cache stats."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             is_output_node=True,
         )
 
@@ -185,6 +187,10 @@ class StreamingSamplerNode(io.ComfyNode):
             raise InputError("anchor", "has an image, which the sampler encodes with its vae: connect the model's VAE, "
                              "or take the image out of the Drift Anchor to anchor to the first window/chunk")
         node_id = cls.hidden.unique_id
+        if ranks_of(model) is not None and not in_ranks():      # ARCache Multi-GPU: this part runs on the ranks
+            check_world(ranks_of(model).gpus, *family.shard_heads(dm), name="gpus")
+            latent, text = run_on_ranks(cls.hidden.prompt, node_id, ranks_of(model), live)
+            return io.NodeOutput(latent, text, ui={"text": [text]})
         positives = list(prompt_schedule or [positive])
         fps = schedule.fps or 24
         writer = StreamingVideoWriter(video_path(filename_prefix, width, height), fps) if save_video else None

@@ -37,6 +37,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workflow", required=True, help="a workflow in ComfyUI's API format (Export (API))")
     ap.add_argument("--comfy", default=None, help="the ComfyUI folder (default: $COMFYUI_PATH, else the test host)")
+    ap.add_argument("--base-directory", default=None, help="ComfyUI's --base-directory (models, custom_nodes, output)")
     ap.add_argument("--output-directory", default=None, help="where rank 0's outputs go (default: ComfyUI's)")
     ap.add_argument("--model-dir", action="append", default=[], metavar="KIND=DIR",
                     help="an extra model folder, e.g. diffusion_models=/data/models (repeatable)")
@@ -44,6 +45,7 @@ def parse_args(argv=None):
                     help="an extra custom node folder to load (repeatable)")
     ap.add_argument("--timeout-s", type=float, default=600.0, help="a collective waiting longer fails every rank")
     ap.add_argument("--progress", default=None, help="a file rank 0 appends the sampler's progress to ('value/total')")
+    ap.add_argument("--errors", default=None, help="where each rank writes rank<N>.err (default: the output directory)")
     return ap.parse_args(argv)
 
 
@@ -76,6 +78,9 @@ def execute_workflow(prompt: dict, rank: int, args) -> tuple[str, list]:
     import asyncio
     from tools.inprocess import load_comfy
     root = str(load_comfy(args.comfy))
+    if args.base_directory:                    # read by folder_paths when it is first imported
+        import comfy.cli_args
+        comfy.cli_args.args.base_directory = str(Path(args.base_directory).resolve())
     sys.path.remove(root)
     sys.path.insert(0, root)                   # ComfyUI's nodes.py, not the pack's nodes/, is `nodes` here
     import utils.extra_config                  # first, as main.py: later imports shadow this package
@@ -146,7 +151,7 @@ def run_rank(rank: int, world: int, init: str, args) -> int:
         raise
     finally:
         if errors:
-            where = Path(args.output_directory or ".")
+            where = Path(args.errors or args.output_directory or ".")
             where.mkdir(parents=True, exist_ok=True)
             (where / f"rank{rank}.err").write_text(f"{status}: " + "\n".join(errors))
             print(f"rank {rank}: {status}: " + "\n".join(errors), file=sys.stderr)
@@ -247,7 +252,7 @@ def probe_jobs(rank: int, world: int, init: str, jobs: list, tiny: dict, out: st
         sp = pack("cache_core.seq_parallel").SeqParallel(dist.group.WORLD)
         results = {}
         for job in jobs:
-            sp.bytes_sent = 0
+            sp.reset_counters()
             try:
                 results[job["name"]] = video_job(job, tiny, sp)
             except Exception as e:            # a named refusal (bad input) is a result too

@@ -78,6 +78,7 @@ def chunk_of_token():
 
 class Residuals(ChunkPolicy):
     """A test policy: a fixed decision per chunk (the step reuses the residuals it left out)."""
+    reuses = True
 
     def __init__(self, decide):
         self._decide = decide
