@@ -63,7 +63,8 @@ class MultiGPUNode(io.ComfyNode):
                 io.Int.Input("timeout_s", default=600, min=10, max=86400,
                              tooltip="A rank waiting longer than this for the others stops every rank with an error."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The model, marked to run on `gpus` ranks: connect it to the Streaming AR "
+                                             "Sampler (directly, or through nodes that pass MODEL on).")],
         )
 
     @classmethod
@@ -99,6 +100,10 @@ def free_port() -> int:
 
 def run_on_ranks(prompt: dict, node_id: str, ranks: Ranks, live) -> tuple[dict, str]:
     """(LATENT, report text) of the sampler `node_id` run over `ranks` (see the module docstring)."""
+    import torch
+    if torch.cuda.is_available() and ranks.gpus > torch.cuda.device_count():
+        raise InputError("gpus", f"{ranks.gpus} GPUs asked, and this machine has {torch.cuda.device_count()}: one "
+                         "process per GPU, so at most that many")
     if live is not None:
         raise InputError("live", "a multi-GPU run happens in other processes, which cannot show a Live View: "
                          "disconnect the Live View or set the Multi-GPU node's gpus to 1")

@@ -20,6 +20,7 @@ from tools.workflow import WIDGET_TYPES, _has_control, node_specs  # noqa: E402
 # Model files as users download them (see README "Where the model files go").
 DF_13B = "Wan2_1-SkyReels-V2-DF-1_3B-540P_fp32.safetensors"
 DF_14B = "Wan2_1-SkyReels-V2-DF-14B-540P_fp16.safetensors"
+DF_14B_720P = "Wan2_1-SkyReels-V2-DF-14B-720P_fp16.safetensors"
 UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 WAN_VAE = "wan_2.1_vae.safetensors"
 MAGI_DIT = "4.5B_distill/inference_weight.distill/model.safetensors.index.json"
@@ -189,6 +190,14 @@ def workflows(info: dict) -> dict[str, dict]:
                                 schedule=dict(attention_frames=12, sink_frames=3, switch="recache"))
         longlive["sampler"][1].update(save_video=True, filename_prefix="ARCache/longlive_live")
         out["longlive_t2v_live"] = {**longlive, **live("CLIPTextEncode", STEER_TEXTS)}   # 80 chunks, a minute
+    if "ARCacheMultiGPU" in info:
+        # 14B at 720P over 4 GPUs of one machine: each holds the model and a quarter of the K/V
+        big = {"unet": ("UNETLoader", dict(unet_name=DF_14B_720P, weight_dtype="default"), {}), **flowcache("unet"),
+               "gpus": ("ARCacheMultiGPU", dict(gpus=4, timeout_s=600), {"model": ("flowcache", 0)}),
+               **sampler_nodes("gpus", length=737, async_mode=True)}
+        big["sampler"][1].update(width=1280, height=720, save_video=True, filename_prefix="ARCache/skyreels_df_720p")
+        big["schedule"][1].update(window_frames=121, overlap_frames=17)
+        out["skyreels_df_14b_720p_multigpu"] = big
     if "ARCacheMotionCache" in info:
         out["skyreels_df_t2v_motioncache"] = {**unet13, **motioncache("unet"),
                                               **sampler_nodes("motioncache", length=737, async_mode=True), **heatmap()}

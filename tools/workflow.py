@@ -269,7 +269,8 @@ def retarget(prompt: dict, unet: str, vae: str, width=64, height=64, length=33, 
 
     Each CLIPTextEncode becomes ARCacheEmptyConditioning (no tiny umt5 can exist: ComfyUI builds
     the 5.7B model from a fixed config). The defaults give 6-latent windows with 3 of history,
-    so causal blocks of 3 fit; larger blocks are cut to 3 and ar_step to 1.
+    so causal blocks of 3 fit; larger blocks are cut to 3 and ar_step to 1. A multi-GPU run keeps at
+    most 2 ranks (processes on this machine's CPU).
     """
     magi_clips = {v[0] for node in prompt.values() if node["class_type"] == "ARCacheMagiTextEncode"
                   for v in [node["inputs"].get("clip")] if isinstance(v, list)}
@@ -289,6 +290,8 @@ def retarget(prompt: dict, unet: str, vae: str, width=64, height=64, length=33, 
             prompt[nid] = {"class_type": "TestkitTinyT5Loader", "inputs": {"seed": 0}}
         elif kind == "ARCacheMagiSchedule":
             inp.update(window_size=min(inp["window_size"], 4))
+        elif kind == "ARCacheMultiGPU":                    # the tiny Wan has 2 heads: 2 ranks
+            inp["gpus"] = min(inp["gpus"], 2)
         elif kind == "UNETLoader":
             inp["unet_name"] = unet
         elif kind == "VAELoader":
