@@ -184,7 +184,8 @@ DF_ASYNC = dict(window_frames=29, overlap_frames=5, ar_step=2, causal_block_size
 def video_job(job: dict, tiny: dict, sp=None):
     """(video, report, heat) of one tiny run: `job` names the family ("df", "magi", "causal"), the cache
     ("flowcache", "motioncache" or None) with its settings, the attention mode and the guidance; `sp`:
-    the ranks (None: one process). Test knobs: "diverge" gives rank r another "seed" or "prompt";
+    the ranks (None: one process). Test knobs: "diverge" gives rank r another "seed" or "prompt", or
+    rank 1 another "pack" (its sources' checksum, as another installed version would have);
     "progress" is a file the run appends "chunk k/n" to."""
     import torch
     from tools.inprocess import load_comfy, pack
@@ -229,6 +230,8 @@ def video_job(job: dict, tiny: dict, sp=None):
     seed = job.get("seed", 7) + (rank if job.get("diverge") == "seed" else 0)
     req = video_run.VideoRequest(width=size, height=size, length=length, seed=seed, steps=steps,
                                  cfg=job.get("cfg", 2.0), schedule=schedule, positives=[pos], negative=neg)
+    if job.get("diverge") == "pack" and rank == 1:
+        video_run.pack_fingerprint = lambda: 0x0BAD0BAD
     run = families.new_video_run(model, req)
     if job.get("progress") and rank == 0:
         def note(plan, n, last_latent, path=job["progress"]):

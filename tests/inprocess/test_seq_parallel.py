@@ -130,10 +130,11 @@ def test_core_multigpu_cfg_split_with_sequence_parallel_is_refused(tiny_models):
         pack("model_patches.families").new_video_run(model, req)
 
 
-@pytest.mark.parametrize("diverge", ["prompt", "seed"])
+@pytest.mark.parametrize("diverge", ["prompt", "seed", "pack"])
 def test_a_diverged_rank_stops_every_rank_with_a_named_error(tiny_models, tmp_path, diverge):
-    """Rank 1 with another prompt or another seed: caught before any work (the gather would otherwise make
-    both ranks agree on a wrong video), and both ranks stop with the named error."""
+    """Rank 1 with another prompt, another seed or another pack version: caught before any work (the
+    gather would otherwise make both ranks agree on a wrong video), and both ranks stop with the named
+    error."""
     job = dict(name="diverged", family="causal", cfg=1.0, diverge=diverge)
     tiny = {k: str(v) for k, v in tiny_models.items()}
     mp.spawn(sp_run.probe_jobs, args=(2, f"file://{tmp_path / 'store'}", [job], tiny, str(tmp_path / "res")), nprocs=2,
