@@ -130,18 +130,20 @@ def test_core_multigpu_cfg_split_with_sequence_parallel_is_refused(tiny_models):
         pack("model_patches.families").new_video_run(model, req)
 
 
-@pytest.mark.parametrize("diverge", ["prompt", "seed", "pack"])
-def test_a_diverged_rank_stops_every_rank_with_a_named_error(tiny_models, tmp_path, diverge):
+def test_a_diverged_rank_stops_every_rank_with_a_named_error(tiny_models, tmp_path):
     """Rank 1 with another prompt, another seed or another pack version: caught before any work (the
     gather would otherwise make both ranks agree on a wrong video), and both ranks stop with the named
-    error."""
-    job = dict(name="diverged", family="causal", cfg=1.0, diverge=diverge)
+    error (one spawn: a refused run leaves the ranks able to run the next)."""
+    jobs = [dict(name=diverge, family="causal", cfg=1.0, diverge=diverge) for diverge in ("prompt", "seed", "pack")]
     tiny = {k: str(v) for k, v in tiny_models.items()}
-    mp.spawn(sp_run.probe_jobs, args=(2, f"file://{tmp_path / 'store'}", [job], tiny, str(tmp_path / "res")), nprocs=2,
+    mp.spawn(sp_run.probe_jobs, args=(2, f"file://{tmp_path / 'store'}", jobs, tiny, str(tmp_path / "res")), nprocs=2,
              join=True)
     for rank in range(2):
-        result = torch.load(tmp_path / f"res.{rank}", weights_only=False)["diverged"]
-        assert isinstance(result, str) and "the ranks were started with different settings or pack versions" in result
+        results = torch.load(tmp_path / f"res.{rank}", weights_only=False)
+        for job in jobs:
+            result = results[job["name"]]
+            assert isinstance(result, str) and "the ranks were started with different settings or pack versions" \
+                in result, (job["name"], result)
 
 
 # -- the torchrun entry: a workflow through ComfyUI's own executor on every rank -------------------------
