@@ -34,6 +34,9 @@ Measured, every time CUDA-synchronised (the median of a few calls after a warm-u
   Per call: `store.bytes_allocated()`, `store.peak_bytes`, torch.cuda.memory_allocated /
   max_memory_allocated above the model + inputs.
 - Memory for every case (store bytes, store peak, CUDA peak above the model and inputs).
+- sp: sequence parallel on one GPU: a 5-frame chunk's block pass at 1.3B dimensions against a timed
+  local copy of the bytes one rank would send for it at 2/4/8 ranks (at one rank the code path is the
+  one-process path).
 - causal: the few-step causal Wan run end to end at 1.3B dimensions and 480x832 (Self-Forcing's
   schedule, full history and LongLive's window + sink, two lengths): TTFF, frames/s, K/V and CUDA
   peaks (the window's must not grow with the length).
@@ -870,6 +873,48 @@ def bench_causal(b: Bench, dims: dict, lat_hw, chunks: tuple) -> dict:
     return out
 
 
+def bench_sp(b: Bench, dims: dict, lat_hw, reps: int) -> dict:
+    """Sequence parallel on one GPU (one GPU cannot host two NCCL ranks): one chunk's block pass at 1.3B
+    dimensions (5 latent frames, through the chunk adapter as the executor runs it) against a timed local
+    copy of the bytes one rank would send for it at 2/4/8 ranks (bench/seq_parallel.py's model, which the
+    CPU bench checks against the real transfers). At one rank the code path is the one-process path
+    (`NO_SP`: every sharding operation is the identity), so its overhead is nil by construction; the
+    ratio copy/compute is the transfer's share of a pass if the link were as fast as this GPU's memory."""
+    torch = b.torch
+    import comfy.sd
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_tiny_checkpoints import random_tensors, wan21_dit_shapes
+    sys.path.insert(0, str(REPO))
+    seq_bench = importlib.import_module("bench.seq_parallel")
+    shapes = wan21_dit_shapes(dim=dims["dim"], ffn_dim=dims["ffn_dim"], num_layers=dims["num_layers"], fps_keys=False)
+    sd = {k: v.to(b.dtype) for k, v in random_tensors(shapes, seed=4).items()}
+    mp = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": b.dtype})
+    del sd
+    dm = mp.model.diffusion_model.to(b.dev)
+    adapter = importlib.import_module("arcache_pack.model_patches.wan").WanChunkAdapter(dm)
+    x = torch.randn(1, 16, 5, *lat_hw, device=b.dev, dtype=b.dtype)
+    ctx = torch.zeros(1, 512, dm.text_embedding[0].weight.shape[1], device=b.dev, dtype=b.dtype)
+    call = adapter.embed(x, torch.full((1,), 500.0, device=b.dev), ctx, {})
+    n, elt = call.tokens.shape[1], call.tokens.element_size()
+    attention = b.chunk_executor.PassAttention()
+    with torch.no_grad():
+        t_pass = median(b.repeat(lambda: adapter.run_blocks(call, slice(0, 1), (0, 5), call.tokens, attention), reps, 1.0))
+    out = {"tokens": n, "dim": dm.dim, "layers": adapter.num_layers, "pass_s": t_pass, "ranks": {}}
+    for w in (2, 4, 8):                 # (a real run also needs w to divide the heads: 1.3B has 12)
+        sent = adapter.num_layers * seq_bench.wan_layer_bytes(n, dm.dim, w, elt) + seq_bench.gather_bytes(n, dm.dim, w, elt)
+        src = torch.empty(sent, dtype=torch.uint8, device=b.dev)
+        dst = torch.empty_like(src)
+        t_copy = median(b.repeat(lambda: dst.copy_(src), reps, 0.01))
+        out["ranks"][w] = {"divides_heads": dm.num_heads % w == 0, "bytes_per_pass": sent, "copy_s": t_copy,
+                           "pass_share_s": t_pass / w,
+                           "copy_vs_share": ratio(t_copy, t_pass / w)}
+        b.log(f"sp {w} ranks: {sent / 1e6:.1f} MB per pass, copy {t_copy * 1e3:.2f} ms vs a rank's share of the pass "
+              f"{t_pass / w * 1e3:.2f} ms")
+        del src, dst
+    del mp, dm
+    return out
+
+
 def plan_large(b: Bench, dims: dict, lat_hw, t_per_flop: float, free_bytes, weight_bytes):
     """Largest (frames, batch) whose K/V + activations fit, and whose minimum run fits the time."""
     cands = [(25, 2), (25, 1), (20, 1), (15, 1), (10, 1)] if not b.args.tiny else [(25, 2)]
@@ -1106,6 +1151,12 @@ def main(argv=None) -> int:
     causal_where = results["models"].setdefault("causal", {"_tag": "causal"})
     b.stage(causal_where, "causal", bench_causal, b, sizes["1.3B"], TINY_LATENT_HW if args.tiny else (60, 104),
             (2, 4) if args.tiny else (8, 32))
+    b.write()
+
+    # ---- sequence parallel on one GPU: a chunk pass against a local copy of what a rank would send ------
+    sp_where = results["models"].setdefault("sp", {"_tag": "sp"})
+    b.stage(sp_where, "sp", bench_sp, b, sizes["1.3B"], TINY_LATENT_HW if args.tiny else (60, 104),
+            max(1, min(args.reps, 3)))
     b.write()
 
     # ---- MAGI-1 at 4.5B dimensions (random weights) ------------------------------------------------
