@@ -910,7 +910,6 @@ def bench_sp(b: Bench, dims: dict, lat_hw, reps: int) -> dict:
                            "copy_vs_share": ratio(t_copy, t_pass / w)}
         b.log(f"sp {w} ranks: {sent / 1e6:.1f} MB per pass, copy {t_copy * 1e3:.2f} ms vs a rank's share of the pass "
               f"{t_pass / w * 1e3:.2f} ms")
-        del src, dst
     del mp, dm
     return out
 
