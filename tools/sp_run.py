@@ -19,8 +19,10 @@ beside the output as rank<N>.err.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -92,8 +94,10 @@ def execute_workflow(prompt: dict, rank: int, args) -> tuple[str, list]:
         folder_paths.add_model_folder_path(kind, str(Path(folder).resolve()))
     if args.output_directory and rank == 0:
         folder_paths.set_output_directory(str(Path(args.output_directory).resolve()))
-    elif rank:                                 # the others' outputs are copies: out of the user's way
-        folder_paths.set_output_directory(tempfile.mkdtemp(prefix=f"arcache_rank{rank}_"))
+    elif rank:                                 # the others' outputs are copies: out of the user's way, then gone
+        scratch = tempfile.mkdtemp(prefix=f"arcache_rank{rank}_")
+        atexit.register(shutil.rmtree, scratch, True)
+        folder_paths.set_output_directory(scratch)
     import server
     import execution
     import nodes
