@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -92,12 +91,6 @@ def sampler_part(prompt: dict, node_id: str) -> dict:
     return part
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_on_ranks(prompt: dict, node_id: str, ranks: Ranks, live) -> tuple[dict, str]:
     """(LATENT, report text) of the sampler `node_id` run over `ranks` (see the module docstring)."""
     import torch
@@ -117,14 +110,12 @@ def run_on_ranks(prompt: dict, node_id: str, ranks: Ranks, live) -> tuple[dict, 
     cmd = [sys.executable, str(ENTRY), "--workflow", str(work / "workflow_api.json"),
            "--comfy", str(Path(folder_paths.__file__).resolve().parent), "--base-directory", folder_paths.base_path,
            "--output-directory", str(out), "--timeout-s", str(ranks.timeout_s), "--progress", str(work / "progress"),
-           "--errors", str(work)]
+           "--errors", str(work), "--init", f"file://{work / 'store'}"]      # a file store: no port to race for
     for kind, (paths, _) in folder_paths.folder_names_and_paths.items():
         cmd += [a for p in paths if os.path.isdir(p) for a in ("--model-dir", f"{kind}={p}")]
     comfy.model_management.unload_all_models()          # the ranks need the GPUs this process holds
     comfy.model_management.soft_empty_cache()
-    port = free_port()
-    procs = [subprocess.Popen(cmd, env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks.gpus),
-                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    procs = [subprocess.Popen(cmd, env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks.gpus)})
              for r in range(ranks.gpus)]
     bar, seen, stopped = comfy.utils.ProgressBar(1, node_id=node_id), "", False
     try:

@@ -47,6 +47,7 @@ def parse_args(argv=None):
                     help="an extra custom node folder to load (repeatable)")
     ap.add_argument("--timeout-s", type=float, default=600.0, help="a collective waiting longer fails every rank")
     ap.add_argument("--progress", default=None, help="a file rank 0 appends the sampler's progress to ('value/total')")
+    ap.add_argument("--init", default="env://", help="torch.distributed's init_method (default: torchrun's environment)")
     ap.add_argument("--errors", default=None, help="where each rank writes rank<N>.err (default: the output directory)")
     return ap.parse_args(argv)
 
@@ -215,9 +216,7 @@ def video_job(job: dict, tiny: dict, sp=None):
         size, length, steps = 64, job.get("length", 4 * 11 + 1), 4
     else:
         loader = pack("model_patches.magi_loader")
-        index = Path(tiny["magi_4.5b"])
-        index = next(index.parent.glob("*.json")) if index.is_dir() else index
-        model = loader.load_magi_model(str(index), distill="base", dtype=torch.float32)
+        model = loader.load_magi_model(str(tiny["magi_4.5b"]), distill="base", dtype=torch.float32)
         caption = torch.randn(7, model.model.diffusion_model.config.caption_channels, generator=g)
         pos = neg = [[caption[None], {"magi_special_tokens": None}]]
         schedule = pack("cache_core.magi_schedule").MagiSchedule(**job.get("schedule", {}))
@@ -305,7 +304,7 @@ def probe_primitives(rank: int, world: int, init: str, out: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_rank(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), "env://", args)
+    return run_rank(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), args.init, args)
 
 
 if __name__ == "__main__":
