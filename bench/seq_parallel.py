@@ -87,9 +87,7 @@ def probe(rank: int, world: int, init: str, tiny: dict, out: str) -> None:
             results[f"wan/{n}"] = dict(tokens=n, layers=adapter.num_layers, dim=dm.dim, sent=sp.bytes_sent,
                                        elt=call.tokens.element_size())
         magi = pack("model_patches.magi_model")
-        index = Path(tiny["magi_4.5b"])
-        index = next(index.parent.glob("*.json")) if index.is_dir() else index
-        mdm = pack("model_patches.magi_loader").load_magi_model(str(index), dtype=torch.float32).model.diffusion_model
+        mdm = pack("model_patches.magi_loader").load_magi_model(tiny["magi_4.5b"], dtype=torch.float32).model.diffusion_model
         c = mdm.config
         x = torch.randn(1, c.latent_channels, 3, 8, 8, generator=g)     # one chunk of 3 latent frames
         text = torch.randn(5, c.caption_channels, generator=g)

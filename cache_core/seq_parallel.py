@@ -90,11 +90,6 @@ class SeqParallel:
         start = sum(sizes[:self.rank])
         return slice(start, start + sizes[self.rank])
 
-    def check(self, heads: int, tokens: int, what: str = "attention heads of the model") -> None:
-        """Named errors before any work: the ranks split `heads` (`what` they are) evenly, and every
-        rank gets a token of the smallest block pass (`tokens`)."""
-        check_world(self.world, heads, what, tokens)
-
     @_collective
     def seq_to_heads(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """[B, n_r, H, D] (this rank's tokens, all heads) -> [B, n, H/world, D] (all tokens, this rank's heads)."""

@@ -198,7 +198,8 @@ class MagiRun(VideoRun):
                 self._vanilla_step(step, x, grid, null, vanilla_flops, data)      # what uncached would spend
                 v, noskip = self._cached_step(step, x, grid, null, forward, call_flops, cached)
                 count_cached(before, noskip)
-                self.sp.agree(cached.step.fingerprint(), f"forward step {step.index}'s cache decisions")
+                if self.sp.active:
+                    self.sp.agree(cached.step.fingerprint(), f"forward step {step.index}'s cache decisions")
             t_call = [grid[j] for j in step.step_of]
             x_in = x[:, :, step.start * cw: step.end * cw]
             dts = torch.tensor([grid[j + 1] - grid[j] for j in step.step_of], dtype=torch.float32, device=device)

@@ -33,7 +33,7 @@ from ..cache_core.drift import DriftAnchor, DriftMeter, anchor_latent, latent_st
 from ..cache_core.errors import InputError, ModelFamilyError
 from ..cache_core.record import CACHE_WRAPPER_KEY
 from ..cache_core.run_report import RunReport
-from ..cache_core.seq_parallel import SP_KEY, checksum, from_environment
+from ..cache_core.seq_parallel import SP_KEY, check_world, checksum, from_environment
 from .vae_stream import PreviewStreamDecoder
 
 
@@ -205,7 +205,7 @@ class VideoRun:
         report = self.new_report(**self.report_fields())
         if self.sp.active:                    # named errors before any work
             heads, tokens, what = self.sharded()
-            self.sp.check(heads, tokens, what)
+            check_world(self.sp.world, heads, what, tokens)
             self.sp.agree_run(self.request_checksums(), pack_fingerprint())
         if self.sink is not None:
             self.decoder = self.family.stream_decoder(self.req.vae) if self.req.vae is not None else \

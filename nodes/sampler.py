@@ -187,9 +187,10 @@ class StreamingSamplerNode(io.ComfyNode):
             raise InputError("anchor", "has an image, which the sampler encodes with its vae: connect the model's VAE, "
                              "or take the image out of the Drift Anchor to anchor to the first window/chunk")
         node_id = cls.hidden.unique_id
-        if ranks_of(model) is not None and not in_ranks():      # ARCache Multi-GPU: this part runs on the ranks
-            check_world(ranks_of(model).gpus, *family.shard_heads(dm), name="gpus")
-            latent, text = run_on_ranks(cls.hidden.prompt, node_id, ranks_of(model), live)
+        ranks = ranks_of(model)
+        if ranks is not None and not in_ranks():      # ARCache Multi-GPU: this part runs on the ranks
+            check_world(ranks.gpus, *family.shard_heads(dm), name="gpus")
+            latent, text = run_on_ranks(cls.hidden.prompt, node_id, ranks, live)
             return io.NodeOutput(latent, text, ui={"text": [text]})
         positives = list(prompt_schedule or [positive])
         fps = schedule.fps or 24

@@ -91,12 +91,10 @@ def test_every_family_and_cache_over_two_ranks_equals_one_process(two_rank_jobs,
 
 
 def test_world_sizes_that_do_not_divide_the_heads_are_refused():
-    sp = seq_parallel.SeqParallel()
-    sp.world = 3                                         # a stand-in: only the check is asked
     with pytest.raises(pack("cache_core.errors").InputError, match="do not divide the 2 attention heads"):
-        sp.check(2, 100)
+        seq_parallel.check_world(3, 2, "attention heads of the model", 100)
     with pytest.raises(pack("cache_core.errors").InputError, match="at most 2 ranks"):
-        sp.check(3, 2)
+        seq_parallel.check_world(3, 3, "attention heads of the model", 2)
 
 
 def _stand_in(world: int):
